@@ -1,0 +1,229 @@
+"""The one typed config of kfp-mlops.
+
+Each area is a small dataclass; every field has a default and a one-line
+description (``doc``). The same fields are:
+
+* loaded from YAML (``mlops run --config FILE``), nested by area;
+* overridable by flags (``--pretrain-epochs 5``), generated from the fields;
+* the pipeline's root parameters (``pretrain_epochs``), so the KFP UI run form
+  shows each one with its description and default.
+
+``ClusterConfig`` is the exception: it is read at compile time (image, GPU
+placement) and never becomes a run parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line description."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    source: str = doc("digits", "Where the data comes from: 'digits' (built in), a folder of class-named image folders, an .npz with images and labels, or an s3:// prefix.")
+    seed: int = doc(0, "Seed of the shuffled train/val/test/pool split; the same seed gives the same split.")
+    test_fraction: float = doc(0.2, "Share of all images held out as the test split.")
+    val_fraction: float = doc(0.15, "Share of all images used for early stopping and model selection.")
+    pool_fraction: float = doc(0.2, "Share of all images kept as an unlabeled pool for self-supervised pretraining only.")
+    image_size: int = doc(0, "Resize image-folder and s3 sources to this square size in pixels; 0 keeps the native size (8 for digits).")
+
+
+@dataclass
+class PretrainConfig:
+    objective: str = doc("contrastive", "Self-supervised objective: 'contrastive' (SimCLR NT-Xent) or 'masked' (masked-image reconstruction).")
+    epochs: int = doc(30, "Pretraining epochs over the unlabeled images (pool plus train, labels unused).")
+    batch_size: int = doc(256, "Pretraining batch size; contrastive learning sees 2x this many views.")
+    learning_rate: float = doc(0.003, "AdamW learning rate for pretraining.")
+    temperature: float = doc(0.2, "NT-Xent temperature (contrastive objective only).")
+    width: int = doc(32, "Channels of the first encoder block; later blocks double it.")
+    embed_dim: int = doc(128, "Size of the encoder's output embedding.")
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = doc(40, "Maximum fine-tuning epochs; early stopping usually ends sooner.")
+    batch_size: int = doc(64, "Fine-tuning batch size.")
+    learning_rate: float = doc(0.002, "AdamW learning rate for the classification head (the encoder uses a tenth of it).")
+    patience: int = doc(8, "Stop after this many epochs without a better validation loss.")
+    label_fraction: float = doc(1.0, "Share of the labeled train split used for fine-tuning (few-label experiments).")
+
+
+@dataclass
+class GateConfig:
+    min_test_accuracy: float = doc(0.9, "Evaluation gate: the lowest test accuracy that may be released.")
+    max_mia_auc: float = doc(0.65, "Privacy gate: the highest membership-inference attack AUC that may be released (0.5 = no leakage).")
+    noise_sigma: float = doc(0.1, "Robustness check: standard deviation of the Gaussian pixel noise (pixels are in [0, 1]).")
+    fgsm_epsilon: float = doc(0.03, "Robustness check: L-infinity size of the FGSM adversarial perturbation.")
+    min_noise_accuracy: float = doc(0.85, "Robustness gate: the lowest accuracy under Gaussian noise that may be released.")
+    min_fgsm_accuracy: float = doc(0.5, "Robustness gate: the lowest accuracy under FGSM that may be released.")
+
+
+@dataclass
+class ServingConfig:
+    host: str = doc("127.0.0.1", "Address TorchServe binds to; loopback unless you mean to expose it.")
+    inference_port: int = doc(8080, "TorchServe inference API port.")
+    management_port: int = doc(8081, "TorchServe management API port (model registration through it is disabled).")
+    metrics_port: int = doc(8082, "TorchServe metrics API port (Prometheus format).")
+    workers: int = doc(1, "TorchServe workers for the model.")
+    model_name: str = doc("digits", "Name the model is served under: /predictions/<model_name>.")
+    startup_timeout_s: int = doc(120, "Seconds to wait for TorchServe to answer its health check.")
+
+
+@dataclass
+class MonitorConfig:
+    drift_share: float = doc(0.5, "Share of drifted features above which the whole window is called drifted.")
+    replay_limit: int = doc(0, "Test images the pipeline replays to the endpoint before the drift report; 0 replays all.")
+
+
+@dataclass
+class ClusterConfig:
+    """Compile-time settings: where the steps run on Kubernetes. Not run parameters."""
+
+    image: str = doc("ghcr.io/kfp-mlops/kfp-mlops:0.1.0", "Container image every step runs in (built from the root Dockerfile).")
+    gpu_accelerator: str = doc("nvidia.com/gpu", "Accelerator resource the pretrain step requests.")
+    gpu_limit: int = doc(1, "Number of accelerators the pretrain step requests.")
+    gpu_node_selector_key: str = doc("nvidia.com/gpu.present", "Node label that selects GPU nodes for pretrain; empty to skip.")
+    gpu_node_selector_value: str = doc("true", "Value of that node label.")
+    gpu_toleration_key: str = doc("nvidia.com/gpu", "Taint key the pretrain pod tolerates; empty to skip.")
+    gpu_toleration_effect: str = doc("NoSchedule", "Effect of the tolerated taint.")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+# Areas whose fields become pipeline run parameters (cluster is compile-time only).
+PARAMETER_AREAS = ("data", "pretrain", "finetune", "gates", "serving", "monitor")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One flattened config field: ``area_field``."""
+
+    area: str
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.area}_{self.name}"
+
+
+def _area_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def parameters(areas: tuple[str, ...] = PARAMETER_AREAS) -> list[Parameter]:
+    """Every config field of the given areas, flattened, in declaration order."""
+    out = []
+    area_types = _area_types()
+    for area in areas:
+        cls = area_types[area]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out.append(Parameter(area, f.name, hints[f.name], f.default, f.metadata["help"]))
+    return out
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    """Build a Config from a nested dict (as read from YAML), rejecting unknown keys."""
+    data = data or {}
+    area_types = _area_types()
+    unknown = set(data) - set(area_types)
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(area_types)}")
+    kwargs = {}
+    for area, cls in area_types.items():
+        values = data.get(area) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config section '{area}' must be a mapping, got {type(values).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = set(values) - names
+        if bad:
+            raise ValueError(f"unknown key(s) {sorted(bad)} in config section '{area}'; known: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        kwargs[area] = cls(**{k: _coerce(v, hints[k], f"{area}.{k}") for k, v in values.items()})
+    return Config(**kwargs)
+
+
+def _coerce(value: Any, typ: type, where: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        try:
+            return typ(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} must be {typ.__name__}, got {value!r}") from None
+    return value
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a YAML config file; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    return from_dict(yaml.safe_load(path.read_text()) or {})
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flat_parameters(cfg: Config) -> dict[str, Any]:
+    """The run parameters of a config, keyed ``area_field`` as in the pipeline."""
+    return {p.key: getattr(getattr(cfg, p.area), p.name) for p in parameters()}
+
+
+def add_flags(parser: argparse.ArgumentParser, areas: tuple[str, ...] = tuple(_area_types())) -> None:
+    """Add one ``--area-field`` flag per config field; each defaults to None (= keep the config's value)."""
+    for area in areas:
+        group = parser.add_argument_group(f"{area} settings (override --config)")
+        for p in parameters((area,)):
+            flag = "--" + p.key.replace("_", "-")
+            if p.type is bool:
+                group.add_argument(flag, dest=p.key, default=None, action=argparse.BooleanOptionalAction,
+                                   help=f"{p.help} (default: {p.default})")
+            else:
+                group.add_argument(flag, dest=p.key, default=None, type=p.type, metavar=p.type.__name__.upper(),
+                                   help=f"{p.help} (default: {p.default!r})")
+
+
+def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
+    """Return a copy of cfg with every flag the user gave applied."""
+    cfg = dataclasses.replace(cfg, **{a: dataclasses.replace(getattr(cfg, a)) for a in _area_types()})
+    for p in parameters(tuple(_area_types())):
+        value = getattr(args, p.key, None)
+        if value is not None:
+            setattr(getattr(cfg, p.area), p.name, value)
+    return cfg
