@@ -78,6 +78,7 @@ class ServingConfig:
     workers: int = doc(1, "TorchServe workers for the model.")
     model_name: str = doc("digits", "Name the model is served under: /predictions/<model_name>.")
     startup_timeout_s: int = doc(120, "Seconds to wait for TorchServe to answer its health check.")
+    home: str = doc("runs/serving", "Local serving directory (model store, logs, key file, request log); relative to the working directory.")
 
 
 @dataclass

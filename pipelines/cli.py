@@ -1,0 +1,175 @@
+"""``mlops``: run the pipeline locally, compile it for Kubeflow, manage the local server, check drift.
+
+    mlops run                      # the whole pipeline on this machine (kfp.local), artifacts in runs/<run-id>/
+    mlops run --config examples/quick.yaml --pretrain-epochs 5
+    mlops compile -o pipeline.yaml --image registry.example.com/kfp-mlops:0.1.0
+    mlops serve start|stop|status  # TorchServe on loopback, serving the latest run's model
+    mlops monitor --json           # drift report of the served traffic against the training reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from pipelines import config as config_mod
+
+
+def _add_config_args(parser: argparse.ArgumentParser, areas: tuple[str, ...]) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config (sections: data, pretrain, finetune, gates, serving, monitor, cluster); flags override it")
+    config_mod.add_flags(parser, areas)
+
+
+def _load_config(args: argparse.Namespace) -> config_mod.Config:
+    return config_mod.apply_flags(config_mod.load(args.config), args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.local import run_local
+
+    summary = run_local(_load_config(args), runs_dir=args.runs_dir, run_id=args.run_id,
+                        serve_after=args.serve_after)
+    return 0 if summary["status"] == "succeeded" else (3 if summary["status"] == "blocked" else 1)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.pipeline import compile_pipeline
+
+    cfg = _load_config(args)
+    path = compile_pipeline(args.output, cfg.cluster)
+    print(f"Compiled the pipeline for image {cfg.cluster.image} to {path}.")
+    print("Upload it in the KFP UI (Pipelines > Upload pipeline) and start a run from its page.")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.server import LocalTorchServe
+
+    cfg = _load_config(args)
+    home = Path(cfg.serving.home).resolve()
+    if args.action == "stop":
+        LocalTorchServe(home).stop()
+        return 0
+    if args.action == "status":
+        status = LocalTorchServe(home).status()
+        print(json.dumps(status, indent=2))
+        return 0 if status.get("running") else 1
+    # start: serve the model of the latest (or the named) run
+    from components.deploy import deploy_local
+    from pipelines.local import SUMMARY_FILE, latest_run
+
+    run_dir = Path(args.runs_dir) / args.run_id if args.run_id else latest_run(args.runs_dir)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    artifacts = summary.get("artifacts", {})
+    if "model" not in artifacts:
+        print(f"run {summary['run_id']} produced no model (status {summary['status']}); nothing to serve", file=sys.stderr)
+        return 1
+    s = cfg.serving
+    record = deploy_local(artifacts["model"], artifacts["dataset"], home, model_name=s.model_name, host=s.host,
+                          inference_port=s.inference_port, management_port=s.management_port,
+                          metrics_port=s.metrics_port, workers=s.workers, startup_timeout_s=s.startup_timeout_s)
+    print(f"Serving the model of run {summary['run_id']} at {record['endpoint']} (token in {record['token_file']}).")
+    return 0
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise SystemExit(f"not an ISO time: {value!r} (example: 2026-11-30T12:00:00Z)") from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from components.data import REFERENCE_FILE
+    from components.monitor import monitor
+    from pipelines.local import SUMMARY_FILE, latest_run
+
+    cfg = _load_config(args)
+    reference = args.reference
+    if reference is None:
+        run_dir = latest_run(args.runs_dir)
+        dataset = json.loads((run_dir / SUMMARY_FILE).read_text())["artifacts"]["dataset"]
+        reference = str(Path(dataset) / REFERENCE_FILE)
+    log_dir = args.log_dir
+    model_version = None
+    if log_dir is None:
+        state = Path(cfg.serving.home).resolve() / "state.json"
+        if not state.is_file():
+            raise SystemExit(f"no serving state at {state}: pass --log-dir, or start serving with 'mlops serve start'")
+        record = json.loads(state.read_text())
+        log_dir, model_version = record["request_log_dir"], record.get("model_version")
+    out_dir = Path(args.out or Path(args.runs_dir) / "monitor" / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    verdict = monitor(reference, log_dir, out_dir, drift_share=cfg.monitor.drift_share,
+                      since=_parse_time(args.since), until=_parse_time(args.until), model_version=model_version)
+    if args.json:
+        print(json.dumps(verdict, default=str))
+    else:
+        print(f"{verdict['status']}: {verdict.get('message', '')}")
+        print(f"Report: {verdict.get('report_html', out_dir)}")
+    return 2 if verdict.get("drift_detected") else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run_areas = config_mod.PARAMETER_AREAS
+
+    p = sub.add_parser("run", help="run the whole pipeline on this machine (kfp.local)",
+                       description="Run ingest → pretrain → finetune → evaluate → privacy → robustness → deploy → monitor "
+                                   "through kfp.local. Writes runs/<run-id>/summary.json. Exit code 0 = released, "
+                                   "3 = a gate blocked the release, 1 = a step failed.")
+    _add_config_args(p, run_areas)
+    p.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
+    p.add_argument("--run-id", help="name of the run directory (default: a timestamp)")
+    p.add_argument("--serve-after", default=True, action=argparse.BooleanOptionalAction,
+                   help="keep TorchServe running after the run (default); --no-serve-after stops it")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compile", help="compile the pipeline to KFP v2 YAML for a cluster",
+                       description="Compile the pipeline for Kubeflow Pipelines. Run parameters keep their defaults "
+                                   "from the config and are editable in the KFP UI; cluster settings are baked in.")
+    _add_config_args(p, ("cluster",))
+    p.add_argument("-o", "--output", default="pipeline.yaml", help="output file (default: pipeline.yaml)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("serve", help="start, stop or inspect the local TorchServe",
+                       description="Manage the local TorchServe (loopback, token auth on, model-management API off). "
+                                   "'start' serves the latest run's model.")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    _add_config_args(p, ("serving",))
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--run-id", help="serve this run's model instead of the latest")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("monitor", help="drift report of served traffic against the training reference",
+                       description="Compare the serving request log with the reference recorded at training time "
+                                   "(Evidently). Exit code 0 = no drift, 2 = drift detected.")
+    _add_config_args(p, ("serving", "monitor"))
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--reference", help="reference CSV (default: the latest run's dataset reference)")
+    p.add_argument("--log-dir", help="request log directory (default: the running server's)")
+    p.add_argument("--since", help="ISO time: only requests at or after it")
+    p.add_argument("--until", help="ISO time: only requests before it")
+    p.add_argument("--out", help="output directory (default: runs/monitor/<timestamp>)")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON on the last line")
+    p.set_defaults(func=cmd_monitor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"mlops {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

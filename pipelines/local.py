@@ -1,0 +1,199 @@
+"""Run the whole pipeline on one machine with ``kfp.local`` and write ``summary.json``.
+
+The embedded default: no cluster, CPU, local files. Every step runs as a
+subprocess of this Python (``SubprocessRunner(use_venv=False)``), exactly the
+component code a cluster runs. Afterwards the task outputs under
+``runs/<run-id>/kfp`` are read back into one summary a person (and CI) can read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from components.models import atomic_write_json
+from pipelines.config import Config, flat_parameters, to_dict
+
+SUMMARY_FILE = "summary.json"
+STEP_NAMES = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "deploy", "monitor")
+GATES = {"evaluate": "evaluation", "privacy": "privacy", "robustness": "robustness"}
+# Artifact outputs that are reports a person opens: (step, output name) -> report name.
+REPORTS = {
+    ("ingest", "data_card"): "data_card",
+    ("evaluate", "report"): "evaluation",
+    ("privacy", "report"): "privacy",
+    ("robustness", "report"): "robustness",
+    ("monitor", "drift_report"): "drift",
+    ("monitor", "verdict"): "drift_verdict",
+}
+
+
+def new_run_id() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = None, serve_after: bool = True,
+              quiet: bool = False) -> dict[str, Any]:
+    """Run every step through kfp.local; return (and write) the run summary."""
+    from kfp import local
+
+    from pipelines.pipeline import build_pipeline
+
+    run_id = run_id or new_run_id()
+    run_dir = (Path(runs_dir) / run_id).resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} already exists; pick another --run-id")
+    pipeline_root = run_dir / "kfp"
+    pipeline_root.mkdir(parents=True)
+    params = flat_parameters(cfg)
+    params["serving_home"] = str(Path(params["serving_home"]).resolve())  # steps run in subprocesses
+    atomic_write_json(run_dir / "config.json", to_dict(cfg))
+
+    print(f"kfp-mlops run {run_id}: artifacts under {run_dir}", flush=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               raise_on_error=False)
+    started = time.time()
+    pipeline = build_pipeline(cfg.cluster)
+    env_before = os.environ.get("DO_NOT_TRACK")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently telemetry off in every step
+    try:
+        pipeline(**params)
+    finally:
+        if env_before is None:
+            os.environ.pop("DO_NOT_TRACK", None)
+    summary = collect_summary(run_id, run_dir, pipeline_root, time.time() - started)
+    atomic_write_json(run_dir / SUMMARY_FILE, summary)
+    if not serve_after and summary["steps"]["deploy"]["status"] == "succeeded":
+        from serving.server import LocalTorchServe
+
+        LocalTorchServe(Path(params["serving_home"])).stop()
+        summary["serving"] = "stopped (--no-serve-after)"
+        atomic_write_json(run_dir / SUMMARY_FILE, summary)
+    if not quiet:
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def _task_outputs(task_dir: Path) -> dict[str, Any] | None:
+    """The executor output of a finished task, or None if it never finished."""
+    path = task_dir / "executor_output.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _artifact(outputs: dict[str, Any], name: str) -> dict[str, Any] | None:
+    items = outputs.get("artifacts", {}).get(name, {}).get("artifacts", [])
+    return items[0] if items else None
+
+
+def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: float) -> dict[str, Any]:
+    """Read every task's executor output back into the run summary."""
+    runs = sorted(p for p in pipeline_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    kfp_run = runs[-1] if runs else pipeline_root
+    steps: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, dict[str, Any]] = {}
+    failed = None
+    for step in STEP_NAMES:
+        task_dir = kfp_run / step
+        out = _task_outputs(task_dir)
+        if out is not None:
+            outputs[step] = out
+            metrics = (_artifact(out, "metrics") or {}).get("metadata", {})
+            steps[step] = {
+                "status": "succeeded",
+                "seconds": round(metrics.get("cost_wall_seconds", 0.0), 2),
+                "cost": {k.removeprefix("cost_"): v for k, v in metrics.items() if k.startswith("cost_")},
+            }
+        elif task_dir.exists():
+            steps[step] = {"status": "failed", "seconds": None}
+            failed = failed or step
+        else:
+            steps[step] = {"status": "skipped", "seconds": None}
+
+    gates = {}
+    for step, gate in GATES.items():
+        if step not in outputs:
+            continue
+        metrics = (_artifact(outputs[step], "metrics") or {}).get("metadata", {})
+        numbers = {k: v for k, v in metrics.items() if not k.startswith("cost_")}
+        gates[gate] = {"passed": bool(outputs[step].get("parameterValues", {}).get("Output")), **numbers}
+    blocked_by = [g for g, v in gates.items() if not v["passed"]]
+    for step in ("deploy", "monitor"):
+        if steps[step]["status"] == "skipped":
+            steps[step]["reason"] = (f"gate(s) not passed: {', '.join(blocked_by)}" if blocked_by
+                                     else f"an earlier step failed: {failed}" if failed else "not reached")
+
+    evaluation = (_artifact(outputs.get("evaluate", {}), "metrics") or {}).get("metadata", {})
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "status": "failed" if failed else ("blocked" if blocked_by else "succeeded"),
+        "seconds": round(seconds, 1),
+        "steps": steps,
+        "metrics": {k: v for k, v in evaluation.items() if not k.startswith("cost_")},
+        "gates": gates,
+        "endpoint": None,
+        "management_endpoint": None,
+        "token_file": None,
+        "reports": {},
+        "artifacts": {},
+        "run_dir": str(run_dir),
+    }
+    if failed:
+        summary["failed_step"] = failed
+    for (step, name), report in REPORTS.items():
+        art = _artifact(outputs.get(step, {}), name)
+        if art:
+            summary["reports"][report] = art["uri"]
+    for step, name in (("ingest", "dataset"), ("pretrain", "encoder"), ("finetune", "model"), ("deploy", "deployment")):
+        art = _artifact(outputs.get(step, {}), name)
+        if art:
+            summary["artifacts"][name] = art["uri"]
+    if "deployment" in summary["artifacts"]:
+        record = json.loads(Path(summary["artifacts"]["deployment"]).read_text())
+        summary["endpoint"] = record.get("endpoint")
+        summary["management_endpoint"] = record.get("management_endpoint")
+        summary["token_file"] = record.get("token_file")
+        summary["deployment"] = record
+    if "drift_verdict" in summary["reports"]:
+        verdict = json.loads(Path(summary["reports"]["drift_verdict"]).read_text())
+        summary["drift"] = {k: verdict.get(k) for k in ("status", "drift_detected", "drift_share", "drifted_features")}
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A short human summary of a run."""
+    lines = ["", f"Run {s['run_id']}: {s['status'].upper()} in {s['seconds']} s"]
+    for step, info in s["steps"].items():
+        secs = f"{info['seconds']:.1f} s" if info.get("seconds") is not None else ""
+        extra = f"  ({info['reason']})" if info.get("reason") else ""
+        lines.append(f"  {step:<11} {info['status']:<10} {secs:>8}{extra}")
+    m = s.get("metrics", {})
+    if "test_accuracy" in m:
+        lines.append(f"Test accuracy {m['test_accuracy']:.4f}" + (f", macro-F1 {m['macro_f1']:.4f}" if "macro_f1" in m else ""))
+    for gate, g in s.get("gates", {}).items():
+        lines.append(f"Gate {gate:<11} {'passed' if g['passed'] else 'BLOCKED'}")
+    if s.get("drift"):
+        d = s["drift"]
+        lines.append(f"Drift: {d.get('status')} (drift share {d.get('drift_share')})")
+    if s.get("endpoint"):
+        lines.append(f"Serving: {s['endpoint']}  (token: {s['token_file']})")
+        lines.append(f"  curl -H \"Authorization: Bearer $(python -c \"import json;print(json.load(open('{s['token_file']}'))['inference']['key'])\")\" "
+                     f"--data-binary @digit.png {s['endpoint']}")
+    for name, path in s.get("reports", {}).items():
+        lines.append(f"Report {name:<14} {path}")
+    lines.append(f"Summary: {Path(s['run_dir']) / SUMMARY_FILE}")
+    return "\n".join(lines)
+
+
+def latest_run(runs_dir: str | Path = "runs") -> Path:
+    """The newest run directory that has a summary."""
+    candidates = sorted(Path(runs_dir).glob(f"*/{SUMMARY_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"no finished run under {runs_dir}/: run 'mlops run' first")
+    return candidates[-1].parent
+

@@ -1,0 +1,55 @@
+"""A small client for the served model: PNG encoding, token lookup, predictions.
+
+Used by the deploy step's smoke test, the monitor's replay and the tests, so
+all of them speak to the endpoint the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+from PIL import Image
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode one image shaped ``[C, H, W]`` (or ``[H, W]``) with pixels in [0, 1] as PNG bytes."""
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))
+    if x.ndim not in (2, 3):
+        raise ValueError(f"expected an image shaped [C, H, W] or [H, W], got {np.shape(image)}")
+    pixels = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_token(token_file: str | Path, kind: str = "inference") -> str:
+    """Read one key ('inference', 'management' or 'API') from TorchServe's key file."""
+    path = Path(token_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"TorchServe key file {path} not found: is the server running? Try 'mlops serve status'.")
+    keys = json.loads(path.read_text())
+    try:
+        return keys[kind]["key"]
+    except KeyError:
+        raise KeyError(f"{path} has no '{kind}' key; it holds {sorted(keys)}") from None
+
+
+def predict(endpoint: str, body: bytes, token: str, timeout: float = 30.0,
+            content_type: str = "image/png") -> Any:
+    """POST one request body to the prediction endpoint with the bearer token; raise on HTTP errors."""
+    response = requests.post(
+        endpoint,
+        data=body,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type},
+        timeout=timeout,
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"prediction request to {endpoint} failed with HTTP {response.status_code}: {response.text[:300]}")
+    return response.json()
