@@ -36,7 +36,7 @@ class DataConfig:
     test_fraction: float = doc(0.2, "Share of all images held out as the test split.")
     val_fraction: float = doc(0.15, "Share of all images used for early stopping and model selection.")
     pool_fraction: float = doc(0.2, "Share of all images kept as an unlabeled pool for self-supervised pretraining only.")
-    image_size: int = doc(0, "Resize image-folder and s3 sources to this square size in pixels; 0 keeps the native size (8 for digits).")
+    image_size: int = doc(0, "Resize every image to this square size in pixels; 0 keeps the native size (8 for digits).")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class GateConfig:
     noise_sigma: float = doc(0.1, "Robustness check: standard deviation of the Gaussian pixel noise (pixels are in [0, 1]).")
     fgsm_epsilon: float = doc(0.03, "Robustness check: L-infinity size of the FGSM adversarial perturbation.")
     min_noise_accuracy: float = doc(0.85, "Robustness gate: the lowest accuracy under Gaussian noise that may be released.")
-    min_fgsm_accuracy: float = doc(0.5, "Robustness gate: the lowest accuracy under FGSM that may be released.")
+    min_fgsm_accuracy: float = doc(0.7, "Robustness gate: the lowest accuracy under FGSM that may be released.")
 
 
 @dataclass

@@ -1,0 +1,141 @@
+"""Step 1, ingest: load the raw data, validate it, split it, describe it.
+
+Writes the dataset artifact every later step reads (``splits.npz``), its data
+card (JSON and Markdown) and the monitoring reference (``reference.csv``: the
+per-image features of the images the model learns from, computed once here).
+"""
+
+# No ``from __future__ import annotations``: KFP reads the component's annotations as real types.
+from pathlib import Path
+
+import numpy as np
+from kfp.dsl import Dataset, Markdown, Metrics, Output
+
+from components.data import (
+    CARD_FILE,
+    CARD_MARKDOWN,
+    REFERENCE_FILE,
+    data_card as build_data_card,
+    data_card_markdown,
+    check_fractions,
+    drop_duplicates,
+    load_source,
+    save_splits,
+    split,
+    validate,
+)
+
+
+def _log(message: str) -> None:
+    print(f"ingest: {message}", flush=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def ingest(
+    source: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.15,
+    pool_fraction: float = 0.2,
+    image_size: int = 0,
+) -> dict:
+    """Load, validate and split ``source`` into ``out_dir``; return the data card.
+
+    ``out_dir`` receives ``splits.npz``, ``data_card.json``, ``data_card.md`` and
+    ``reference.csv`` (image features of train + val plus their ``label`` index).
+    """
+    from components.features import image_features
+    from components.models import atomic_write_json  # imports torch: slow, but only paid once
+
+    check_fractions(test_fraction, val_fraction, pool_fraction)  # fail before a slow load
+    _log(f"loading {source}" + (f" (resizing to {image_size}x{image_size})" if image_size else ""))
+    images, labels, class_names = load_source(source, image_size=image_size)
+    _log(f"loaded {len(images)} images shaped {tuple(images.shape[1:])}, {len(class_names)} classes")
+
+    report = validate(images, labels, class_names)
+    if report["duplicates_removed"]:
+        _log(f"removed {report['duplicates_removed']} exact duplicate images (they would leak between splits)")
+        images, labels = drop_duplicates(images, labels, report)
+
+    splits = split(images, labels, class_names, seed, test_fraction, val_fraction, pool_fraction)
+    _log(f"split (seed {seed}): train {len(splits.train_x)}, val {len(splits.val_x)}, "
+         f"test {len(splits.test_x)}, pool {len(splits.pool_x)}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_splits(splits, out)
+    card = build_data_card(splits, source, seed, report)
+    atomic_write_json(out / CARD_FILE, card)
+    _atomic_write_text(out / CARD_MARKDOWN, data_card_markdown(card))
+
+    # The monitoring reference: what the model was trained and selected on.
+    reference = image_features(np.concatenate([splits.train_x, splits.val_x]))
+    reference["label"] = np.concatenate([splits.train_y, splits.val_y])
+    tmp = out / f".tmp-{REFERENCE_FILE}"
+    reference.to_csv(tmp, index=False)
+    tmp.replace(out / REFERENCE_FILE)
+    _log(f"wrote {out}")
+    return card
+
+
+def ingest_component(
+    source: str,
+    seed: int,
+    test_fraction: float,
+    val_fraction: float,
+    pool_fraction: float,
+    image_size: int,
+    dataset: Output[Dataset],
+    data_card: Output[Markdown],
+    metrics: Output[Metrics],
+):
+    """Load, validate and split the data into train/val/test and an unlabeled pretraining pool.
+
+    Args:
+        source: 'digits' (built in), a folder with one sub-folder of PNG/JPEG images per class,
+            an .npz file with 'images' and 'labels' (optional 'class_names'), or an s3:// prefix.
+        seed: Seed of the shuffled, stratified split; the same seed gives the same split.
+        test_fraction: Share of all images held out as the test split.
+        val_fraction: Share of all images used for early stopping and model selection.
+        pool_fraction: Share of all images kept, without labels, for self-supervised pretraining.
+        image_size: Resize every image to this square size in pixels; 0 keeps the native size.
+        dataset: Output directory: splits.npz, data_card.json, data_card.md and reference.csv.
+        data_card: Output Markdown data card (counts, class balance, pixel statistics).
+        metrics: Output split sizes, duplicates removed and the step's cost.
+    """
+    import os
+
+    from components.cost import log_metrics, measure
+    from components.data import data_card_markdown
+    from components.ingest import ingest
+
+    with measure() as cost:
+        card = ingest(
+            source, dataset.path, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+            pool_fraction=pool_fraction, image_size=image_size,
+        )
+    os.makedirs(os.path.dirname(data_card.path) or ".", exist_ok=True)
+    with open(data_card.path, "w") as f:
+        f.write(data_card_markdown(card))
+    dataset.metadata.update(
+        {"n_classes": card["n_classes"], "image_shape": card["image_shape"], "class_names": card["class_names"]}
+    )
+    counts = card["counts"]
+    log_metrics(
+        metrics,
+        {
+            "n_train": counts["train"],
+            "n_val": counts["val"],
+            "n_test": counts["test"],
+            "n_pool": counts["pool"],
+            "n_classes": card["n_classes"],
+            "duplicates_removed": card["duplicates_removed"],
+            **cost.as_metrics(),
+        },
+    )
