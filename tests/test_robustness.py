@@ -1,0 +1,288 @@
+"""Tests of the robustness gate (Gaussian noise and FGSM) on a real, tiny digits model."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from kfp import dsl
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from components.data import Splits, save_splits
+from components.models import Classifier, EncoderSpec, save_classifier
+from components.robustness import (
+    accuracy,
+    fgsm,
+    gaussian_noise,
+    render_robustness_report,
+    robustness_check,
+    robustness_component,
+)
+from pipelines.config import GateConfig
+
+DEFAULTS = GateConfig()
+
+
+def _digits_splits(seed: int = 0) -> Splits:
+    """Digits split like ingest does: 45% train, 15% val, 20% test, 20% pool."""
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None]
+    y = digits.target.astype(np.int64)
+    idx = np.arange(len(x))
+    rest, test = train_test_split(idx, test_size=0.2, random_state=seed, stratify=y)
+    rest, val = train_test_split(rest, test_size=0.15 / 0.8, random_state=seed, stratify=y[rest])
+    train, pool = train_test_split(rest, test_size=0.2 / 0.65, random_state=seed, stratify=y[rest])
+    return Splits(x[train], y[train], x[val], y[val], x[test], y[test], x[pool], [str(i) for i in range(10)])
+
+
+@pytest.fixture(scope="module")
+def splits() -> Splits:
+    return _digits_splits()
+
+
+@pytest.fixture(scope="module")
+def model(splits):
+    """AdamW with weight decay, early-stopped on validation loss: the pipeline's kind of model."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # other test files run in parallel on 2 cores; also makes the run reproducible
+    try:
+        return _train(splits)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(splits: Splits) -> Classifier:
+    torch.manual_seed(0)
+    model = Classifier(EncoderSpec(width=16, embed_dim=32), 10)
+    x, y = torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y)
+    val_x, val_y = torch.from_numpy(splits.val_x), torch.from_numpy(splits.val_y)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    best_loss, best_state, stale = math.inf, None, 0
+    for _ in range(30):
+        model.train()
+        for batch in torch.randperm(len(x)).split(64):
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = F.cross_entropy(model(val_x), val_y).item()
+        if val_loss < best_loss:
+            best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= 5:
+                break
+    model.load_state_dict(best_state)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def test_set(splits):
+    return torch.from_numpy(splits.test_x), torch.from_numpy(splits.test_y)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, splits, model):
+    root = tmp_path_factory.mktemp("robustness")
+    save_splits(splits, root / "dataset")
+    save_classifier(model, root / "model", {"class_names": splits.class_names})
+    return root
+
+
+def test_fgsm_epsilon_zero_is_clean_and_larger_epsilon_hurts(model, test_set):
+    x, y = test_set
+    clean = accuracy(model, x, y)
+    assert clean > 0.93
+    assert torch.equal(fgsm(model, x, y, 0.0), x)
+    assert accuracy(model, fgsm(model, x, y, 0.0), y) == clean
+    small, large = accuracy(model, fgsm(model, x, y, 0.03), y), accuracy(model, fgsm(model, x, y, 0.15), y)
+    assert clean > small > large
+    assert large < clean - 0.2
+
+
+def test_fgsm_follows_the_gradient_not_random_signs(model, test_set):
+    # A sign flipped by mistake (descending the loss) would *raise* accuracy; random signs barely hurt.
+    x, y = test_set
+    epsilon = 0.1
+    random_signs = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+    random_accuracy = accuracy(model, (x + epsilon * random_signs).clamp(0, 1), y)
+    assert accuracy(model, fgsm(model, x, y, epsilon), y) < random_accuracy - 0.1
+
+
+def test_fgsm_stays_in_budget_and_pixel_range_and_is_batch_independent(model, test_set):
+    x, y = test_set
+    adversarial = fgsm(model, x, y, 0.3)
+    assert adversarial.min() >= 0.0 and adversarial.max() <= 1.0
+    assert (adversarial - x).abs().max() <= 0.3 + 1e-6
+    assert (adversarial != x).float().mean() > 0.5  # it did perturb
+    # The sign of a mean loss's gradient does not depend on how the images are batched.
+    small_batches = fgsm(model, x, y, 0.3, batch_size=7)
+    assert (small_batches == adversarial).float().mean() > 0.99
+
+
+def test_fgsm_keeps_model_mode_and_leaves_parameter_gradients_alone(model, test_set):
+    x, y = test_set
+    model.zero_grad(set_to_none=True)  # training left gradients behind
+    model.train()
+    try:
+        seen_modes = []
+        hook = model.register_forward_pre_hook(lambda module, args: seen_modes.append(module.training))
+        fgsm(model, x[:10], y[:10], 0.1)
+        hook.remove()
+        assert seen_modes == [False]  # attacked in eval mode
+        assert model.training  # the caller's mode is restored
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        model.eval()
+
+
+def test_gaussian_noise_zero_sigma_is_clean_and_outputs_stay_in_range(model, test_set):
+    x, y = test_set
+    assert torch.equal(gaussian_noise(x, 0.0, torch.Generator().manual_seed(0)), x)
+    assert accuracy(model, gaussian_noise(x, 0.0), y) == accuracy(model, x, y)
+    heavy = gaussian_noise(x, 1.0, torch.Generator().manual_seed(0))
+    assert heavy.min() >= 0.0 and heavy.max() <= 1.0
+    assert not torch.equal(heavy, x)
+    # reproducible with the same seed, different with another
+    again = gaussian_noise(x, 1.0, torch.Generator().manual_seed(0))
+    other = gaussian_noise(x, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(heavy, again) and not torch.equal(heavy, other)
+    assert accuracy(model, heavy, y) < accuracy(model, gaussian_noise(x, 0.1, torch.Generator().manual_seed(0)), y)
+
+
+def test_accuracy_is_batch_independent_and_accepts_numpy(model, splits, test_set):
+    x, y = test_set
+    assert accuracy(model, x, y, batch_size=13) == accuracy(model, splits.test_x, splits.test_y)
+
+
+def test_normal_model_passes_the_default_gate(artifacts):
+    d = DEFAULTS
+    result = robustness_check(str(artifacts / "dataset"), str(artifacts / "model"), d.noise_sigma, d.fgsm_epsilon,
+                              d.min_noise_accuracy, d.min_fgsm_accuracy)
+    assert result["passed"], result["reason"]
+    assert result["noise_accuracy"] >= d.min_noise_accuracy + 0.05  # a clear margin, not luck
+    assert result["fgsm_accuracy"] >= d.min_fgsm_accuracy + 0.1
+    assert result["clean_accuracy"] >= result["noise_accuracy"] - 0.02
+    assert result["clean_accuracy"] > result["fgsm_accuracy"]
+    assert result["fgsm_relative_drop"] == pytest.approx(1 - result["fgsm_accuracy"] / result["clean_accuracy"])
+    assert result["noise_relative_drop"] == pytest.approx(1 - result["noise_accuracy"] / result["clean_accuracy"])
+    assert result["n_test"] == 360
+
+
+@pytest.mark.parametrize(
+    "min_noise_accuracy, min_fgsm_accuracy, named, not_named",
+    [
+        (1.0, 0.0, "noise accuracy", "FGSM accuracy"),
+        (0.0, 1.0, "FGSM accuracy", "noise accuracy"),
+        (1.0, 1.0, "noise accuracy", None),
+    ],
+)
+def test_gate_reason_names_the_limit_that_blocked(artifacts, min_noise_accuracy, min_fgsm_accuracy, named, not_named):
+    result = robustness_check(str(artifacts / "dataset"), str(artifacts / "model"), 0.3, 0.1,
+                              min_noise_accuracy, min_fgsm_accuracy)
+    assert not result["passed"]
+    assert named in result["reason"] and f"< min {1.0:.3f}" in result["reason"]
+    if not_named:
+        assert not_named not in result["reason"]
+    else:
+        assert "FGSM accuracy" in result["reason"]  # both limits reported
+
+
+def test_component_runs_with_kfp_artifacts_and_writes_report(artifacts, tmp_path):
+    metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
+    report = dsl.Markdown(uri=str(tmp_path / "out" / "report.md"))
+    assert report.path == str(tmp_path / "out" / "report.md")  # a local uri is the path itself
+    d = DEFAULTS
+    passed = robustness_component(
+        dataset=dsl.Dataset(uri=str(artifacts / "dataset")), model=dsl.Model(uri=str(artifacts / "model")),
+        noise_sigma=d.noise_sigma, fgsm_epsilon=d.fgsm_epsilon, min_noise_accuracy=d.min_noise_accuracy,
+        min_fgsm_accuracy=d.min_fgsm_accuracy, seed=0, metrics=metrics, report=report,
+    )
+    assert passed is True
+    for key in ("clean_accuracy", "noise_accuracy", "fgsm_accuracy", "noise_relative_drop", "fgsm_relative_drop",
+                "cost_wall_seconds"):
+        assert key in metrics.metadata, key
+    assert metrics.metadata["passed"] == 1.0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert text.startswith("# Robustness check — PASSED")
+    assert f"| FGSM (L∞ epsilon {d.fgsm_epsilon}) | {metrics.metadata['fgsm_accuracy']:.3f} |" in text
+
+
+def test_component_compiles_as_a_kfp_component():
+    component = dsl.component(robustness_component, base_image="python:3.11", install_kfp_package=False)
+    assert {"dataset", "model", "noise_sigma", "fgsm_epsilon", "min_noise_accuracy", "min_fgsm_accuracy",
+            "seed"} <= set(component.component_spec.inputs)
+
+
+def test_report_marks_the_failing_row():
+    result = {"clean_accuracy": 0.98, "noise_accuracy": 0.97, "fgsm_accuracy": 0.4, "noise_relative_drop": 0.0102,
+              "fgsm_relative_drop": 0.592, "noise_sigma": 0.1, "fgsm_epsilon": 0.03, "min_noise_accuracy": 0.85,
+              "min_fgsm_accuracy": 0.7, "n_test": 360, "seed": 0, "passed": False,
+              "reason": "FGSM accuracy 0.400 < min 0.700 (epsilon 0.03)"}
+    text = render_robustness_report(result)
+    assert "FAILED" in text and "**FGSM accuracy 0.400 < min 0.700 (epsilon 0.03)**" in text
+    assert "| Gaussian noise (sigma 0.1) | 0.970 | 1.0% | 0.850 ✅ |" in text
+    assert "| FGSM (L∞ epsilon 0.03) | 0.400 | 59.2% | 0.700 ❌ |" in text
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"noise_sigma": -0.1}, ValueError, "noise_sigma must be >= 0"),
+        ({"noise_sigma": float("nan")}, ValueError, "noise_sigma must be a finite number"),
+        ({"fgsm_epsilon": -0.01}, ValueError, r"fgsm_epsilon must be in \[0, 1\]"),
+        ({"fgsm_epsilon": 1.5}, ValueError, r"fgsm_epsilon must be in \[0, 1\]"),
+        ({"min_noise_accuracy": 1.2}, ValueError, r"min_noise_accuracy must be an accuracy in \[0, 1\]"),
+        ({"min_fgsm_accuracy": -0.1}, ValueError, r"min_fgsm_accuracy must be an accuracy in \[0, 1\]"),
+        ({"min_fgsm_accuracy": "0.5"}, ValueError, "min_fgsm_accuracy must be a finite number"),
+        ({"dataset_dir": "missing"}, FileNotFoundError, "is not a dataset artifact"),
+        ({"model_dir": "missing"}, FileNotFoundError, "is not a model artifact"),
+    ],
+)
+def test_bad_inputs_fail_with_a_clear_message(artifacts, overrides, error, message):
+    d = DEFAULTS
+    kwargs = {"dataset_dir": "dataset", "model_dir": "model", "noise_sigma": d.noise_sigma,
+              "fgsm_epsilon": d.fgsm_epsilon, "min_noise_accuracy": d.min_noise_accuracy,
+              "min_fgsm_accuracy": d.min_fgsm_accuracy, **overrides}
+    kwargs["dataset_dir"], kwargs["model_dir"] = str(artifacts / kwargs["dataset_dir"]), str(artifacts / kwargs["model_dir"])
+    with pytest.raises(error, match=message):
+        robustness_check(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, x, y: gaussian_noise(x, -1.0), "noise sigma must be >= 0"),
+        (lambda m, x, y: fgsm(m, x, y, 2.0), r"FGSM epsilon must be in \[0, 1\]"),
+        (lambda m, x, y: accuracy(m, x[:0], y[:0]), "accuracy of an empty set is undefined"),
+    ],
+)
+def test_primitives_reject_bad_arguments(model, test_set, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(model, *test_set)
+
+
+@pytest.mark.slow
+def test_component_runs_in_a_local_kfp_pipeline(artifacts, tmp_path):
+    """KFP copies only the function's source: this proves the body is self-contained and the output is the bool."""
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    component = dsl.component(robustness_component, base_image="python:3.11", install_kfp_package=False)
+    d = DEFAULTS
+
+    @dsl.pipeline
+    def check(dataset_uri: str, model_uri: str) -> bool:
+        dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset)
+        model = dsl.importer(artifact_uri=model_uri, artifact_class=dsl.Model)
+        return component(dataset=dataset.output, model=model.output, noise_sigma=d.noise_sigma,
+                         fgsm_epsilon=d.fgsm_epsilon, min_noise_accuracy=d.min_noise_accuracy,
+                         min_fgsm_accuracy=1.0, seed=0).outputs["Output"]
+
+    task = check(dataset_uri=str(artifacts / "dataset"), model_uri=str(artifacts / "model"))
+    assert task.output is False  # min_fgsm_accuracy 1.0 cannot be met
