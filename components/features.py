@@ -27,6 +27,9 @@ def image_features(images: np.ndarray) -> pd.DataFrame:
     x = np.asarray(images, dtype=np.float32)
     if x.ndim != 4:
         raise ValueError(f"expected images shaped [N, C, H, W], got shape {x.shape}")
+    # Served images arrive as 8-bit PNG/JPEG: quantise the float training images the same way,
+    # or thresholded features (ink_fraction) shift between training and production for no reason.
+    x = np.rint(np.clip(x, 0.0, 1.0) * 255.0) / 255.0
     gray = x.mean(axis=1)  # [N, H, W]
     n, h, w = gray.shape
     flat = gray.reshape(n, -1)

@@ -112,7 +112,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     else:
         print(f"{verdict['status']}: {verdict.get('message', '')}")
         print(f"Report: {verdict.get('report_html', out_dir)}")
-    return 2 if verdict.get("drift_detected") else 0
+    return 2 if verdict.get("alert", verdict.get("drift_detected")) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -183,7 +183,7 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("endpoint"):
         lines.append(f"Serving: {s['endpoint']}  (token: {s['token_file']})")
         lines.append(f"  curl -H \"Authorization: Bearer $(python -c \"import json;print(json.load(open('{s['token_file']}'))['inference']['key'])\")\" "
-                     f"--data-binary @digit.png {s['endpoint']}")
+                     f"-H \"Content-Type: image/png\" --data-binary @digit.png {s['endpoint']}")
     for name, path in s.get("reports", {}).items():
         lines.append(f"Report {name:<14} {path}")
     lines.append(f"Summary: {Path(s['run_dir']) / SUMMARY_FILE}")
