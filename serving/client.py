@@ -42,14 +42,16 @@ def read_token(token_file: str | Path, kind: str = "inference") -> str:
 
 
 def predict(endpoint: str, body: bytes, token: str, timeout: float = 30.0,
-            content_type: str = "image/png") -> Any:
-    """POST one request body to the prediction endpoint with the bearer token; raise on HTTP errors."""
-    response = requests.post(
-        endpoint,
-        data=body,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type},
-        timeout=timeout,
-    )
+            content_type: str = "image/png", source: str | None = None) -> Any:
+    """POST one request body to the prediction endpoint with the bearer token; raise on HTTP errors.
+
+    ``source`` (e.g. 'smoke-test', 'replay') is sent as ``X-Request-Source`` and lands in the
+    request log, so the monitor can tell synthetic traffic from real clients.
+    """
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": content_type}
+    if source:
+        headers["X-Request-Source"] = source
+    response = requests.post(endpoint, data=body, headers=headers, timeout=timeout)
     if response.status_code != 200:
         raise RuntimeError(f"prediction request to {endpoint} failed with HTTP {response.status_code}: {response.text[:300]}")
     return response.json()

@@ -1,0 +1,98 @@
+"""Deploy step: input checks, and (slow) a real deployment, its replacement and a failing smoke test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kfp.dsl import Artifact, Dataset, Metrics, Model
+
+from components.data import Splits, save_splits
+from components.deploy import deploy_component, deploy_local
+from components.models import Classifier, EncoderSpec, save_classifier
+from serving.server import LocalTorchServe, _is_torchserve, free_port, port_in_use
+try:  # tests/ is on sys.path under pytest's default import mode
+    from test_serving import DIGIT_NAMES, train_digits_classifier
+except ImportError:  # tests/ made a package
+    from tests.test_serving import DIGIT_NAMES, train_digits_classifier
+
+RECORD_KEYS = {"endpoint", "management_endpoint", "metrics_endpoint", "token_file", "request_log_dir",
+               "model_name", "model_version", "home", "pid"}
+
+
+def _splits(test_x: np.ndarray, test_y: np.ndarray) -> Splits:
+    empty = np.zeros((0, 1, 8, 8), np.float32)
+    return Splits(train_x=empty, train_y=np.zeros(0, np.int64), val_x=empty, val_y=np.zeros(0, np.int64),
+                  test_x=test_x, test_y=test_y.astype(np.int64), pool_x=empty, class_names=DIGIT_NAMES)
+
+
+@pytest.fixture
+def untrained_model(tmp_path) -> Path:
+    save_classifier(Classifier(EncoderSpec(width=8, embed_dim=16), 10), tmp_path / "model", {"class_names": DIGIT_NAMES})
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize(
+    "case, error, message",
+    [
+        ("no-model", FileNotFoundError, "metadata.json is missing"),
+        ("no-dataset", FileNotFoundError, "run ingest first"),
+        ("empty-test-split", ValueError, "empty test split"),
+    ],
+)
+def test_deploy_refuses_bad_inputs_before_starting_anything(tmp_path, untrained_model, case, error, message):
+    model_dir, dataset_dir = untrained_model, tmp_path / "dataset"
+    if case == "no-model":
+        model_dir = tmp_path / "nothing-here"
+    if case != "no-dataset":
+        n = 0 if case == "empty-test-split" else 4
+        save_splits(_splits(np.zeros((n, 1, 8, 8), np.float32), np.zeros(n)), dataset_dir)
+    with pytest.raises(error, match=message):
+        deploy_local(model_dir, dataset_dir, tmp_path / "home", inference_port=free_port(),
+                     management_port=free_port(), metrics_port=free_port())
+    assert not (tmp_path / "home" / "state.json").exists()
+
+
+@pytest.mark.slow
+def test_deploy_component_serves_then_a_failed_redeploy_stops_everything(tmp_path, monkeypatch):
+    test_x, test_y = train_digits_classifier(tmp_path / "model", model_version="deploy-test")
+    save_splits(_splits(test_x, test_y), tmp_path / "dataset")
+    ports = {"inference_port": free_port(), "management_port": free_port(), "metrics_port": free_port()}
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "serving"
+    deployment = Artifact(name="deployment", uri=str(tmp_path / "out" / "deployment"))
+    metrics = Metrics(name="metrics", uri=str(tmp_path / "out" / "metrics"))
+    try:
+        endpoint = deploy_component(
+            model=Model(name="model", uri=str(tmp_path / "model")),
+            dataset=Dataset(name="dataset", uri=str(tmp_path / "dataset")),
+            serving_home="serving",  # relative: resolves against the current directory
+            host="127.0.0.1", workers=1, model_name="digits", startup_timeout_s=120,
+            deployment=deployment, metrics=metrics, **ports,
+        )
+        record = json.loads(Path(deployment.path).read_text())
+        assert RECORD_KEYS <= set(record)
+        assert endpoint == record["endpoint"] == f"http://127.0.0.1:{ports['inference_port']}/predictions/digits"
+        assert record["home"] == str(home) and record["model_version"] == "deploy-test"
+        assert record["smoke_test_images"] == 16 and record["smoke_test_accuracy"] >= 0.5
+        assert metrics.metadata["smoke_test_accuracy"] == record["smoke_test_accuracy"]
+        assert "cost_wall_seconds" in metrics.metadata
+        state = json.loads((home / "state.json").read_text())
+        assert {k: state[k] for k in RECORD_KEYS} == {k: record[k] for k in RECORD_KEYS}
+        logged = [json.loads(line) for f in Path(record["request_log_dir"]).glob("requests-*.jsonl")
+                  for line in f.read_text().splitlines()]
+        assert len(logged) == 16 and {line["source"] for line in logged} == {"smoke-test"}
+
+        # Redeploying from the same home replaces the running server; an impossible smoke-test bar
+        # makes the new one fail, and then nothing may be left serving.
+        first_pid = record["pid"]
+        with pytest.raises(RuntimeError, match=r"smoke test of .* failed, server stopped"):
+            deploy_local(tmp_path / "model", tmp_path / "dataset", home, startup_timeout_s=120,
+                         min_smoke_accuracy=1.01, **ports)
+        assert not _is_torchserve(first_pid), "the first server should have been replaced"
+        assert LocalTorchServe(home).status()["running"] is False
+        assert not any(port_in_use("127.0.0.1", p) for p in ports.values())
+    finally:
+        LocalTorchServe(home).stop(quiet=True)
