@@ -42,9 +42,9 @@ class DataConfig:
 @dataclass
 class PretrainConfig:
     objective: str = doc("contrastive", "Self-supervised objective: 'contrastive' (SimCLR NT-Xent) or 'masked' (masked-image reconstruction).")
-    epochs: int = doc(30, "Pretraining epochs over the unlabeled images (pool plus train, labels unused).")
-    batch_size: int = doc(256, "Pretraining batch size; contrastive learning sees 2x this many views.")
-    learning_rate: float = doc(0.003, "AdamW learning rate for pretraining.")
+    epochs: int = doc(20, "Pretraining epochs over the unlabeled images (pool plus train, labels unused).")
+    batch_size: int = doc(128, "Pretraining batch size; contrastive learning sees 2x this many views.")
+    learning_rate: float = doc(0.001, "AdamW learning rate for pretraining.")
     temperature: float = doc(0.2, "NT-Xent temperature (contrastive objective only).")
     width: int = doc(32, "Channels of the first encoder block; later blocks double it.")
     embed_dim: int = doc(128, "Size of the encoder's output embedding.")
@@ -54,8 +54,8 @@ class PretrainConfig:
 class FinetuneConfig:
     epochs: int = doc(40, "Maximum fine-tuning epochs; early stopping usually ends sooner.")
     batch_size: int = doc(64, "Fine-tuning batch size.")
-    learning_rate: float = doc(0.002, "AdamW learning rate for the classification head (the encoder uses a tenth of it).")
-    patience: int = doc(8, "Stop after this many epochs without a better validation loss.")
+    learning_rate: float = doc(0.005, "AdamW learning rate for the classification head (the encoder uses a tenth of it).")
+    patience: int = doc(10, "Stop after this many epochs without a better validation loss.")
     label_fraction: float = doc(1.0, "Share of the labeled train split used for fine-tuning (few-label experiments).")
 
 
@@ -98,6 +98,23 @@ class ClusterConfig:
     gpu_node_selector_value: str = doc("true", "Value of that node label.")
     gpu_toleration_key: str = doc("nvidia.com/gpu", "Taint key the pretrain pod tolerates; empty to skip.")
     gpu_toleration_effect: str = doc("NoSchedule", "Effect of the tolerated taint.")
+    gpu_finetune: bool = doc(False, "Also place finetune on a GPU (same accelerator, limit, node selector and toleration as pretrain).")
+    image_pull_policy: str = doc("IfNotPresent", "imagePullPolicy of every step: IfNotPresent (pinned tag or digest), Always (a moving tag) or Never.")
+    run_as_user: int = doc(10001, "UID every step container runs as (non-root; the image's 'mlops' user).")
+    run_as_group: int = doc(10001, "GID every step container runs as.")
+    s3_secret_name: str = doc("kfp-mlops-s3", "Secret whose S3 keys become env vars of the steps that touch storage (ingest, pretrain, deploy, monitor); empty for workload identity.")
+    s3_access_key_id_key: str = doc("AWS_ACCESS_KEY_ID", "Key in that Secret holding the access key id (env AWS_ACCESS_KEY_ID).")
+    s3_secret_access_key_key: str = doc("AWS_SECRET_ACCESS_KEY", "Key in that Secret holding the secret access key (env AWS_SECRET_ACCESS_KEY).")
+    storage_config_map: str = doc("kfp-mlops-storage", "ConfigMap with the non-secret storage settings (S3_ENDPOINT_URL, AWS_REGION, S3_ADDRESSING_STYLE, AWS_MAX_ATTEMPTS) for the same steps; empty to skip.")
+    step_overrides: str = doc("", "Per-step pod settings over the built-in defaults, 'step.setting=value' comma-separated (e.g. 'pretrain.timeout_s=43200,finetune.memory_limit=16Gi'); settings: cpu_request, cpu_limit, memory_request, memory_limit, timeout_s, retries.")
+    retry_backoff_s: int = doc(30, "Seconds before the first retry of a failed retryable step (ingest, pretrain, finetune, evaluate, privacy, robustness).")
+    retry_backoff_factor: float = doc(2.0, "Each further retry waits this many times longer.")
+    retry_backoff_max_s: int = doc(3600, "Upper bound on the retry backoff (KFP backoff_max_duration).")
+    kfp_host: str = doc("", "Kubeflow Pipelines API URL for mlops submit/schedule (e.g. http://localhost:8888 after kubectl port-forward); empty = the in-cluster service when run in a pod.")
+    namespace: str = doc("kfp-mlops", "Namespace (KFP profile) of experiments, runs and schedules on multi-user KFP; ignored by single-user KFP.")
+    service_account: str = doc("kfp-mlops-pipeline", "ServiceAccount the run's pods use; set on the run at submit, not per task.")
+    experiment: str = doc("kfp-mlops", "KFP experiment runs and schedules go into (created if missing).")
+    pipeline_name: str = doc("kfp-mlops", "Name the pipeline is uploaded under; a changed compile becomes a new version of it.")
 
 
 @dataclass
