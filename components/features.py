@@ -54,3 +54,59 @@ def image_features(images: np.ndarray) -> pd.DataFrame:
         },
         columns=FEATURE_COLUMNS,
     ).astype("float64")
+
+
+# --- model-side features: what the served model saw and said ---------------------------------
+
+EMBEDDING_DIM = 8  # columns emb_0 .. emb_7: a fixed random projection of the encoder's embedding
+EMBEDDING_COLUMNS = [f"emb_{i}" for i in range(EMBEDDING_DIM)]
+PREDICTION_COLUMNS = ["predicted_class", "confidence"]
+MODEL_REFERENCE_FILE = "reference_model.csv"  # written into the model artifact at training time
+
+
+def embedding_projection(embeddings: np.ndarray, dim: int = EMBEDDING_DIM) -> np.ndarray:
+    """Project ``[N, D]`` embeddings to ``[N, dim]`` with a fixed Gaussian matrix.
+
+    The matrix depends only on ``(D, dim)`` (seeded), so the handler and the
+    training-time reference project identically without storing anything.
+    Random projections keep distances roughly (Johnson-Lindenstrauss), which
+    is what an embedding-drift test needs, at a cost of 8 numbers a request.
+    """
+    z = np.asarray(embeddings, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"expected embeddings shaped [N, D], got {z.shape}")
+    rng = np.random.default_rng(z.shape[1] * 1000 + dim)
+    matrix = rng.standard_normal((z.shape[1], dim)) / np.sqrt(dim)
+    return z @ matrix
+
+
+def model_reference_features(model, images: np.ndarray, batch_size: int = 512) -> pd.DataFrame:
+    """Image features plus the model's prediction, confidence and projected embedding for each image.
+
+    ``model`` is a ``components.models.Classifier``. Written once at training time
+    (on held-out images) as the reference for prediction and embedding drift.
+    """
+    import torch
+
+    x = np.asarray(images, dtype=np.float32)
+    # the same 8-bit quantisation the served images go through
+    x = np.rint(np.clip(x, 0.0, 1.0) * 255.0) / 255.0
+    was_training = model.training
+    model.eval()
+    embeddings, probs = [], []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            batch = torch.from_numpy(x[start:start + batch_size].astype(np.float32))
+            z = model.embed(batch)
+            embeddings.append(z.numpy())
+            probs.append(torch.softmax(model.head(z), dim=1).numpy())
+    model.train(was_training)
+    z = np.concatenate(embeddings) if embeddings else np.zeros((0, model.head.in_features))
+    p = np.concatenate(probs) if probs else np.zeros((0, model.head.out_features))
+    out = image_features(x)
+    out["predicted_class"] = p.argmax(axis=1).astype("int64") if len(p) else np.zeros(0, "int64")
+    out["confidence"] = p.max(axis=1) if len(p) else np.zeros(0)
+    projected = embedding_projection(z)
+    for i, col in enumerate(EMBEDDING_COLUMNS):
+        out[col] = projected[:, i]
+    return out
