@@ -5,6 +5,8 @@
     mlops compile -o pipeline.yaml --image registry.example.com/kfp-mlops:0.1.0
     mlops serve start|stop|status  # TorchServe on loopback, serving the latest run's model
     mlops monitor --json           # drift report of the served traffic against the training reference
+    mlops submit --host http://localhost:8888 --wait   # upload (or a new version) and run on a KFP cluster
+    mlops schedule --cron "0 3 * * *" --host URL       # nightly retraining; schedule list|pause|resume|delete
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.local import run_local
 
     summary = run_local(_load_config(args), runs_dir=args.runs_dir, run_id=args.run_id,
-                        serve_after=args.serve_after)
+                        serve_after=args.serve_after, verbose=args.verbose)
     return 0 if summary["status"] == "succeeded" else (3 if summary["status"] == "blocked" else 1)
 
 
@@ -115,6 +117,75 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 2 if verdict.get("alert", verdict.get("drift_detected")) else 0
 
 
+def _add_connection_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Kubeflow Pipelines connection")
+    group.add_argument("--host", help="KFP API URL, e.g. http://localhost:8888 after 'kubectl -n kubeflow port-forward "
+                                      "svc/ml-pipeline 8888:8888' (default: cluster.kfp_host; in a pod: the in-cluster service)")
+    group.add_argument("--token", help="bearer token (prefer the KFP_TOKEN environment variable: flags show in ps); "
+                                       "in a pod the token file in $KF_PIPELINES_SA_TOKEN_PATH or the ServiceAccount's is used")
+    group.add_argument("--kube-context", metavar="NAME",
+                       help="no --host: reach KFP through the Kubernetes API server with this kubeconfig context")
+    group.add_argument("--namespace", help="namespace (KFP profile) on multi-user KFP (default: cluster.namespace)")
+    group.add_argument("--experiment", help="experiment name, created if missing (default: cluster.experiment)")
+    group.add_argument("--pipeline-name", help="pipeline name to upload under (default: cluster.pipeline_name)")
+
+
+def _connection(args: argparse.Namespace, cfg: config_mod.Config):
+    from pipelines.cluster import resolve_connection
+
+    return resolve_connection(cfg.cluster, host=args.host, token=args.token, namespace=args.namespace,
+                              kube_context=args.kube_context)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines import cluster
+
+    cfg = _load_config(args)
+    try:
+        result = cluster.submit(cfg, _connection(args, cfg), experiment=args.experiment,
+                                pipeline_name=args.pipeline_name, run_name=args.run_name, wait=args.wait,
+                                timeout_s=args.timeout, poll_s=args.poll_s)
+    except cluster.ClusterError as exc:
+        print(f"mlops submit: {exc}", file=sys.stderr)
+        return 1
+    if not args.wait:
+        return 0
+    print(f"run {result.run_id}: {result.state or 'still running'} (exit code {result.exit_code})")
+    return result.exit_code
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines import cluster
+
+    cfg = _load_config(args)
+    action = args.action
+    if action == "create" and args.target:
+        raise ValueError(f"unexpected {args.target!r}: use --name for the schedule's name")
+    if action in ("pause", "resume", "delete") and not args.target:
+        raise ValueError(f"mlops schedule {action} needs the schedule's NAME or ID (see mlops schedule list)")
+    if action == "create" and not args.cron:
+        raise ValueError(f"mlops schedule needs --cron: {cluster.CRON_HELP}")
+    if action == "create":
+        cluster.kfp_cron(args.cron)  # a bad cron fails before any connection
+    try:
+        conn = _connection(args, cfg)
+        if action == "create":
+            cluster.create_schedule(cfg, conn, cron=args.cron, name=args.name, max_concurrency=args.max_concurrency,
+                                    experiment=args.experiment, pipeline_name=args.pipeline_name)
+        elif action == "list":
+            print(cluster.format_schedules(cluster.list_schedules(conn)))
+        elif action in ("pause", "resume"):
+            s = cluster.set_schedule_enabled(conn, args.target, action == "resume")
+            print(f"Schedule {s.name!r} ({s.recurring_run_id}) {'resumed' if s.enabled else 'paused'}.")
+        else:
+            s = cluster.delete_schedule(conn, args.target)
+            print(f"Schedule {s.name!r} ({s.recurring_run_id}) deleted; runs it started are kept.")
+    except cluster.ClusterError as exc:
+        print(f"mlops schedule: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -129,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="name of the run directory (default: a timestamp)")
     p.add_argument("--serve-after", default=True, action=argparse.BooleanOptionalAction,
                    help="keep TorchServe running after the run (default); --no-serve-after stops it")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print kfp.local's full output (always written to runs/<run-id>/pipeline.log)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compile", help="compile the pipeline to KFP v2 YAML for a cluster",
@@ -159,6 +232,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: runs/monitor/<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON on the last line")
     p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("submit", help="compile, upload and run the pipeline on a Kubeflow Pipelines cluster",
+                       description="Compile the pipeline, upload it (or a new version of the pipeline of that name; "
+                                   "an identical compile reuses its version), and create a run in the experiment with "
+                                   "the config's run parameters and the pipeline ServiceAccount. With --wait, print "
+                                   "each state change; exit code 0 = SUCCEEDED, 1 = FAILED/CANCELED/SKIPPED, "
+                                   "124 = still running at --timeout.")
+    _add_config_args(p, run_areas + ("cluster",))
+    _add_connection_args(p)
+    p.add_argument("--run-name", help="run name (default: '<pipeline> <UTC time>')")
+    p.add_argument("--wait", action="store_true", help="wait for the run to end and stream its states")
+    p.add_argument("--timeout", type=float, metavar="S", help="with --wait: stop waiting after S seconds (the run goes on)")
+    p.add_argument("--poll-s", type=float, default=10.0, help="with --wait: seconds between status checks (default: 10)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("schedule", help="recurring retraining runs on the cluster: create, list, pause, resume, delete",
+                       description="mlops schedule --cron EXPR creates a KFP recurring run of the pipeline (uploaded "
+                                   "as by submit) with catch-up off. Cron: 5 fields (converted to KFP's 6-field form "
+                                   "with seconds first) or 6 fields or @daily/@weekly/...; times are in the KFP "
+                                   "scheduler's time zone (usually UTC). mlops schedule list | pause NAME|ID | "
+                                   "resume NAME|ID | delete NAME|ID manage them.")
+    p.add_argument("action", nargs="?", default="create", choices=["create", "list", "pause", "resume", "delete"],
+                   help="what to do (default: create)")
+    p.add_argument("target", nargs="?", metavar="NAME|ID", help="the schedule to pause, resume or delete")
+    p.add_argument("--cron", help="when to run: '0 3 * * *' = 03:00 every day")
+    p.add_argument("--name", default="kfp-mlops-retrain", help="schedule name (default: kfp-mlops-retrain)")
+    p.add_argument("--max-concurrency", type=int, default=1,
+                   help="runs of this schedule at once, 1-10 (default: 1: a slow run delays the next)")
+    _add_config_args(p, run_areas + ("cluster",))
+    _add_connection_args(p)
+    p.set_defaults(func=cmd_schedule)
     return parser
 
 

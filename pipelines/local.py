@@ -9,9 +9,14 @@ component code a cluster runs. Afterwards the task outputs under
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
+import re
+import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +26,73 @@ from pipelines.config import Config, flat_parameters, to_dict
 SUMMARY_FILE = "summary.json"
 STEP_NAMES = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "deploy", "monitor")
 GATES = {"evaluate": "evaluation", "privacy": "privacy", "robustness": "robustness"}
-# Artifact outputs that are reports a person opens: (step, output name) -> report name.
+# Artifact outputs that are reports a person opens: (step, output name) -> (report name, file suffix).
+# KFP stores each artifact as a bare file; the run directory gets a copy with a suffix a browser understands.
 REPORTS = {
-    ("ingest", "data_card"): "data_card",
-    ("evaluate", "report"): "evaluation",
-    ("privacy", "report"): "privacy",
-    ("robustness", "report"): "robustness",
-    ("monitor", "drift_report"): "drift",
-    ("monitor", "verdict"): "drift_verdict",
+    ("ingest", "data_card"): ("data_card", ".md"),
+    ("evaluate", "report"): ("evaluation", ".html"),
+    ("privacy", "report"): ("privacy", ".md"),
+    ("robustness", "report"): ("robustness", ".md"),
+    ("monitor", "drift_report"): ("drift", ".html"),
+    ("monitor", "verdict"): ("drift_verdict", ".json"),
 }
+
+
+class ConsoleFilter(io.TextIOBase):
+    """Stand-in for stdout during a run: everything goes to the run's log file, and the console
+    gets the step transitions plus what the steps themselves print (progress, errors) without
+    kfp.local's executor-input and output dumps."""
+
+    _KFP_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - (INFO|WARNING|ERROR) - (.*)$")
+    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    _JSON_START = tuple('{}[]"')
+
+    def __init__(self, log_file, console):
+        self.log_file, self.console = log_file, console
+        self.buffer_, self.skipping = "", False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.log_file.write(text)
+        self.buffer_ += text
+        *lines, self.buffer_ = self.buffer_.split("\n")
+        for line in lines:
+            shown = self.filter(self._ANSI.sub("", line))
+            if shown is not None:
+                self.console.write(shown + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.log_file.flush()
+        self.console.flush()
+
+    def filter(self, line: str) -> str | None:
+        match = self._KFP_LINE.match(line)
+        if match:
+            level, message = match.groups()
+            # "Task 'x' outputs:" is followed by artifact dumps: drop until kfp's next line
+            self.skipping = "block" if " outputs:" in message else False
+            if "Executing task" in message:
+                return f"[{time.strftime('%H:%M:%S')}] {message.replace('Executing task', 'step')}"
+            if "finished with status" in message or level == "ERROR":
+                return f"[{time.strftime('%H:%M:%S')}] {message}"
+            return None
+        if self.skipping == "block":
+            return None
+        body = line[4:] if line.startswith("    ") else line
+        stripped = body.strip()
+        if not stripped or set(stripped) <= {"-"}:
+            return None
+        if body.startswith("[KFP Executor"):
+            # "Got executor_input:" is followed by a JSON dump
+            self.skipping = "json" if "Got " in body else False
+            return None
+        if self.skipping == "json" and (stripped.startswith(self._JSON_START) or body.startswith(" ")):
+            return None
+        self.skipping = False
+        return "    " + body
 
 
 def new_run_id() -> str:
@@ -37,8 +100,12 @@ def new_run_id() -> str:
 
 
 def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = None, serve_after: bool = True,
-              quiet: bool = False) -> dict[str, Any]:
-    """Run every step through kfp.local; return (and write) the run summary."""
+              quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Run every step through kfp.local; return (and write) the run summary.
+
+    The full kfp.local log goes to ``runs/<run-id>/pipeline.log``; the console shows the
+    steps and their own output (``verbose`` shows everything).
+    """
     from kfp import local
 
     from pipelines.pipeline import build_pipeline
@@ -60,12 +127,22 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
     pipeline = build_pipeline(cfg.cluster)
     env_before = os.environ.get("DO_NOT_TRACK")
     os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently telemetry off in every step
-    try:
-        pipeline(**params)
-    finally:
-        if env_before is None:
-            os.environ.pop("DO_NOT_TRACK", None)
+    log_path = run_dir / "pipeline.log"
+    stdout = sys.stdout
+    with open(log_path, "w") as log_file, warnings.catch_warnings():
+        # kfp.local says, rightly, that pod resources and GPU requests do nothing on one machine.
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        warnings.filterwarnings("ignore", message=".*You may be attemping to run a task that uses.*")
+        if not verbose:
+            sys.stdout = ConsoleFilter(log_file, stdout)
+        try:
+            pipeline(**params)
+        finally:
+            sys.stdout = stdout
+            if env_before is None:
+                os.environ.pop("DO_NOT_TRACK", None)
     summary = collect_summary(run_id, run_dir, pipeline_root, time.time() - started)
+    summary["log"] = str(log_path)
     atomic_write_json(run_dir / SUMMARY_FILE, summary)
     if not serve_after and summary["steps"]["deploy"]["status"] == "succeeded":
         from serving.server import LocalTorchServe
@@ -145,10 +222,14 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
     }
     if failed:
         summary["failed_step"] = failed
-    for (step, name), report in REPORTS.items():
+    reports_dir = run_dir / "reports"
+    for (step, name), (report, suffix) in REPORTS.items():
         art = _artifact(outputs.get(step, {}), name)
-        if art:
-            summary["reports"][report] = art["uri"]
+        if art and Path(art["uri"]).is_file():
+            reports_dir.mkdir(exist_ok=True)
+            copy = reports_dir / f"{report}{suffix}"
+            shutil.copyfile(art["uri"], copy)
+            summary["reports"][report] = str(copy)
     for step, name in (("ingest", "dataset"), ("pretrain", "encoder"), ("finetune", "model"), ("deploy", "deployment")):
         art = _artifact(outputs.get(step, {}), name)
         if art:
@@ -186,6 +267,8 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"-H \"Content-Type: image/png\" --data-binary @digit.png {s['endpoint']}")
     for name, path in s.get("reports", {}).items():
         lines.append(f"Report {name:<14} {path}")
+    if s.get("log"):
+        lines.append(f"Full log: {s['log']}")
     lines.append(f"Summary: {Path(s['run_dir']) / SUMMARY_FILE}")
     return "\n".join(lines)
 
