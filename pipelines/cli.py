@@ -128,6 +128,14 @@ def _add_connection_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--namespace", help="namespace (KFP profile) on multi-user KFP (default: cluster.namespace)")
     group.add_argument("--experiment", help="experiment name, created if missing (default: cluster.experiment)")
     group.add_argument("--pipeline-name", help="pipeline name to upload under (default: cluster.pipeline_name)")
+    group.add_argument("--service-account", help="ServiceAccount the run's pods use (default: cluster.service_account)")
+
+
+def _load_cluster_config(args: argparse.Namespace) -> config_mod.Config:
+    cfg = _load_config(args)
+    if args.service_account is not None:
+        cfg.cluster.service_account = args.service_account
+    return cfg
 
 
 def _connection(args: argparse.Namespace, cfg: config_mod.Config):
@@ -140,7 +148,7 @@ def _connection(args: argparse.Namespace, cfg: config_mod.Config):
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines import cluster
 
-    cfg = _load_config(args)
+    cfg = _load_cluster_config(args)
     try:
         result = cluster.submit(cfg, _connection(args, cfg), experiment=args.experiment,
                                 pipeline_name=args.pipeline_name, run_name=args.run_name, wait=args.wait,
@@ -157,7 +165,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     from pipelines import cluster
 
-    cfg = _load_config(args)
+    cfg = _load_cluster_config(args)
     action = args.action
     if action == "create" and args.target:
         raise ValueError(f"unexpected {args.target!r}: use --name for the schedule's name")

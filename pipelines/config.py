@@ -62,6 +62,8 @@ class FinetuneConfig:
 @dataclass
 class GateConfig:
     min_test_accuracy: float = doc(0.9, "Evaluation gate: the lowest test accuracy that may be released.")
+    max_regression: float = doc(0.005, "Champion/challenger gate: how much lower than the production model's test accuracy (same test split) the new model's may be; negative demands an improvement.")
+    champion_model: str = doc("", "The model in production to compare with: a model dir, a .mar, or a storage release (s3://.../latest); empty = the model served from serving.home; 'none' = no comparison.")
     max_mia_auc: float = doc(0.65, "Privacy gate: the highest membership-inference attack AUC that may be released (0.5 = no leakage).")
     noise_sigma: float = doc(0.1, "Robustness check: standard deviation of the Gaussian pixel noise (pixels are in [0, 1]).")
     fgsm_epsilon: float = doc(0.03, "Robustness check: L-infinity size of the FGSM adversarial perturbation.")

@@ -1,4 +1,10 @@
-"""The compiled KFP v2 YAML: task graph, GPU placement, parameters the UI can show."""
+"""The compiled KFP v2 YAML: task graph, GPU placement, parameters the UI can show, the
+Kubernetes settings of every step, and a golden copy of the whole spec."""
+
+import difflib
+import os
+import re
+from pathlib import Path
 
 import yaml
 import pytest
@@ -115,3 +121,203 @@ def test_cli_compile(tmp_path):
     assert main(["compile", "-o", str(out), "--cluster-image", "example.org/x:9"]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))
     assert {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()} == {"example.org/x:9"}
+
+
+# --- Kubernetes settings of every step (kfp-kubernetes), asserted on the compiled spec ---
+
+from pipelines.pipeline import (  # noqa: E402
+    RETRYABLE_STEPS, STEP_DEFAULTS, STORAGE_CONFIG_ENV, STORAGE_STEPS, build_pipeline, step_settings,
+)
+
+
+def _k8s(platform, step):
+    return platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][f"exec-{step}"]
+
+
+def test_s3_credentials_come_from_the_secret_as_env_on_storage_steps_only(compiled):
+    _, _, platform = compiled
+    for step in STEPS:
+        k8s = _k8s(platform, step)
+        if step in STORAGE_STEPS:
+            (secret,) = k8s["secretAsEnv"]
+            assert secret["secretName"] == "kfp-mlops-s3" and secret["optional"] is False, step
+            assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {
+                ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")}, step
+            (config_map,) = k8s["configMapAsEnv"]
+            assert config_map["configMapName"] == "kfp-mlops-storage", step
+            assert config_map["optional"] is True, "a key the ConfigMap lacks must leave the env unset, not block the pod"
+            assert [m["envVar"] for m in config_map["keyToEnv"]] == list(STORAGE_CONFIG_ENV), step
+        else:
+            assert "secretAsEnv" not in k8s and "configMapAsEnv" not in k8s, f"{step} needs no S3 access"
+
+
+def test_no_credentials_anywhere_in_parameters(compiled):
+    path, spec, _ = compiled
+    suspicious = ("secret", "access_key", "password", "token", "credential")
+    root_params = spec["root"]["inputDefinitions"]["parameters"]
+    component_params = [name for comp in spec["components"].values()
+                         for name in comp.get("inputDefinitions", {}).get("parameters", {})]
+    for name in list(root_params) + component_params:
+        assert not any(word in name.lower() for word in suspicious), f"parameter {name!r} looks like a credential"
+    # the only mention of the secret's keys is the secretAsEnv mapping in the platform spec
+    assert "AWS_SECRET_ACCESS_KEY" not in yaml.safe_dump(spec)
+    assert path.read_text().count("AWS_SECRET_ACCESS_KEY") == 2 * len(STORAGE_STEPS)  # secretKey + envVar per step
+
+
+def test_every_step_has_its_timeout(compiled):
+    _, _, platform = compiled
+    for step in STEPS:
+        assert int(_k8s(platform, step)["activeDeadlineSeconds"]) == STEP_DEFAULTS[step].timeout_s, step
+
+
+def test_retries_with_backoff_on_idempotent_steps_never_on_deploy(compiled):
+    _, spec, _ = compiled
+    tasks = _all_tasks(spec)
+    for step in STEPS:
+        policy = tasks[step].get("retryPolicy")
+        if step in RETRYABLE_STEPS:
+            assert policy == {"maxRetryCount": 2, "backoffDuration": "30s", "backoffFactor": 2.0,
+                              "backoffMaxDuration": "3600s"}, step
+        else:
+            assert policy is None, f"{step} acts on the live endpoint and must not be retried"
+    assert "deploy" not in RETRYABLE_STEPS and "monitor" not in RETRYABLE_STEPS
+
+
+def test_every_step_runs_non_root_with_pull_policy_and_resources(compiled):
+    _, spec, platform = compiled
+    for step, defaults in STEP_DEFAULTS.items():
+        k8s = _k8s(platform, step)
+        assert k8s["securityContext"] == {"runAsUser": "10001", "runAsGroup": "10001", "runAsNonRoot": True}, step
+        assert k8s["imagePullPolicy"] == "IfNotPresent", step
+        resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
+        assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"], resources["resourceMemoryRequest"],
+                resources["resourceMemoryLimit"]) == (defaults.cpu_request, defaults.cpu_limit,
+                                                      defaults.memory_request, defaults.memory_limit), step
+
+
+def _compile(tmp_path, **cluster_fields):
+    path = tmp_path / "p.yaml"
+    compile_pipeline(str(path), ClusterConfig(**cluster_fields))
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0], docs[1]
+
+
+def test_cluster_config_changes_reach_the_compiled_spec(tmp_path):
+    spec, platform = _compile(
+        tmp_path, gpu_finetune=True, s3_secret_name="team-s3", s3_access_key_id_key="id",
+        s3_secret_access_key_key="key", storage_config_map="", image_pull_policy="Always",
+        retry_backoff_s=5, step_overrides="pretrain.timeout_s=43200, finetune.memory_limit=32Gi,ingest.retries=0")
+    for step in ("pretrain", "finetune"):  # finetune joins pretrain on the GPU nodes
+        resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", step
+        assert _k8s(platform, step)["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}, step
+        assert _k8s(platform, step)["tolerations"][0]["key"] == "nvidia.com/gpu", step
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+    (secret,) = _k8s(platform, "ingest")["secretAsEnv"]
+    assert secret["secretName"] == "team-s3"
+    assert {(m["secretKey"], m["envVar"]) for m in secret["keyToEnv"]} == {
+        ("id", "AWS_ACCESS_KEY_ID"), ("key", "AWS_SECRET_ACCESS_KEY")}
+    assert "configMapAsEnv" not in _k8s(platform, "ingest")
+    assert _k8s(platform, "deploy")["imagePullPolicy"] == "Always"
+    assert _k8s(platform, "pretrain")["activeDeadlineSeconds"] == "43200"
+    assert spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]["resources"]["resourceMemoryLimit"] == "32Gi"
+    tasks = _all_tasks(spec)
+    assert "retryPolicy" not in tasks["ingest"]
+    assert tasks["pretrain"]["retryPolicy"]["backoffDuration"] == "5s"
+
+
+def test_local_runs_get_no_retries(tmp_path, monkeypatch):
+    """kfp.local would honour retry policies; a local failure is deterministic, so they stay out."""
+    from kfp import compiler
+    from kfp.local import config as local_config
+
+    monkeypatch.setattr(local_config.LocalExecutionConfig, "instance", object())  # as after local.init()
+    path = tmp_path / "local.yaml"
+    compiler.Compiler().compile(build_pipeline(ClusterConfig()), package_path=str(path))
+    assert "retryPolicy" not in path.read_text()
+    compile_pipeline(str(path), ClusterConfig())  # compiling for a cluster keeps them, whatever kfp.local's state
+    assert "retryPolicy" in path.read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ("pretrain.timeout=5", "unknown setting 'timeout'"),
+        ("train.timeout_s=5", "unknown step 'train'"),
+        ("pretrain_timeout_s=5", "is not 'step.setting=value'"),
+        ("pretrain.timeout_s=", "is not 'step.setting=value'"),
+        ("pretrain.timeout_s=soon", "timeout_s must be a whole number"),
+        ("pretrain.timeout_s=0", "timeout_s must be positive"),
+        ("ingest.retries=-1", "retries must be 0 or more"),
+        ("deploy.retries=1", "deploy is not safe to retry"),
+        ("monitor.retries=3", "monitor is not safe to retry"),
+    ],
+)
+def test_bad_step_overrides_are_rejected_with_a_clear_message(overrides, message):
+    with pytest.raises(ValueError) as err:
+        step_settings(ClusterConfig(step_overrides=overrides))
+    assert message in str(err.value)
+
+
+def test_cli_compile_rejects_bad_overrides(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["compile", "-o", str(tmp_path / "p.yaml"), "--cluster-step-overrides", "deploy.retries=2"]) == 1
+    assert "deploy is not safe to retry" in capsys.readouterr().err
+
+
+# --- golden copy of the compiled YAML ---
+
+GOLDEN = Path(__file__).parent / "golden" / "pipeline.yaml"
+UPDATE_HINT = "UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_compile.py -k golden"
+
+
+def normalise(docs: list) -> str:
+    """The compiled YAML without what other changes legitimately move.
+
+    Kept: the task graph, conditions, inputs/outputs and their types, images, resources,
+    retries, caching and every Kubernetes setting. Replaced by placeholders: the
+    component source KFP embeds in each command (the step modules change often and have
+    their own tests), descriptions and parameter defaults (they come from the config's
+    help texts and defaults; test_every_root_parameter_has_description_and_default checks
+    them), and the kfp version.
+    """
+    def walk(node, key=None):
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if k == "description":
+                    out[k] = "<description>"
+                elif k == "defaultValue" and key == "parameter":
+                    out[k] = "<config default>"
+                else:
+                    out[k] = walk(v, "parameter" if key == "parameters" else k)
+            return out
+        if isinstance(node, list):
+            return [walk(v, key) for v in node]
+        if isinstance(node, str) and "\ndef " in node and "import kfp" in node:
+            name = re.search(r"\ndef (\w+)\(", node).group(1)
+            return f"<python source of {name}>"
+        return node
+
+    docs = [walk(d) for d in docs]
+    docs[0]["sdkVersion"] = "kfp-<version>"
+    return yaml.safe_dump_all(docs, sort_keys=True, width=120)
+
+
+def test_compiled_yaml_matches_the_golden_copy(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    compile_pipeline(str(path), ClusterConfig())
+    actual = normalise(list(yaml.safe_load_all(path.read_text())))
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(actual)
+    assert GOLDEN.is_file(), f"no golden file yet: run {UPDATE_HINT}"
+    expected = GOLDEN.read_text()
+    if actual != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True),
+                                            "tests/golden/pipeline.yaml", "compiled now", n=2))
+        lines = diff.splitlines()
+        shown = "\n".join(lines[:120]) + (f"\n... ({len(lines) - 120} more diff lines)" if len(lines) > 120 else "")
+        pytest.fail(f"the compiled pipeline differs from the golden copy:\n{shown}\n\n"
+                    f"If the change is intended, review it and accept it with: {UPDATE_HINT}")
