@@ -86,7 +86,7 @@ ACCEPTED_SOURCES = (
     "'digits' (scikit-learn's built-in 8x8 digits), "
     "a directory with one sub-folder of PNG/JPEG images per class, "
     "an .npz file with arrays 'images' and 'labels' (optional 'class_names'), "
-    "or an s3:// prefix"
+    "or the s3:// URI of such a folder (a prefix) or .npz object"
 )
 
 
@@ -106,11 +106,7 @@ def load_source(source: str, image_size: int = 0) -> tuple[np.ndarray, np.ndarra
     if source == "digits":
         images, labels, class_names = _load_digits()
     elif source.startswith("s3://"):
-        # The storage module (a later step) plugs in here.
-        raise ValueError(
-            f"cannot read {source}: s3:// sources need the storage module, which is not configured yet; "
-            "download the data and pass a local folder or .npz file instead"
-        )
+        return _load_s3(source, image_size)  # downloads, then loads through this same dispatch
     elif Path(source).is_dir():
         return _load_image_folder(Path(source), image_size)  # resized while decoding
     elif source.endswith(".npz") and Path(source).is_file():
@@ -121,6 +117,30 @@ def load_source(source: str, image_size: int = 0) -> tuple[np.ndarray, np.ndarra
     if image_size > 0 and images.shape[2:] != (image_size, image_size):
         images = resize_images(images, image_size)
     return images, labels, class_names
+
+
+def _load_s3(source: str, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Download an ``s3://`` .npz object or image-folder prefix to a temp dir and load it from there.
+
+    Endpoint and credentials come from the environment (see ``components.storage``).
+    Messages about the files name the s3:// URI, not the temp dir.
+    """
+    import tempfile
+
+    from components import storage
+
+    with tempfile.TemporaryDirectory(prefix="ingest-s3-") as tmp:
+        if source.endswith(".npz"):
+            local = Path(tmp) / source.rsplit("/", 1)[-1]
+            storage.get_file(source, local)
+        else:
+            local = Path(tmp) / "data"
+            storage.get_dir(source, local)
+        print(f"ingest: downloaded {source} to {local}", flush=True)
+        try:
+            return load_source(str(local), image_size)
+        except ValueError as e:
+            raise type(e)(str(e).replace(str(local), source.rstrip("/"))) from e
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:

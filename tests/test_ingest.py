@@ -212,7 +212,7 @@ BAD_INPUTS = [
     ("class too small", lambda t: _npz(t, images=_ten_by_two()[0], labels=np.array([0] * 7 + [1] * 3)), {}, "too few images"),
     ("label not in class names", lambda t: _npz(t, images=_ten_by_two()[0], labels=np.array(["a", "b"] * 5), class_names=np.array(["a", "c"])), {}, "not in class_names"),
     ("unknown source", lambda t: str(t / "nowhere" / "data.csv"), {}, "accepted forms"),
-    ("s3 not configured", lambda t: "s3://bucket/digits/", {}, "storage module"),
+    ("s3 URI without a bucket", lambda t: "s3:///digits/", {}, "has no bucket name: write s3://BUCKET/KEY"),
     ("test fraction 1", lambda t: "digits", {"test_fraction": 1.0}, "test_fraction must be in [0, 1)"),
     ("negative pool fraction", lambda t: "digits", {"pool_fraction": -0.1}, "pool_fraction must be in [0, 1)"),
     ("no validation split", lambda t: "digits", {"val_fraction": 0.0}, "val_fraction must be > 0"),
