@@ -87,6 +87,8 @@ class ServingConfig:
 class MonitorConfig:
     drift_share: float = doc(0.5, "Share of drifted features above which the whole window is called drifted.")
     replay_limit: int = doc(0, "Test images the pipeline replays to the endpoint before the drift report; 0 replays all.")
+    sample_epsilon: float = doc(0.02, "Large request-log windows are sampled so that each feature's distribution is within this sup-distance (DKW bound) of the whole window's; 0 reads every request.")
+    sample_alpha: float = doc(0.01, "Probability that the sampling bound sample_epsilon is exceeded (0.02 and 0.01 mean 6,623 sampled requests).")
 
 
 @dataclass

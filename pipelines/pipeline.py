@@ -189,7 +189,11 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None
         configure(finetune, "finetune")
         model = finetune.outputs["model"]
 
-        evaluate = c["evaluate"](dataset=dataset, model=model, min_test_accuracy=p["gates_min_test_accuracy"])
+        evaluate = c["evaluate"](
+            dataset=dataset, model=model, min_test_accuracy=p["gates_min_test_accuracy"],
+            max_regression=p["gates_max_regression"], champion_model=p["gates_champion_model"],
+            serving_home=p["serving_home"],
+        )
         privacy = c["privacy"](dataset=dataset, model=model, max_mia_auc=p["gates_max_mia_auc"], seed=p["data_seed"])
         robustness = c["robustness"](
             dataset=dataset, model=model, noise_sigma=p["gates_noise_sigma"], fgsm_epsilon=p["gates_fgsm_epsilon"],
