@@ -1,5 +1,9 @@
 """Deploy step: serve the released model behind a local TorchServe and smoke-test it.
 
+(On a cluster, ``deploy_target="kubernetes"``, the component hands over to
+``components.k8s_deploy.deploy_kubernetes``: publish, server-side apply, rollout
+watch, smoke test through the Service, automatic rollback.)
+
 Packs the model artifact into a .mar, replaces the server running from the
 same serving home, waits until it answers, then sends a few test images as
 PNG through the real endpoint (token and all). If the served model does not
@@ -10,25 +14,31 @@ only reported when it was seen working.
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 SMOKE_SOURCE = "smoke-test"  # request-log 'source' of the smoke test's requests, so the monitor can skip them
 
 
-def smoke_test(endpoint: str, token_file: str | Path, images, labels, class_names: list[str],
-               model_version: str | None = None) -> dict[str, Any]:
-    """Send each image as PNG to the endpoint; return counts, accuracy, latency and what went wrong."""
+def smoke_test(endpoint: str, token_file: str | Path | None, images, labels, class_names: list[str],
+               model_version: str | None = None, *, token: str | None = None,
+               send: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Send each image as PNG to the endpoint; return counts, accuracy, latency and what went wrong.
+
+    ``token`` (e.g. the cluster's client token) replaces reading TorchServe's ``token_file``;
+    ``send`` replaces ``serving.client.predict`` (same signature; tests inject one).
+    """
     from serving.client import encode_png, predict, read_token
 
-    token = read_token(token_file)
+    token = token if token is not None else read_token(token_file)
+    send = send or predict
     problems: list[str] = []
     correct, latencies = 0, []
     for i, (image, label) in enumerate(zip(images, labels)):
         t0 = time.perf_counter()
         try:
-            answer = predict(endpoint, encode_png(image), token, source=SMOKE_SOURCE)
+            answer = send(endpoint, encode_png(image), token, source=SMOKE_SOURCE)
         except Exception as err:  # noqa: BLE001 - every failure is reported, none hidden
             problems.append(f"image {i}: {err}")
             continue
@@ -65,8 +75,17 @@ def deploy_local(
     startup_timeout_s: int = 120,
     smoke_images: int = 16,
     min_smoke_accuracy: float = 0.5,
+    batch_size: int | None = None,
+    max_batch_delay_ms: int | None = None,
+    request_log_dir: str | Path | None = None,
+    request_log_max_bytes: int | None = None,
+    request_log_max_age_s: float | None = None,
 ) -> dict[str, Any]:
     """Serve ``model_dir`` from a TorchServe owned by ``home`` and smoke-test it with test-split images.
+
+    ``batch_size`` / ``max_batch_delay_ms`` (dynamic batching; None = the shipped
+    defaults of ``serving.archive``) and ``workers`` are packed into the .mar.
+    ``request_log_dir`` is a directory or an ``s3://`` prefix (None = ``home/requests``).
 
     Returns the deployment record (endpoint, token_file, request_log_dir, ...)
     plus ``smoke_test_*`` numbers. Raises (after stopping the new server) when
@@ -89,14 +108,20 @@ def deploy_local(
         raise ValueError(f"dataset {dataset_dir} has an empty test split: nothing to smoke-test the endpoint with")
 
     # Archive first: if packing fails, the server already running keeps serving.
-    mar = build_mar(model_dir, home / "export", model_name, version)
+    from serving import archive
+
+    mar = build_mar(model_dir, home / "export", model_name, version, workers=workers,
+                    batch_size=archive.DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+                    max_batch_delay_ms=archive.DEFAULT_MAX_BATCH_DELAY_MS if max_batch_delay_ms is None else max_batch_delay_ms)
     server = LocalTorchServe(home)
     if server.status()["running"]:
         print(f"[deploy] replacing the server already running from {home}", flush=True)
         server.stop()
     record = server.start(mar, model_name, host=host, inference_port=inference_port, management_port=management_port,
-                          metrics_port=metrics_port, workers=workers, request_log_dir=home / "requests",
-                          timeout_s=startup_timeout_s, model_version=version)
+                          metrics_port=metrics_port, workers=workers,
+                          request_log_dir=request_log_dir or home / "requests", timeout_s=startup_timeout_s,
+                          model_version=version, request_log_max_bytes=request_log_max_bytes,
+                          request_log_max_age_s=request_log_max_age_s)
 
     n = min(smoke_images, len(splits.test_y))
     print(f"[deploy] smoke test: {n} test images to {record['endpoint']}", flush=True)
@@ -134,12 +159,25 @@ def deploy_component(
     startup_timeout_s: int,
     deployment: Output[Artifact],
     metrics: Output[Metrics],
+    deploy_target: str = "local",
+    namespace: str = "",
+    model_store_uri: str = "",
+    serving_image: str = "",
+    client_auth_file: str = "/var/run/secrets/kfp-mlops/serving-token/token",
+    rollout_timeout_s: int = 900,
+    run_id: str = "",
 ) -> str:
-    """Serve the released model with a local TorchServe and smoke-test the endpoint.
+    """Serve the released model (a local TorchServe, or the cluster's serving Deployment) and smoke-test it.
 
-    The server keeps running after the step (it lives in its own session); stop
-    it with ``mlops serve stop``. It listens on ``host`` only, with token
-    authorization on and the model-management API off.
+    ``deploy_target="local"``: the server keeps running after the step (it lives in its
+    own session); stop it with ``mlops serve stop``. It listens on ``host`` only, with
+    token authorization on and the model-management API off.
+
+    ``deploy_target="kubernetes"``: publishes the .mar to the model store, server-side
+    applies the release to the Deployment ``kfp-mlops-serving``, waits for the rollout,
+    smoke-tests through the Service and rolls back to the previous revision when any of
+    that fails (components/k8s_deploy.py). The host, ports, workers and serving_home
+    parameters are the local server's and are not used there.
 
     Args:
         model: Classifier artifact (model.safetensors + metadata.json) that passed every gate.
@@ -154,6 +192,13 @@ def deploy_component(
         startup_timeout_s: Seconds to wait for the workers to be ready.
         deployment: Output: the deployment record as JSON (endpoint, token_file, request_log_dir, ...).
         metrics: Output: smoke-test accuracy and latency, and the step's cost.
+        deploy_target: Where to serve: 'local' (a TorchServe on this machine) or 'kubernetes' (the serving Deployment of the cluster the step runs in).
+        namespace: Kubernetes only: namespace of the serving Deployment; empty = the step pod's own namespace.
+        model_store_uri: Kubernetes only: where releases are published (s3://... or a path); empty = where the Deployment's init container fetches from now.
+        serving_image: Kubernetes only: image for the serving pods; empty keeps the images the Deployment runs (CPU or CUDA build per overlay).
+        client_auth_file: Kubernetes only: path of the clients' bearer-token file (the Secret kfp-mlops-serving-token mounted into the step), for the smoke test and the monitor; a path, never the token itself.
+        rollout_timeout_s: Kubernetes only: seconds to wait for a rollout (and again for a rollback) before calling it failed.
+        run_id: Kubernetes only: the pipeline run, written into the change-cause annotation that kubectl rollout history shows.
 
     Returns:
         The prediction endpoint URL.
@@ -165,12 +210,22 @@ def deploy_component(
     from components.cost import log_metrics, measure
     from components.deploy import deploy_local
 
-    home = Path(serving_home)
-    home = home if home.is_absolute() else Path.cwd() / home
+    target = deploy_target.strip().lower()
+    if target not in ("local", "kubernetes"):
+        raise ValueError(f"deploy_target must be 'local' or 'kubernetes', got {deploy_target!r}")
     with measure() as cost:
-        record = deploy_local(model.path, dataset.path, home, model_name=model_name, host=host,
-                              inference_port=inference_port, management_port=management_port,
-                              metrics_port=metrics_port, workers=workers, startup_timeout_s=startup_timeout_s)
+        if target == "kubernetes":
+            from components.k8s_deploy import deploy_kubernetes
+
+            record = deploy_kubernetes(model.path, dataset.path, namespace=namespace, model_name=model_name,
+                                       model_store_uri=model_store_uri, image=serving_image, token_file=client_auth_file,
+                                       run_id=run_id, rollout_timeout_s=rollout_timeout_s)
+        else:
+            home = Path(serving_home)
+            home = home if home.is_absolute() else Path.cwd() / home
+            record = deploy_local(model.path, dataset.path, home, model_name=model_name, host=host,
+                                  inference_port=inference_port, management_port=management_port,
+                                  metrics_port=metrics_port, workers=workers, startup_timeout_s=startup_timeout_s)
     os.makedirs(os.path.dirname(deployment.path) or ".", exist_ok=True)
     with open(deployment.path, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
@@ -180,6 +235,7 @@ def deploy_component(
         "smoke_test_images": record["smoke_test_images"],
         "smoke_test_accuracy": record["smoke_test_accuracy"],
         "smoke_test_latency_ms_mean": record["smoke_test_latency_ms_mean"],
+        **({"rollout_seconds": record["rollout_seconds"]} if "rollout_seconds" in record else {}),
         **cost.as_metrics(),
     })
     return record["endpoint"]

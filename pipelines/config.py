@@ -48,15 +48,31 @@ class PretrainConfig:
     temperature: float = doc(0.2, "NT-Xent temperature (contrastive objective only).")
     width: int = doc(32, "Channels of the first encoder block; later blocks double it.")
     embed_dim: int = doc(128, "Size of the encoder's output embedding.")
+    arch: str = doc("cnn", "Encoder family: 'cnn' (small 4-conv CNN, the digits default), 'resnet' (basic residual blocks) or 'vgg' (VGG-style 3x3 conv stacks).")
+    depth: int = doc(0, "Encoder depth: resnet 10/18/34, vgg 11/13/16/19; 0 = the family's default (cnn 4, resnet 18, vgg 16).")
+    compile: bool = doc(False, "Compile the encoder with torch.compile (pays off on GPUs for long runs).")
+    num_nodes: int = doc(1, "Nodes to pretrain on; more than 1 runs a Kubeflow Trainer v2 TrainJob (needs exchange_uri).")
+    gpus_per_node: int = doc(1, "GPUs per TrainJob node, one DDP process each (num_nodes > 1); 0 = CPU nodes. A single-node step uses every GPU its pod has.")
+    exchange_uri: str = doc("", "s3:// prefix where a multi-node TrainJob reads the dataset and writes the encoder and its checkpoints.")
+    checkpoint_root: str = doc("", "Durable checkpoint root (s3:// prefix or a mounted volume) so a retried pod resumes; empty = the local temp dir (survives kfp.local retries and container restarts only).")
+    checkpoint_every_steps: int = doc(0, "Also checkpoint every N optimizer steps (0 = by epoch only).")
+    checkpoint_every_epochs: int = doc(1, "Checkpoint every N epochs (0 = by step only).")
 
 
 @dataclass
 class FinetuneConfig:
     epochs: int = doc(40, "Maximum fine-tuning epochs; early stopping usually ends sooner.")
     batch_size: int = doc(64, "Fine-tuning batch size.")
-    learning_rate: float = doc(0.005, "AdamW learning rate for the classification head (the encoder uses a tenth of it).")
+    learning_rate: float = doc(0.005, "AdamW learning rate for the classification head (the encoder's is encoder_lr_scale times it).")
     patience: int = doc(10, "Stop after this many epochs without a better validation loss.")
     label_fraction: float = doc(1.0, "Share of the labeled train split used for fine-tuning (few-label experiments).")
+    mode: str = doc("full", "'full' (everything trains), 'partial' (head + the last unfreeze_blocks encoder stages) or 'linear_probe' (head only, encoder frozen).")
+    unfreeze_blocks: int = doc(1, "Encoder stages that train in 'partial' mode, counted from the output.")
+    encoder_lr_scale: float = doc(0.1, "Encoder learning rate as a multiple of the head's (keeps what pretraining learned).")
+    compile: bool = doc(False, "Compile the classifier with torch.compile.")
+    checkpoint_root: str = doc("", "Durable checkpoint root (s3:// prefix or a mounted volume) so a retried pod resumes; empty = the local temp dir.")
+    checkpoint_every_steps: int = doc(0, "Also checkpoint every N optimizer steps (0 = by epoch only).")
+    checkpoint_every_epochs: int = doc(1, "Checkpoint every N epochs (0 = by step only).")
 
 
 @dataclass
@@ -77,10 +93,18 @@ class ServingConfig:
     inference_port: int = doc(8080, "TorchServe inference API port.")
     management_port: int = doc(8081, "TorchServe management API port (model registration through it is disabled).")
     metrics_port: int = doc(8082, "TorchServe metrics API port (Prometheus format).")
-    workers: int = doc(1, "TorchServe workers for the model.")
+    workers: int = doc(1, "TorchServe workers for the model (Python processes; measured best on 2 cores: 1, see README 'Serving').")
+    batch_size: int = doc(8, "Dynamic batching: most requests TorchServe hands a worker at once.")
+    max_batch_delay_ms: int = doc(2, "Dynamic batching: milliseconds TorchServe waits to fill a batch (a lone request waits this long).")
+    request_log_dir: str = doc("", "Where the handler logs every request for monitoring: a directory or an s3:// prefix; empty = <home>/requests.")
+    request_log_max_mb: float = doc(16.0, "Start a new request-log file when the current one reaches this many MiB.")
+    request_log_max_age_s: float = doc(3600.0, "Start a new request-log file when the current one is this many seconds old (uploaded then, for s3://).")
     model_name: str = doc("digits", "Name the model is served under: /predictions/<model_name>.")
     startup_timeout_s: int = doc(120, "Seconds to wait for TorchServe to answer its health check.")
     home: str = doc("runs/serving", "Local serving directory (model store, logs, key file, request log); relative to the working directory.")
+    deploy_target: str = doc("local", "Where deploy serves the model: 'local' (TorchServe on this machine) or 'kubernetes' (rolls out the serving Deployment from manifests/, with rollback).")
+    model_store_uri: str = doc("", "Model store the serving pods fetch releases from (s3:// prefix); needed when deploy_target is 'kubernetes'.")
+    rollout_timeout_s: int = doc(900, "Kubernetes deploy: seconds to wait for the new pods before rolling back.")
 
 
 @dataclass

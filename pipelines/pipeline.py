@@ -53,6 +53,9 @@ STEPS: dict[str, Callable[..., Any]] = {
     "monitor": monitor_component,
 }
 GATE_STEPS = ("evaluate", "privacy", "robustness")
+# The client token of the in-cluster serving auth proxy (manifests/base/serving-deployment.yaml).
+SERVING_TOKEN_SECRET = "kfp-mlops-serving-token"
+SERVING_TOKEN_MOUNT = "/var/run/secrets/kfp-mlops/serving-token"
 NEVER_CACHED = ("deploy", "monitor")  # they act on the world (a server, live traffic)
 # Steps whose rerun gives the same result (they write only their own outputs), so a
 # retry after a lost node or a flaky download is safe. Deploy changes the live
@@ -178,6 +181,14 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None
             batch_size=p["pretrain_batch_size"], learning_rate=p["pretrain_learning_rate"],
             temperature=p["pretrain_temperature"], width=p["pretrain_width"],
             embed_dim=p["pretrain_embed_dim"], seed=p["data_seed"],
+            arch=p["pretrain_arch"], depth=p["pretrain_depth"], compile=p["pretrain_compile"],
+            checkpoint_root=p["pretrain_checkpoint_root"],
+            checkpoint_every_steps=p["pretrain_checkpoint_every_steps"],
+            checkpoint_every_epochs=p["pretrain_checkpoint_every_epochs"],
+            num_nodes=p["pretrain_num_nodes"], gpus_per_node=p["pretrain_gpus_per_node"],
+            exchange_uri=p["pretrain_exchange_uri"],
+            # The TrainJob nodes (num_nodes > 1) run the same image with the same S3 Secret as the steps.
+            trainjob_image=cluster.image, trainjob_s3_key_source=cluster.s3_secret_name,
         )
         configure(pretrain, "pretrain")
 
@@ -185,6 +196,11 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None
             dataset=dataset, encoder=pretrain.outputs["encoder"], epochs=p["finetune_epochs"],
             batch_size=p["finetune_batch_size"], learning_rate=p["finetune_learning_rate"],
             patience=p["finetune_patience"], label_fraction=p["finetune_label_fraction"], seed=p["data_seed"],
+            mode=p["finetune_mode"], unfreeze_blocks=p["finetune_unfreeze_blocks"],
+            encoder_lr_scale=p["finetune_encoder_lr_scale"], compile=p["finetune_compile"],
+            checkpoint_root=p["finetune_checkpoint_root"],
+            checkpoint_every_steps=p["finetune_checkpoint_every_steps"],
+            checkpoint_every_epochs=p["finetune_checkpoint_every_epochs"],
         )
         configure(finetune, "finetune")
         model = finetune.outputs["model"]
@@ -212,6 +228,9 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None
                         inference_port=p["serving_inference_port"], management_port=p["serving_management_port"],
                         metrics_port=p["serving_metrics_port"], workers=p["serving_workers"],
                         model_name=p["serving_model_name"], startup_timeout_s=p["serving_startup_timeout_s"],
+                        deploy_target=p["serving_deploy_target"], namespace=cluster.namespace,
+                        model_store_uri=p["serving_model_store_uri"], serving_image=cluster.image,
+                        rollout_timeout_s=p["serving_rollout_timeout_s"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                     )
                     monitor = c["monitor"](
                         dataset=dataset, deployment=deploy.outputs["deployment"],
@@ -219,6 +238,11 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None
                     )
                     for step, task in (("deploy", deploy), ("monitor", monitor)):
                         configure(task, step)
+                        # On a cluster both call the serving Service: its client token, and the label
+                        # the serving NetworkPolicy admits (no effect under kfp.local).
+                        kubernetes.use_secret_as_volume(task, secret_name=SERVING_TOKEN_SECRET,
+                                                        mount_path=SERVING_TOKEN_MOUNT, optional=True)
+                        kubernetes.add_pod_label(task, "kfp-mlops.io/inference-client", "true")
 
     pipeline_body.__signature__ = inspect.Signature(
         [inspect.Parameter(p.key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.type)

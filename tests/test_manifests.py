@@ -405,8 +405,9 @@ def test_serving_pod_runs_hardened_torchserve():
 
     assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
     assert props["enable_envvars_config"] == "false" and props["metrics_mode"] == "prometheus"
-    assert props["inference_address"] == "http://0.0.0.0:8080"
-    for key in ("management_address", "grpc_inference_address", "grpc_management_address"):
+    # Inference on loopback too: clients reach it only through the pod's auth proxy (test below).
+    assert props["inference_address"] == "http://127.0.0.1:8079"
+    for key in ("inference_address", "management_address", "grpc_inference_address", "grpc_management_address"):
         assert "127.0.0.1" in props[key], f"{key} must stay on loopback"
     assert props["allowed_urls"] == f"file://{props['model_store']}/.*", "models only from the local store"
 
@@ -418,7 +419,7 @@ def test_serving_pod_runs_hardened_torchserve():
     assert arg("--ts-config") == f"{config_mount['mountPath']}/config.properties" and config_mount["readOnly"]
     assert arg("--model-store") == props["model_store"]
     assert arg("--models") == "digits=digits.mar"
-    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"inference": 8080, "metrics": 8082}
+    assert {p["name"]: p["containerPort"] for p in server["ports"]} == {"metrics": 8082}
 
     # Probes work with token auth on: no httpGet (TorchServe wants the token even for /ping).
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -426,6 +427,7 @@ def test_serving_pod_runs_hardened_torchserve():
     probe_cmd = server["readinessProbe"]["exec"]["command"]
     assert probe_cmd[:2] == ["python", "/opt/kfp-mlops/scripts/torchserve_probe.py"]
     assert probe_cmd[probe_cmd.index("--key-file") + 1] == f"{server['workingDir']}/key_file.json"
+    assert probe_cmd[probe_cmd.index("--inference-url") + 1] == props["inference_address"]
 
     # The init container fetches the release (digits.mar inside) into the model store, which it may
     # replace as a whole: so the store is a directory below the volume, not the mount point itself.
@@ -443,6 +445,46 @@ def test_serving_pod_runs_hardened_torchserve():
         assert {"app.kubernetes.io/version", "kfp-mlops.io/model-name", "kfp-mlops.io/model-version"} <= set(labels)
     assert deployment["spec"]["revisionHistoryLimit"] >= 5
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_clients_reach_torchserve_only_through_the_auth_proxy():
+    """TorchServe makes up its keys per pod, so the Service targets the auth proxy, which checks the
+    clients' token from a Secret and forwards to TorchServe on loopback with the pod's key."""
+    from serving.auth_proxy import build_parser
+
+    spec = pod_spec(find("base", "Deployment", "kfp-mlops-serving"))
+    server = next(c for c in spec["containers"] if c["name"] == "torchserve")
+    proxy = next(c for c in spec["containers"] if c["name"] == "auth-proxy")
+    props = _properties(find("base", "ConfigMap", "kfp-mlops-serving-config")["data"]["config.properties"])
+    assert proxy["command"][:3] == ["python", "-m", "serving.auth_proxy"]
+    args = build_parser().parse_args(proxy["command"][3:])
+    assert args.listen == ("0.0.0.0", 8080) and {p["name"]: p["containerPort"] for p in proxy["ports"]} == {"inference": 8080}
+    assert args.upstream == props["inference_address"], "the proxy forwards to TorchServe's loopback inference API"
+    assert args.max_request_bytes == int(props["max_request_size"])
+
+    # The Service and the NetworkPolicy's inference port lead to the proxy, and only to it.
+    service = find("base", "Service", "kfp-mlops-serving")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["inference"]
+    assert [c["name"] for c in spec["containers"] if any(p["name"] == "inference" for p in c.get("ports", []))] == ["auth-proxy"]
+
+    # The pod key: TorchServe's key file, read through a read-only mount of its working directory.
+    home = next(m for m in server["volumeMounts"] if m["mountPath"] == server["workingDir"])
+    proxy_home = next(m for m in proxy["volumeMounts"] if m["name"] == home["name"])
+    assert proxy_home["readOnly"] is True and args.key_file == f"{proxy_home['mountPath']}/key_file.json"
+
+    # The clients' token: a file from the Secret, mounted read-only; not optional (no Secret, no serving).
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    token_mount = next(m for m in proxy["volumeMounts"] if args.token_file.startswith(m["mountPath"] + "/"))
+    secret = volumes[token_mount["name"]]["secret"]
+    assert token_mount["readOnly"] is True and secret["secretName"] == "kfp-mlops-serving-token"
+    assert args.token_file == f"{token_mount['mountPath']}/token" and not secret.get("optional")
+    assert secret["defaultMode"] == 0o440
+    assert not [e for e in proxy.get("env", []) if "valueFrom" in e], "the token is a mounted file, never an env var"
+    assert "serving-token" not in json.dumps(server), "TorchServe never sees the clients' token"
+
+    # Probes: the proxy's own /healthz (no token needed); the model's readiness is TorchServe's probe.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert proxy[probe]["httpGet"] == {"path": "/healthz", "port": "inference"}
 
 
 def test_every_referenced_configmap_exists():
@@ -609,10 +651,11 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
     server = next(c for c in spec["containers"] if c["name"] == "torchserve")
     config_text = find("base", "ConfigMap", "kfp-mlops-serving-config")["data"]["config.properties"]
     home, config_dir = tmp_path / "home", tmp_path / "etc"
-    ports = {p: _free_port() for p in (8080, 8081, 8082, 7070, 7071)}
+    ports = {p: _free_port() for p in (8079, 8080, 8081, 8082, 7070, 7071)}
 
     def local(text: str) -> str:  # the pod's paths and ports, here; loopback only on this shared machine
         text = text.replace("/home/model-server", str(home)).replace("/etc/torchserve", str(config_dir))
+        text = text.replace("/var/run/torchserve", str(home)).replace("/etc/kfp-mlops/serving-token", str(tmp_path / "secret"))
         text = text.replace("0.0.0.0", "127.0.0.1").replace("/opt/kfp-mlops", str(ROOT))
         for pod_port, port in ports.items():
             text = re.sub(rf"(?<![\d.]){pod_port}(?!\d)", str(port), text)
@@ -634,10 +677,17 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TS_", "KFP_MLOPS_"))}
     env.update({e["name"]: local(e["value"]).replace("/tmp", str(tmp_path / "tmp")) for e in server["env"] if "value" in e})
     probe = [sys.executable if a == "python" else local(a) for a in server["readinessProbe"]["exec"]["command"]]
-    probe += ["--inference-url", f"http://127.0.0.1:{ports[8080]}", "--management-url", f"http://127.0.0.1:{ports[8081]}"]
+    probe += ["--management-url", f"http://127.0.0.1:{ports[8081]}"]
+    proxy_container = next(c for c in spec["containers"] if c["name"] == "auth-proxy")
+    proxy_command = [sys.executable if a == "python" else local(a) for a in proxy_container["command"]]
+    client_token = "client-token-from-the-secret-0123456789"
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "token").write_text(client_token + "\n")
 
     process = subprocess.Popen(command, cwd=local(server["workingDir"]), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.STDOUT, start_new_session=True)
+    proxy = subprocess.Popen(proxy_command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     try:
         deadline, answer = time.monotonic() + 120, None
         while time.monotonic() < deadline:
@@ -649,7 +699,7 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
         assert answer.returncode == 0, f"readiness probe never passed: {answer.stdout}"
         assert answer.stdout.strip() == "Healthy"
 
-        base = f"http://127.0.0.1:{ports[8080]}"
+        base = f"http://127.0.0.1:{ports[8079]}"  # TorchServe itself (loopback in the pod)
         assert requests.get(f"{base}/ping", timeout=5).status_code in (400, 401, 403), "token auth is on"
         key = json.loads((home / "key_file.json").read_text())["inference"]["key"]
         image = torch.rand(8, 8).mul(255).byte().numpy()
@@ -660,6 +710,17 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
         answer = requests.post(f"{base}/predictions/digits", data=png.getvalue(), timeout=10,
                                headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
         assert answer.status_code == 200, answer.text
+
+        # Through the auth proxy (what the Service targets): the Secret's token works, nothing else does.
+        front = f"http://127.0.0.1:{ports[8080]}"
+        via_proxy = lambda token: requests.post(f"{front}/predictions/digits", data=png.getvalue(), timeout=10,  # noqa: E731
+                                                headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"})
+        answer = via_proxy(client_token)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model_version"] == "probe-test"
+        assert via_proxy(key).status_code == 401, "the pod's own key is not a client token"
+        assert requests.get(f"{front}/ping", timeout=5).status_code == 401
+        assert requests.get(f"{front}/models", headers={"Authorization": f"Bearer {client_token}"}, timeout=5).status_code == 404
         management = json.loads((home / "key_file.json").read_text())["management"]["key"]
         register = requests.post(f"http://127.0.0.1:{ports[8081]}/models?url=digits.mar", timeout=5,
                                  headers={"Authorization": f"Bearer {management}"})
@@ -670,7 +731,10 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
         renewed = subprocess.run(probe + ["--renew-within-min", str(10**7)], capture_output=True, text=True, timeout=30)
         assert renewed.returncode == 0, renewed.stdout
         assert json.loads((home / "key_file.json").read_text())["inference"]["key"] != key
+        assert via_proxy(client_token).status_code == 200, "the proxy follows the renewed pod key"
     finally:
+        proxy.terminate()
+        proxy.wait(timeout=10)
         os.killpg(process.pid, 15)
         try:
             process.wait(timeout=30)

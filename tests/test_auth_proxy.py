@@ -1,0 +1,245 @@
+"""The serving pods' auth proxy (serving/auth_proxy.py), over real HTTP on loopback.
+
+Upstream is a stand-in for TorchServe's inference API that behaves like it where the
+proxy depends on it: it wants ``Authorization: Bearer <inference key from key_file.json>``
+and answers 401 otherwise. Every test checks both sides: what the client got, and what
+(if anything) reached the upstream.
+"""
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from serving.auth_proxy import AuthProxyServer, ProxyConfig
+
+TOKEN = "client-token-0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeTorchServe(ThreadingHTTPServer):
+    """Records each request; answers like TorchServe's inference API with token auth on."""
+
+    daemon_threads = True
+
+    def __init__(self, key_file: Path):
+        self.key_file, self.seen, self.status = key_file, [], 200
+        super().__init__(("127.0.0.1", 0), _UpstreamHandler)
+
+
+class _UpstreamHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args):
+        pass
+
+    def _handle(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        key = json.loads(self.server.key_file.read_text())["inference"]["key"]
+        self.server.seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body})
+        if self.headers.get("Authorization") != f"Bearer {key}":
+            # TorchServe 0.12's answer to a wrong or expired key (InvalidKeyException -> 400).
+            status, payload = 400, {"code": 400, "type": "InvalidKeyException",
+                                    "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly"}
+        else:
+            status, payload = self.server.status, {"path": self.path, "bytes": len(body), "label": "7"}
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("x-request-id", "upstream-id")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_OPTIONS = _handle
+
+
+def _write_keys(key_file: Path, inference_key: str) -> None:
+    # The shape TorchServe 0.12 writes (management and API keys omitted: the proxy never uses them).
+    tmp = key_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"inference": {"key": inference_key, "expiration time": "2099-01-01T00:00:00.000Z"}}))
+    os.replace(tmp, key_file)  # a new inode, as when TorchServe rewrites it
+
+
+def _serve(server) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def pod(tmp_path):
+    """(proxy URL, upstream, paths): the proxy and the fake TorchServe on loopback, as in one pod."""
+    key_file, token_file = tmp_path / "key_file.json", tmp_path / "token"
+    _write_keys(key_file, "pod-key-1")
+    token_file.write_text(TOKEN + "\n")
+    upstream = FakeTorchServe(key_file)
+    _serve(upstream)
+    proxy = AuthProxyServer(("127.0.0.1", 0), ProxyConfig(
+        upstream=f"http://127.0.0.1:{upstream.server_port}", key_file=str(key_file), token_file=str(token_file),
+        max_request_bytes=4096))
+    proxy.tokens._file.check_every_s = proxy.pod_key._file.check_every_s = 0.0  # see file changes at once
+    _serve(proxy)
+    yield f"http://127.0.0.1:{proxy.server_port}", upstream, {"key_file": key_file, "token_file": token_file, "proxy": proxy}
+    for server in (proxy, upstream):
+        server.shutdown()
+        server.server_close()
+
+
+def _auth(token=TOKEN):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_valid_token_reaches_torchserve_with_the_pod_key_not_the_client_token(pod):
+    url, upstream, _ = pod
+    answer = requests.post(f"{url}/predictions/digits", data=b"\x89PNG-bytes", timeout=5,
+                           headers={**_auth(), "Content-Type": "image/png", "X-Request-Source": "smoke-test"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"path": "/predictions/digits", "bytes": 10, "label": "7"}
+    assert answer.headers["x-request-id"] == "upstream-id"
+    (seen,) = upstream.seen
+    assert seen["headers"]["Authorization"] == "Bearer pod-key-1"
+    assert TOKEN not in json.dumps(seen["headers"]), "the client token never reaches TorchServe"
+    assert seen["headers"]["X-Request-Source"] == "smoke-test" and seen["headers"]["Content-Type"] == "image/png"
+    assert seen["body"] == b"\x89PNG-bytes"
+    assert requests.get(f"{url}/ping", headers=_auth(), timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "method, path, headers, body, status, message",
+    [
+        ("POST", "/predictions/digits", {}, b"x", 401, "missing bearer token"),
+        ("POST", "/predictions/digits", _auth("wrong-token-0123456789abcdef"), b"x", 401, "invalid bearer token"),
+        ("POST", "/predictions/digits", {"Authorization": f"Basic {TOKEN}"}, b"x", 401, "invalid bearer token"),
+        ("POST", "/predictions/digits", {"Authorization": "Bearer "}, b"x", 401, "invalid bearer token"),
+        ("GET", "/ping", _auth(TOKEN[:-1]), b"", 401, "invalid bearer token"),
+        # Unauthenticated callers learn nothing about the routes: 401 before 404.
+        ("GET", "/models", {}, b"", 401, "missing bearer token"),
+        # Authenticated, but not an inference route: TorchServe's other APIs stay unreachable.
+        ("GET", "/models", _auth(), b"", 404, "only GET /ping"),
+        ("POST", "/models?url=evil.mar", _auth(), b"", 404, "only GET /ping"),
+        ("OPTIONS", "/", _auth(), b"", 404, "only GET /ping"),
+        ("DELETE", "/predictions/digits", _auth(), b"", 404, "only GET /ping"),
+        ("GET", "/predictions/digits", _auth(), b"", 404, "only GET /ping"),
+        ("POST", "/predictions/../models", _auth(), b"", 404, "only GET /ping"),
+        ("POST", "/predictions/digits", _auth(), b"x" * 4097, 413, "exceeds the limit of 4096 bytes"),
+    ],
+)
+def test_refused_requests_never_reach_torchserve(pod, method, path, headers, body, status, message):
+    url, upstream, _ = pod
+    answer = requests.request(method, f"{url}{path}", data=body or None, headers=headers, timeout=5)
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["message"]
+    if status == 401:
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+    assert upstream.seen == []
+
+
+def test_upstream_errors_are_relayed_and_a_dead_upstream_is_a_502(pod):
+    url, upstream, _ = pod
+    upstream.status = 400  # e.g. the handler refusing a corrupt image
+    answer = requests.post(f"{url}/predictions/digits", data=b"junk", headers=_auth(), timeout=5)
+    assert answer.status_code == 400 and answer.json()["label"] == "7"
+    upstream.shutdown()
+    upstream.server_close()
+    answer = requests.post(f"{url}/predictions/digits", data=b"junk", headers=_auth(), timeout=5)
+    assert answer.status_code == 502 and "did not answer on loopback" in answer.json()["message"]
+    assert requests.get(f"{url}/healthz", timeout=5).status_code == 200, "the proxy itself lives on"
+
+
+def test_rotations_need_no_restart(pod):
+    url, upstream, paths = pod
+    # Client tokens: a second line is a second valid token (rotation overlap), then the old one goes.
+    new = "rotated-token-abcdefghijklmnop"
+    paths["token_file"].write_text(f"{TOKEN}\n{new}\n")
+    assert requests.get(f"{url}/ping", headers=_auth(new), timeout=5).status_code == 200
+    assert requests.get(f"{url}/ping", headers=_auth(), timeout=5).status_code == 200
+    paths["token_file"].write_text(f"{new}\n")
+    assert requests.get(f"{url}/ping", headers=_auth(), timeout=5).status_code == 401
+    # A broken update (empty file) keeps the last good tokens: it neither locks out nor opens up.
+    paths["token_file"].write_text("\n")
+    assert requests.get(f"{url}/ping", headers=_auth(new), timeout=5).status_code == 200
+    assert requests.get(f"{url}/ping", headers={}, timeout=5).status_code == 401
+
+    # The pod key: TorchServe rewrote key_file.json (the readiness probe renewed it).
+    _write_keys(paths["key_file"], "pod-key-2")
+    assert requests.get(f"{url}/ping", headers=_auth(new), timeout=5).status_code == 200
+    assert upstream.seen[-1]["headers"]["Authorization"] == "Bearer pod-key-2"
+
+
+def test_a_refused_pod_key_makes_the_proxy_reread_it_and_retry_once(pod):
+    url, upstream, paths = pod
+    assert requests.get(f"{url}/ping", headers=_auth(), timeout=5).status_code == 200
+    # The key file changes between two checks of it (the proxy looks at most once a second).
+    paths["proxy"].pod_key._file.check_every_s = 3600
+    upstream.key_file.write_text(upstream.key_file.read_text().replace("pod-key-1", "pod-key-9"))
+    before = len(upstream.seen)
+    assert requests.get(f"{url}/ping", headers=_auth(), timeout=5).status_code == 200
+    assert upstream.seen[-1]["headers"]["Authorization"] == "Bearer pod-key-9"
+    assert len(upstream.seen) - before == 2, "one refused with the old key, one answered with the new"
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(pod):
+    url, upstream, _ = pod
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=5)
+    for i in range(20):
+        connection.request("POST", "/predictions/digits", body=b"x" * i, headers=_auth())
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["bytes"] == i
+    connection.request("POST", "/predictions/digits", body=b"x", headers={})  # a refusal keeps order too
+    response = connection.getresponse()
+    assert response.status == 401
+    response.read()
+    connection.close()
+    assert len(upstream.seen) == 20
+
+
+def test_healthz_needs_no_token_and_tells_nothing(pod):
+    url, upstream, _ = pod
+    answer = requests.get(f"{url}/healthz", timeout=5)
+    assert answer.status_code == 200 and answer.json()["message"] == "auth proxy up"
+    assert upstream.seen == []
+
+
+def test_no_key_file_yet_is_a_503(tmp_path, pod):
+    url, upstream, paths = pod
+    proxy = AuthProxyServer(("127.0.0.1", 0), ProxyConfig(upstream=f"http://127.0.0.1:{upstream.server_port}",
+                                                           key_file=str(tmp_path / "absent.json"),
+                                                           token_file=str(paths["token_file"])))
+    _serve(proxy)
+    try:
+        answer = requests.get(f"http://127.0.0.1:{proxy.server_port}/ping", headers=_auth(), timeout=5)
+        assert answer.status_code == 503 and "still starting" in answer.json()["message"]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+@pytest.mark.parametrize(
+    "token_text, message",
+    [
+        (None, "cannot read the client token file"),
+        ("\n\n", "holds no token"),
+        ("short\n", "shorter than 16 characters"),
+    ],
+)
+def test_the_proxy_refuses_to_start_without_a_usable_token(tmp_path, token_text, message):
+    """Fail closed: no token file, an empty one or a weak token stops the container (exit 2)."""
+    token_file = tmp_path / "token"
+    if token_text is not None:
+        token_file.write_text(token_text)
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.auth_proxy", "--listen", "127.0.0.1:0", "--token-file", str(token_file),
+         "--key-file", str(tmp_path / "key_file.json")],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
