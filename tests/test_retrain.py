@@ -1,0 +1,205 @@
+"""Retrain on drift: where it runs, once per drifted window, the reason recorded on the run and next to
+the verdict; through `mlops monitor --retrain-on-drift` against the KFP API stand-in, and (slow) a real
+local run of the pipeline with examples/quick.yaml."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from components.features import image_features
+from pipelines import config as config_mod
+from pipelines.cli import main
+from pipelines.config import Config
+from pipelines.retrain import (
+    RETRAIN_MARKER,
+    TRIGGER_FILE,
+    drift_reason,
+    reason_text,
+    retrain_on_drift,
+    retrain_run_id,
+    retrain_target,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "good-token"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("KUBERNETES_SERVICE_HOST", "KFP_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH", "KUBECONFIG",
+                 "KF_PIPELINES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def drifted_verdict(**changes) -> dict:
+    verdict = {
+        "status": "drift", "drift_detected": True, "message": "Drift: the embedding drifted (classifier AUC 0.97).",
+        "drifted_features": ["pixel_mean", "emb_0"], "model_version": "abc123",
+        "groups": {"image_features": {"drifted": False}, "embedding": {"drifted": True}},
+        "window": {"since": "2026-01-01T10:00:00+00:00", "until": "2026-01-01T11:00:00+00:00"},
+        "verdict_json": "runs/monitor/abc123/20260101T100000.000Z--20260101T110000.000Z/verdict.json",
+    }
+    return {**verdict, **changes}
+
+
+@pytest.mark.parametrize("flag, configured, in_pod, expected", [
+    (None, "", False, ("local", None)),
+    ("http://kfp:8888", "", False, ("cluster", "http://kfp:8888")),
+    (None, "http://configured:8888", False, ("cluster", "http://configured:8888")),
+    ("http://flag:8888", "http://configured:8888", True, ("cluster", "http://flag:8888")),
+    (None, "", True, ("cluster", None)),  # in a pod: the in-cluster KFP service
+], ids=["local", "flag", "config", "flag-wins", "in-pod"])
+def test_retrain_target(monkeypatch, flag, configured, in_pod, expected):
+    if in_pod:
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    cfg = Config()
+    cfg.cluster.kfp_host = configured
+    assert retrain_target(cfg, flag) == expected
+
+
+def test_the_reason_names_what_drifted_where_and_when():
+    reason = drift_reason(drifted_verdict())
+    assert reason["drifted_groups"] == ["embedding"] and reason["trigger"] == "drift"
+    text = reason_text(reason)
+    for part in ("embedding", "pixel_mean, emb_0", "abc123", "2026-01-01T10:00:00+00:00", "2026-01-01T11:00:00+00:00",
+                 "verdict.json"):
+        assert part in text
+    assert retrain_run_id(reason) == "retrain-abc123-20260101T110000Z"
+    assert retrain_run_id(drift_reason(drifted_verdict(model_version="a/b c"))).startswith("retrain-a_b_c-")
+
+
+def test_no_drift_no_retrain(tmp_path):
+    with pytest.raises(ValueError, match="found no drift"):
+        retrain_on_drift(drifted_verdict(status="ok", drift_detected=False), Config(), tmp_path)
+    assert not (tmp_path / RETRAIN_MARKER).exists()
+
+
+def test_a_claimed_window_starts_nothing(tmp_path, monkeypatch):
+    # Another monitor is starting the retrain of this window (or did): its record comes back, nothing starts.
+    claim = {"status": "starting", "target": "local", "reason": drift_reason(drifted_verdict())}
+    (tmp_path / RETRAIN_MARKER).write_text(json.dumps(claim))
+    monkeypatch.setattr("pipelines.retrain.start_local_retrain", lambda *a, **k: pytest.fail("started twice"))
+    assert retrain_on_drift(drifted_verdict(), Config(), tmp_path, out=lambda line: None) == claim
+
+
+# --- through the CLI, against the KFP API stand-in -------------------------------------------------
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def drifted_log(tmp_path_factory) -> tuple[Path, list[str]]:
+    """An inverted-digits hour in a request log, and the monitor arguments that check it."""
+    root = tmp_path_factory.mktemp("drifted")
+    images = (load_digits().images / 16.0).astype(np.float32)[:, None]
+    image_features(images[:1100]).to_csv(root / "reference.csv", index=False)
+    lines = []
+    for i, row in enumerate(image_features(1.0 - images[1100:1300]).to_dict(orient="records")):
+        lines.append(json.dumps({"timestamp": f"2026-01-01T10:{i // 60:02d}:{i % 60:02d}.000+00:00",
+                                 "model_version": "abc123", "source": "client", **row}, separators=(",", ":")))
+    (root / "requests").mkdir()
+    (root / "requests" / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["monitor", "--json", "--log-dir", str(root / "requests"), "--reference", str(root / "reference.csv"),
+            "--model-version", "abc123", "--since", "2026-01-01T10:00:00Z", "--until", "2026-01-01T11:00:00Z"]
+    return root, args
+
+
+@pytest.fixture
+def kfp_api():
+    from kfp_api_server import FakeKfpApi
+
+    server = FakeKfpApi(token=TOKEN).start()
+    yield server
+    server.stop()
+    assert not server.errors, f"the fake KFP API hit internal errors: {server.errors}"
+
+
+def test_retrain_on_drift_starts_one_cluster_run_per_window_with_the_reason(drifted_log, kfp_api, monkeypatch,
+                                                                             tmp_path):
+    root, args = drifted_log
+    out = tmp_path / "verdicts"
+    argv = [*args, "--out", str(out), "--retrain-on-drift", "--kfp-host", kfp_api.url, "--runs-dir", str(tmp_path)]
+
+    monkeypatch.setenv("KFP_TOKEN", "wrong-token")  # a start that fails: reported, nothing claimed, retried later
+    code, stdout, err = run_cli(argv)
+    verdict_dir = out / "abc123" / "20260101T100000.000Z--20260101T110000.000Z"
+    assert code == 1 and "the retrain did not start" in err, err
+    assert json.loads(stdout.splitlines()[-1])["drift_detected"] is True
+    assert not (verdict_dir / RETRAIN_MARKER).exists() and not kfp_api.calls("POST", "/runs")
+
+    monkeypatch.setenv("KFP_TOKEN", TOKEN)
+    code, stdout, err = run_cli(argv)
+    verdict = json.loads(stdout.splitlines()[-1])
+    assert code == 2, err  # drift, and the retrain started
+    (run,) = [r.body for r in kfp_api.calls("POST", "/runs")]
+    retrain = verdict["retrain"]
+    assert retrain["target"] == "cluster" and retrain["run_id"] in kfp_api.runs and retrain["status"] == "started"
+    assert "retrain" in run["display_name"]
+    for part in ("image_features", "pixel_mean", "abc123", "2026-01-01T10:00:00+00:00", str(verdict_dir / "verdict.json")):
+        assert part in run["description"], part
+    saved = json.loads((verdict_dir / "verdict.json").read_text())
+    assert saved["retrain"] == retrain == json.loads((verdict_dir / RETRAIN_MARKER).read_text())
+    first_bytes = (verdict_dir / "verdict.json").read_bytes()
+
+    code, stdout, _ = run_cli(argv)  # the same window again: no second run, the same verdict
+    assert code == 2 and len(kfp_api.calls("POST", "/runs")) == 1
+    assert "already started for this window" in stdout
+    assert (verdict_dir / "verdict.json").read_bytes() == first_bytes
+    code, _, _ = run_cli([*args, "--out", str(out)])  # without the flag, the window's retrain stays in its verdict
+    assert (verdict_dir / "verdict.json").read_bytes() == first_bytes
+
+
+def test_no_retrain_without_drift(drifted_log, tmp_path, monkeypatch):
+    root, args = drifted_log
+    monkeypatch.setattr("pipelines.retrain.start_local_retrain", lambda *a, **k: pytest.fail("no drift, no retrain"))
+    clean = [*args[:-4], "--since", "2026-01-01T11:00:00Z", "--until", "2026-01-01T12:00:00Z"]
+    code, stdout, _ = run_cli([*clean, "--out", str(tmp_path), "--retrain-on-drift"])
+    verdict = json.loads(stdout.splitlines()[-1])
+    assert code == 0 and verdict["status"] == "insufficient_data" and "retrain" not in verdict
+
+
+# --- a real local retrain ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_local_retrain_runs_the_pipeline_and_records_why(tmp_path):
+    from serving.server import LocalTorchServe, free_port
+
+    cfg = config_mod.load(ROOT / "examples" / "quick.yaml")
+    cfg.serving.home = str(tmp_path / "serving")
+    cfg.serving.inference_port, cfg.serving.management_port, cfg.serving.metrics_port = free_port(), free_port(), free_port()
+    verdict = drifted_verdict(verdict_json=str(tmp_path / "verdict" / "verdict.json"))
+    try:
+        record = retrain_on_drift(verdict, cfg, tmp_path / "verdict", runs_dir=tmp_path / "runs", wait=True,
+                                  serve_after=False, timeout_s=1500)
+    finally:
+        LocalTorchServe(tmp_path / "serving").stop(quiet=True)
+    log = Path(record["log"]).read_text() if Path(record["log"]).is_file() else "(no log)"
+    assert record["target"] == "local" and record["status"] == "succeeded", log[-3000:]
+    assert record["exit_code"] == 0 and record["run_id"] == "retrain-abc123-20260101T110000Z"
+    run_dir = Path(record["run_dir"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    reason = drift_reason(verdict)
+    assert summary["status"] == "succeeded" and summary["trigger"] == reason
+    assert json.loads((run_dir / TRIGGER_FILE).read_text()) == reason
+    assert json.loads((run_dir / "config.json").read_text())["pretrain"]["epochs"] == 3  # quick.yaml's settings
+    assert "because of drift in embedding" in log
+    assert json.loads((tmp_path / "verdict" / RETRAIN_MARKER).read_text()) == record
+    # The same window again: the record comes back, no second run directory appears.
+    assert retrain_on_drift(verdict, cfg, tmp_path / "verdict", runs_dir=tmp_path / "runs", out=lambda line: None) == record
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["retrain", record["run_id"]]
