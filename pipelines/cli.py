@@ -48,7 +48,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.server import LocalTorchServe
+    from serving.server import LocalTorchServe, curl_example
 
     cfg = _load_config(args)
     home = Path(cfg.serving.home).resolve()
@@ -57,8 +57,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     if args.action == "status":
         status = LocalTorchServe(home).status()
-        print(json.dumps(status, indent=2))
-        return 0 if status.get("running") else 1
+        if args.json:
+            print(json.dumps(status, indent=2))
+        elif not status["running"]:
+            print(f"No TorchServe is running from {home}. Start one with 'mlops serve start' (serves the latest run's model).")
+        else:
+            state = "healthy" if status["healthy"] else f"NOT healthy: {status['problem']}"
+            print(f"TorchServe (pid {status['pid']}) serves '{status['model']}' version {status['model_version']}: {state}, "
+                  f"{status['workers_ready']} worker(s) ready.")
+            print(f"  endpoint:    {status['endpoint']}  (also /explanations/{status['model']})")
+            print(f"  token:       key 'inference' in {status['token_file']}")
+            print(f"  request log: {status['request_log_dir']}")
+            print(f"  logs:        {Path(status['log']).parent}")
+            print(f"  try:         {curl_example(status)}")
+        return 0 if status["running"] and status["healthy"] else 1
     # start: serve the model of the latest (or the named) run
     from components.deploy import deploy_local
     from pipelines.local import SUMMARY_FILE, latest_run
@@ -70,10 +82,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"run {summary['run_id']} produced no model (status {summary['status']}); nothing to serve", file=sys.stderr)
         return 1
     s = cfg.serving
-    record = deploy_local(artifacts["model"], artifacts["dataset"], home, model_name=s.model_name, host=s.host,
-                          inference_port=s.inference_port, management_port=s.management_port,
-                          metrics_port=s.metrics_port, workers=s.workers, startup_timeout_s=s.startup_timeout_s)
-    print(f"Serving the model of run {summary['run_id']} at {record['endpoint']} (token in {record['token_file']}).")
+    try:
+        record = deploy_local(artifacts["model"], artifacts["dataset"], home, model_name=s.model_name, host=s.host,
+                              inference_port=s.inference_port, management_port=s.management_port,
+                              metrics_port=s.metrics_port, workers=s.workers, startup_timeout_s=s.startup_timeout_s,
+                              batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms,
+                              request_log_dir=s.request_log_dir or None,
+                              request_log_max_bytes=int(s.request_log_max_mb * 2**20),
+                              request_log_max_age_s=s.request_log_max_age_s)
+    except (RuntimeError, TimeoutError) as err:  # port taken, server died at startup, smoke test failed
+        print(f"mlops serve start: {err}", file=sys.stderr)
+        return 1
+    print(f"Serving the model of run {summary['run_id']} at {record['endpoint']} (token: key 'inference' in "
+          f"{record['token_file']}). 'mlops serve status' checks it, 'mlops serve stop' stops it.")
+    print(f"  try: {curl_example(record)}")
     return 0
 
 
@@ -88,33 +110,101 @@ def _parse_time(value: str | None) -> dt.datetime | None:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
+    import tempfile
+
     from components.data import REFERENCE_FILE
-    from components.monitor import monitor
+    from components.features import MODEL_REFERENCE_FILE
+    from components.monitor import VERDICT_FILE, last_window, location_exists, monitor, parse_duration, result_dir
     from pipelines.local import SUMMARY_FILE, latest_run
 
     cfg = _load_config(args)
-    reference = args.reference
+    since, until = _parse_time(args.since), _parse_time(args.until)
+    if args.last:
+        if since or until:
+            raise ValueError("--last sets the window itself: give --last, or --since/--until, not both")
+        since, until = last_window(parse_duration(args.last), parse_duration(args.settle) if args.settle else dt.timedelta(0))
+    elif args.settle:
+        raise ValueError("--settle only applies to --last")
+    if until is None:  # close the window now: its results are then reproducible (and keyed by it)
+        now = dt.datetime.now(dt.timezone.utc)
+        until = now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+    def latest_artifact(name: str) -> str | None:
+        summary = json.loads((latest_run(args.runs_dir) / SUMMARY_FILE).read_text())
+        return summary.get("artifacts", {}).get(name)
+
+    reference, model_reference = args.reference, args.model_reference
     if reference is None:
-        run_dir = latest_run(args.runs_dir)
-        dataset = json.loads((run_dir / SUMMARY_FILE).read_text())["artifacts"]["dataset"]
+        dataset = latest_artifact("dataset")
+        if dataset is None:
+            raise FileNotFoundError(f"the latest run under {args.runs_dir}/ has no dataset: pass --reference")
         reference = str(Path(dataset) / REFERENCE_FILE)
-    log_dir = args.log_dir
-    model_version = None
-    if log_dir is None:
-        state = Path(cfg.serving.home).resolve() / "state.json"
-        if not state.is_file():
-            raise SystemExit(f"no serving state at {state}: pass --log-dir, or start serving with 'mlops serve start'")
+        model_dir = latest_artifact("model")
+        if model_reference is None and model_dir and (Path(model_dir) / MODEL_REFERENCE_FILE).is_file():
+            model_reference = str(Path(model_dir) / MODEL_REFERENCE_FILE)
+    if model_reference is None:  # published next to the feature reference (e.g. one s3:// monitoring prefix)
+        sibling = str(reference).rsplit("/", 1)[0] + "/" + MODEL_REFERENCE_FILE if "/" in str(reference) else MODEL_REFERENCE_FILE
+        model_reference = sibling if location_exists(sibling) else None
+    log_dir, model_version = args.log_dir, args.model_version
+    state = Path(cfg.serving.home).resolve() / "state.json"
+    if log_dir is None and state.is_file():  # the running server's log and version
         record = json.loads(state.read_text())
-        log_dir, model_version = record["request_log_dir"], record.get("model_version")
-    out_dir = Path(args.out or Path(args.runs_dir) / "monitor" / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    verdict = monitor(reference, log_dir, out_dir, drift_share=cfg.monitor.drift_share,
-                      since=_parse_time(args.since), until=_parse_time(args.until), model_version=model_version)
+        log_dir, model_version = record["request_log_dir"], model_version or record.get("model_version")
+    log_dir = log_dir or cfg.serving.request_log_dir or None
+    if log_dir is None:
+        raise SystemExit(f"no serving state at {state}: pass --log-dir (or serving.request_log_dir), or start "
+                         "serving with 'mlops serve start'")
+
+    out_root = args.out or (str(reference).rsplit("/", 1)[0] + "/verdicts" if str(reference).startswith("s3://")
+                            else str(Path(args.runs_dir) / "monitor"))
+    target = result_dir(out_root, model_version, since, until)
+    remote = target.startswith("s3://")
+    staging = tempfile.TemporaryDirectory(prefix="mlops-monitor-") if remote else None
+    out_dir = Path(staging.name) if staging else Path(target)
+    from pipelines.retrain import RETRAIN_MARKER
+
+    if remote:  # a retrain already recorded for this window must be seen before deciding to start one
+        from components import storage
+
+        if storage.exists(f"{target}/{RETRAIN_MARKER}"):
+            storage.get_file(f"{target}/{RETRAIN_MARKER}", out_dir / RETRAIN_MARKER)
+    epsilon = cfg.monitor.sample_epsilon or None  # 0 reads every request
+    verdict = monitor(reference, log_dir, out_dir, drift_share=cfg.monitor.drift_share, since=since, until=until,
+                      model_version=model_version, model_reference_csv=model_reference,
+                      sample_epsilon=epsilon, sample_alpha=cfg.monitor.sample_alpha,
+                      log_file_max_age_s=cfg.serving.request_log_max_age_s)
+    exit_code = 2 if verdict.get("alert", verdict.get("drift_detected")) else 0
+    if args.retrain_on_drift and verdict["drift_detected"]:
+        from pipelines.retrain import retrain_on_drift
+
+        saved = {k: v for k, v in verdict.items() if k not in ("report_html", "verdict_json", "metrics_prom")}
+        try:
+            retrain_on_drift({**saved, "verdict_json": f"{target}/{VERDICT_FILE}"}, cfg, out_dir,
+                             runs_dir=args.runs_dir, kfp_host=args.kfp_host, wait=args.retrain_wait,
+                             out=lambda line: print(line, flush=True))
+        except Exception as exc:  # the verdict stands; a rerun of this window tries the retrain again
+            print(f"mlops monitor: drift detected but the retrain did not start: {exc}", file=sys.stderr)
+            exit_code = 1
+    if (out_dir / RETRAIN_MARKER).is_file():  # part of this window's verdict, on every rerun
+        verdict["retrain"] = json.loads((out_dir / RETRAIN_MARKER).read_text())
+        saved = {k: v for k, v in verdict.items() if k not in ("report_html", "verdict_json", "metrics_prom")}
+        tmp = out_dir / f".{VERDICT_FILE}.tmp"
+        tmp.write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.replace(out_dir / VERDICT_FILE)
+    if remote:
+        from components import storage
+
+        storage.put_dir(out_dir, target)
+        verdict.update({k: f"{target}/{Path(verdict[k]).name}" for k in ("report_html", "verdict_json", "metrics_prom")})
+        staging.cleanup()
     if args.json:
         print(json.dumps(verdict, default=str))
     else:
         print(f"{verdict['status']}: {verdict.get('message', '')}")
-        print(f"Report: {verdict.get('report_html', out_dir)}")
-    return 2 if verdict.get("alert", verdict.get("drift_detected")) else 0
+        print(f"Report: {verdict.get('report_html', target)}")
+        if verdict.get("retrain"):
+            print(f"Retraining: {verdict['retrain'].get('target')} run {verdict['retrain'].get('run_id')}")
+    return exit_code
 
 
 def _add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -226,19 +316,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, ("serving",))
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--run-id", help="serve this run's model instead of the latest")
+    p.add_argument("--json", action="store_true", help="status: print the status as JSON")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("monitor", help="drift report of served traffic against the training reference",
-                       description="Compare the serving request log with the reference recorded at training time "
-                                   "(Evidently). Exit code 0 = no drift, 2 = drift detected.")
+                       description="Compare one window of the serving request log (local or s3://) with the "
+                                   "references recorded at training time (Evidently): image features, predictions, "
+                                   "embedding. Writes drift_report.html, verdict.json and drift.prom into "
+                                   "<out>/<model version>/<window>; a rerun of a window rewrites the same files. "
+                                   "Exit code 0 = no drift, 2 = drift or schema drift.")
     _add_config_args(p, ("serving", "monitor"))
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--reference", help="reference CSV (default: the latest run's dataset reference)")
-    p.add_argument("--log-dir", help="request log directory (default: the running server's)")
+    p.add_argument("--runs-dir", default="runs", help="local runs (default: runs): references of the latest run, "
+                                                       "local retrain runs")
+    p.add_argument("--reference", help="image-feature reference CSV, path or s3:// (default: the latest run's dataset)")
+    p.add_argument("--model-reference", help="model reference CSV (reference_model.csv: predictions, embedding); "
+                                              "default: next to --reference, else the latest run's model; "
+                                              "missing = image features only")
+    p.add_argument("--log-dir", help="request log directory or s3:// prefix (default: the running server's)")
+    p.add_argument("--model-version", help="only requests of this model version (default: the running server's; "
+                                           "with --log-dir: all versions)")
     p.add_argument("--since", help="ISO time: only requests at or after it")
-    p.add_argument("--until", help="ISO time: only requests before it")
-    p.add_argument("--out", help="output directory (default: runs/monitor/<timestamp>)")
+    p.add_argument("--until", help="ISO time: only requests before it (default: now)")
+    p.add_argument("--last", metavar="DURATION", help="the last whole period instead of --since/--until, aligned "
+                                                       "to UTC: '1h' at 11:17 checks 10:00-11:00")
+    p.add_argument("--settle", metavar="DURATION", help="with --last: only periods that ended this long ago (log "
+                                                         "files reach s3:// when rotated)")
+    p.add_argument("--out", help="results root, path or s3:// (default: verdicts/ next to an s3:// --reference, "
+                                 "else runs/monitor)")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON on the last line")
+    p.add_argument("--retrain-on-drift", action="store_true",
+                   help="start the training pipeline when the window drifted (once per window): on the cluster "
+                        "with --kfp-host / cluster.kfp_host or inside a pod, else locally in the background")
+    p.add_argument("--kfp-host", help="KFP API URL for --retrain-on-drift (default: cluster.kfp_host)")
+    p.add_argument("--retrain-wait", action="store_true", help="wait for a local retrain to finish")
     p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("submit", help="compile, upload and run the pipeline on a Kubeflow Pipelines cluster",

@@ -197,7 +197,9 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None
             batch_size=p["finetune_batch_size"], learning_rate=p["finetune_learning_rate"],
             patience=p["finetune_patience"], label_fraction=p["finetune_label_fraction"], seed=p["data_seed"],
             mode=p["finetune_mode"], unfreeze_blocks=p["finetune_unfreeze_blocks"],
-            encoder_lr_scale=p["finetune_encoder_lr_scale"], compile=p["finetune_compile"],
+            encoder_lr_scale=p["finetune_encoder_lr_scale"], min_epoch_samples=p["finetune_min_epoch_samples"],
+            probe_epochs=p["finetune_probe_epochs"],
+            compile=p["finetune_compile"],
             checkpoint_root=p["finetune_checkpoint_root"],
             checkpoint_every_steps=p["finetune_checkpoint_every_steps"],
             checkpoint_every_epochs=p["finetune_checkpoint_every_epochs"],
@@ -235,6 +237,7 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None
                     monitor = c["monitor"](
                         dataset=dataset, deployment=deploy.outputs["deployment"],
                         drift_share=p["monitor_drift_share"], replay_limit=p["monitor_replay_limit"],
+                        model=model, sample_epsilon=p["monitor_sample_epsilon"], sample_alpha=p["monitor_sample_alpha"],
                     )
                     for step, task in (("deploy", deploy), ("monitor", monitor)):
                         configure(task, step)

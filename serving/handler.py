@@ -4,24 +4,65 @@ Packed into the .mar by ``serving/archive.py`` and run inside TorchServe's
 Python worker, which uses the project's own environment, so ``components.*``
 imports work here. Weights are read with safetensors (never unpickled).
 
-Per request: PNG/JPEG bytes in, ``{"label", "class_index", "confidence",
-"probabilities", "model_version"}`` out. Bad input is answered with a 400 and
-a message, and the worker stays alive. When ``KFP_MLOPS_REQUEST_LOG_DIR`` is
-set, every answered request adds one JSON line (prediction, the request's
-``X-Request-Source`` as ``source``, and the monitoring features of the image)
-to ``requests-<pid>.jsonl`` there; the monitor reads it.
+It subclasses ``BaseHandler`` and overrides only what differs: ``initialize``
+(safetensors), ``preprocess`` (decoding and validating each request),
+``inference`` (probabilities and embeddings), ``postprocess`` (labelled top-k
+answers, explanations, the request log), and ``explain_handle`` /
+``get_insights`` (saliency maps for ``/explanations/<model>``).
+
+Accepted request bodies (``POST /predictions/<model>``):
+
+* PNG or JPEG bytes (``Content-Type: image/png`` or ``image/jpeg``; also
+  ``application/octet-stream``). Any size up to ``MAX_INPUT_PIXELS``; resized to
+  the model's input size, converted to its channels.
+* JSON (``Content-Type: application/json``), one object per request:
+  ``{"image": "<base64 of PNG/JPEG bytes>"}`` or
+  ``{"pixels": <nested list>}`` with pixel values in [0, 1] (floats), shaped
+  exactly ``[H, W]`` (one-channel models) or ``[C, H, W]``, where C, H and W
+  are the model's channels and image size (``[8, 8]`` or ``[1, 8, 8]`` for the
+  digits model); no resizing. A bare list is taken as ``pixels``. Optional
+  fields: ``"topk"`` and, for explanations, ``"target"``.
+* base64 text of PNG/JPEG bytes (``text/plain``).
+
+Options, as JSON fields or request headers (TorchServe 0.12 does not pass
+query parameters to handlers): ``topk`` / ``X-Top-K`` (1..number of classes,
+default ``DEFAULT_TOPK``) and, for explanations, ``target`` / ``X-Target`` (the
+class to explain, by index or label; default the predicted class).
+
+Answer (JSON)::
+
+    {"label": "7", "class_index": 7, "confidence": 0.98,
+     "probabilities": {"7": 0.98, "1": 0.01, "9": 0.004},          # the top k, best first
+     "top_k": [{"label": "7", "class_index": 7, "probability": 0.98}, ...],
+     "model_version": "3"}
+
+Explanations add ``"target_index"``, ``"target_label"``, ``"method": "gradient"``
+and ``"saliency"``: an ``[H, W]`` list in [0, 1], the magnitude of the gradient
+of the target class's score with respect to each input pixel (max over
+channels), scaled so the largest is 1.
+
+Bad input never kills the worker and never answers 5xx: each bad request of a
+batch gets its own 4xx (400 bad body, 415 unsupported content type) with a
+message, and the good requests of the same batch are still answered.
+
+The request log (``serving/request_log.py``) is written by a background
+thread when ``KFP_MLOPS_REQUEST_LOG_DIR`` is set (a directory or an ``s3://``
+prefix); the request path only queues references to arrays it already has.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
 import io
 import json
 import logging
+import math
 import os
 import re
-from datetime import datetime, timezone
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,65 +73,101 @@ from safetensors.torch import load_file
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from components.features import FEATURE_COLUMNS, image_features
 from components.models import METADATA_FILE, WEIGHTS_FILE, build_classifier
+from serving.request_log import REQUEST_LOG_ENV, LogBatch, RequestLogger
 
 logger = logging.getLogger(__name__)
 
-REQUEST_LOG_ENV = "KFP_MLOPS_REQUEST_LOG_DIR"
+__all__ = ["ImageClassifierHandler", "decode_image", "decode_pixels", "REQUEST_LOG_ENV", "BadRequest"]
+
 SOURCE_HEADER = "x-request-source"  # e.g. 'smoke-test' from the deploy step; logged so the monitor can tell traffic apart
 DEFAULT_SOURCE = "client"
+DEFAULT_TOPK = 3
 ACCEPTED_FORMATS = ("PNG", "JPEG")  # fewer image parsers on the request path, less attack surface
 MAX_INPUT_PIXELS = 4096 * 4096  # refuse decompression bombs before decoding them
+MAX_JSON_VALUES = 3 * 1024 * 1024  # pixels in a JSON list; far above any model input here
+IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "application/octet-stream"}
+JSON_TYPES = {"application/json"}
+TEXT_TYPES = {"text/plain"}
+OPTION_HEADERS = {"x-top-k": "topk", "x-target": "target"}  # request header -> option (a JSON field wins)
+SUPPORTED_TYPES = "image/png, image/jpeg, application/json (base64 'image' or 'pixels') or text/plain (base64)"
 
 
-def _request_body(row: Any) -> bytes:
-    """The raw bytes of one request: TorchServe puts them under 'data' or 'body'."""
-    body = row.get("data", row.get("body")) if isinstance(row, dict) else row
-    if isinstance(body, (bytes, bytearray)):
-        return bytes(body)
-    if isinstance(body, str):  # JSON clients often send base64 text
-        try:
-            return base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError):
-            raise PredictionException("request body is text but not base64: send the PNG/JPEG bytes", 400) from None
-    if body is None:
-        raise PredictionException(
-            "no image in the request: send the PNG/JPEG bytes as the raw body with 'Content-Type: image/png' "
-            "(or image/jpeg); a form-encoded body, curl's default for --data-binary, is not supported", 400
-        )
-    raise PredictionException(
-        f"unsupported request body of type {type(body).__name__}: send a PNG or JPEG image as the raw request body", 400
-    )
+# TorchServe's loader wants exactly one class in this module (the handler), so client errors are plain
+# PredictionExceptions: a request the client must fix, answered with its 4xx code and message.
+BadRequest = PredictionException
+
+
+def bad_request(message: str, code: int = 400) -> PredictionException:
+    return PredictionException(message, code)
+
+
+def _safe_phrase(text: str) -> str:
+    """An HTTP reason phrase: printable ASCII, one line, short (the client's bytes must not break the response)."""
+    return re.sub(r"[^\x20-\x7e]", "?", text)[:200]
 
 
 def decode_image(body: bytes, channels: int, size: int) -> np.ndarray:
-    """PNG/JPEG bytes -> float32 array ``[channels, size, size]`` in [0, 1]; bad input -> PredictionException(400)."""
+    """PNG/JPEG bytes -> float32 array ``[channels, size, size]`` in [0, 1]; bad input -> BadRequest(400)."""
     if not body:
-        raise PredictionException("empty request body: send a PNG or JPEG image", 400)
+        raise bad_request("empty request body: send a PNG or JPEG image")
     try:
         image = Image.open(io.BytesIO(body), formats=ACCEPTED_FORMATS)  # lazy: reads the header only
         width, height = image.size
         if width * height > MAX_INPUT_PIXELS:
-            raise PredictionException(f"image of {width}x{height} pixels is too large (limit {MAX_INPUT_PIXELS} pixels)", 400)
+            raise bad_request(f"image of {width}x{height} pixels is too large (limit {MAX_INPUT_PIXELS} pixels)")
         image.load()
         if image.mode.startswith("I"):  # 16-bit grayscale PNG: convert() would clip it to white, so scale it
             image = Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8))
         image = image.convert("L" if channels == 1 else "RGB")
-    except PredictionException:
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+    except BadRequest:
         raise
     except UnidentifiedImageError:
-        raise PredictionException(f"request body ({len(body)} bytes) is not a PNG or JPEG image", 400) from None
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise PredictionException(f"request body is a broken or unsupported PNG/JPEG image ({err})", 400) from None
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
+        raise bad_request(f"request body ({len(body)} bytes) is not a PNG or JPEG image") from None
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types on hostile files; all are the client's problem
+        raise bad_request(f"request body is a broken or unsupported PNG/JPEG image ({type(err).__name__}: {err})"[:300]) from None
     return pixels[None] if channels == 1 else np.transpose(pixels, (2, 0, 1))
 
 
+def decode_pixels(value: Any, channels: int, size: int) -> np.ndarray:
+    """A nested list of pixel values in [0, 1], shaped [H, W] or [C, H, W] exactly -> float32 [C, H, W]."""
+    expected = (f"[{size}, {size}] or " if channels == 1 else "") + f"[{channels}, {size}, {size}]"
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        raise bad_request(f"'pixels' must be a nested list of numbers shaped {expected} (a ragged list or a "
+                         "non-number was sent)") from None
+    if array.size > MAX_JSON_VALUES:
+        raise bad_request(f"'pixels' has {array.size} values; the model takes {channels * size * size}")
+    sent = list(array.shape)
+    if array.ndim == 2 and channels == 1:
+        array = array[None]
+    if array.shape != (channels, size, size):
+        raise bad_request(f"'pixels' has shape {sent}; this model takes {expected}")
+    if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+        raise bad_request("'pixels' values must be finite numbers in [0, 1] (scale 8-bit values by 1/255)")
+    return array
+
+
+def _as_int(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+        raise bad_request(f"{name} must be an integer from {low} to {high}, got {str(value)[:40]!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise bad_request(f"{name} must be an integer from {low} to {high}, got {str(value)[:40]!r}") from None
+    if not math.isfinite(number) or number != int(number) or not low <= int(number) <= high:
+        raise bad_request(f"{name} must be an integer from {low} to {high}, got {str(value)[:40]!r}")
+    return int(number)
+
+
 class ImageClassifierHandler(BaseHandler):
-    """BaseHandler with safetensors loading, image decoding, labelled output and a request log."""
+    """BaseHandler with safetensors loading, image/JSON decoding, top-k answers, saliency and a request log."""
 
     def initialize(self, context):
         properties = context.system_properties
@@ -99,7 +176,7 @@ class ImageClassifierHandler(BaseHandler):
         self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
         if self.device.type == "cpu":
             # A small CNN on small images: one thread per worker beats threads fighting over the cores
-            # (TorchServe scales with workers instead).
+            # (TorchServe scales with workers and batching instead).
             torch.set_num_threads(1)
         self.metadata = json.loads((model_dir / METADATA_FILE).read_text())
         model = build_classifier(self.metadata)
@@ -112,58 +189,241 @@ class ImageClassifierHandler(BaseHandler):
         self.model_version = str(
             self.metadata.get("model_version") or self.manifest.get("model", {}).get("modelVersion") or "unknown"
         )
-        log_dir = os.environ.get(REQUEST_LOG_ENV)
-        self.request_log_path = Path(log_dir) / f"requests-{os.getpid()}.jsonl" if log_dir else None
-        # Filled by preprocess, read by postprocess (one batch at a time per worker).
-        self._batch_errors: dict[int, str] = {}
-        self._batch_images = np.zeros((0, self.channels, self.image_size, self.image_size), np.float32)
+        self.request_log = RequestLogger.from_env()
+        if self.request_log is not None:
+            atexit.register(self.request_log.close, 5.0)
+            _exit_cleanly_on_sigterm()
+        self._quiet_per_request_log_lines()
+        # Per batch, filled by preprocess and read by postprocess (a worker runs one batch at a time).
+        self._errors: dict[int, BadRequest] = {}
+        self._topk: dict[int, int] = {}
+        self._targets: dict[int, Any] = {}
+        self._valid: list[int] = []
+        self._images = np.zeros((0, self.channels, self.image_size, self.image_size), np.float32)
         self.initialized = True
 
-    def preprocess(self, data):
-        """Decode every request of the batch into one tensor ``[N, C, H, W]`` of the valid images.
+    @staticmethod
+    def _quiet_per_request_log_lines() -> None:
+        """Drop the worker's 'Backend received inference' INFO line (one per batch, parsed by the Java frontend)."""
+        class _DropPerBatchLine(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                return not str(record.msg).startswith("Backend received inference")
 
-        A batch with only bad requests raises PredictionException(400). In a
-        mixed batch the bad requests get their own 400 and the others are
-        still answered, so one broken client cannot fail its neighbours.
+        for h in logging.getLogger().handlers:
+            if not any(isinstance(f, _DropPerBatchLine) for f in h.filters):
+                h.addFilter(_DropPerBatchLine())
+
+    def _is_describe(self):
+        """Never: BaseHandler would answer a whole batch with one 'describe' result when any client sends the
+        header 'describe: True', failing its neighbours (503); the management API's describe is enough."""
+        return False
+
+    # ------------------------------------------------------------------ decoding
+
+    def _content_type(self, idx: int, key: str) -> str:
+        try:
+            declared = self.context.get_request_header(idx, key) if self.context is not None else None
+        except (AttributeError, IndexError, KeyError, TypeError):
+            declared = None
+        if isinstance(declared, dict):
+            declared = declared.get("content-type")
+        return str(declared or "").split(";")[0].strip().lower()
+
+    def _decode_row(self, idx: int, row: Any) -> tuple[np.ndarray, int, Any]:
+        """One request -> (image [C, H, W], topk, explanation target or None)."""
+        if not isinstance(row, dict):
+            row = {"body": row}
+        key = "body" if "body" in row else "data"  # raw body; 'data' is a multipart form field of that name
+        body = row.get(key)
+        if body is None:
+            raise bad_request(
+                "no image in the request: send PNG/JPEG bytes as the raw body with 'Content-Type: image/png' "
+                "(or image/jpeg), or JSON with 'image' (base64) or 'pixels'; curl's --data-binary without a "
+                "Content-Type header sends a form, which is not supported"
+            )
+        content_type = self._content_type(idx, key)
+        options = self._header_options(idx)
+        known = IMAGE_TYPES | JSON_TYPES | TEXT_TYPES | {""}
+        if content_type not in known:
+            raise bad_request(f"unsupported content type {content_type[:60]!r}: send {SUPPORTED_TYPES}", 415)
+        if isinstance(body, (bytes, bytearray)):
+            body = bytes(body)
+            looks_like_json = content_type == "" and body.lstrip()[:1] in (b"{", b"[")
+            if content_type in JSON_TYPES or looks_like_json:  # JSON the worker could not decode, or no type given
+                try:
+                    body = json.loads(body.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as err:
+                    raise bad_request(f"request body is not valid JSON ({err})"[:300]) from None
+            elif content_type in TEXT_TYPES:
+                body = body.decode("utf-8", "replace")
+        if isinstance(body, str):
+            if content_type in JSON_TYPES:
+                raise bad_request("JSON body must be an object with 'image' (base64 PNG/JPEG) or 'pixels', or a list of pixels")
+            body = self._base64(body, "request body")
+        if isinstance(body, bytes):
+            image = decode_image(body, self.channels, self.image_size)
+        elif isinstance(body, list):
+            image = decode_pixels(body, self.channels, self.image_size)
+        elif isinstance(body, dict):
+            unknown = set(body) - {"image", "pixels", "topk", "target"}
+            if unknown:
+                raise bad_request(f"unknown JSON field(s) {sorted(map(str, unknown))[:5]}: use 'image' (base64 "
+                                 "PNG/JPEG) or 'pixels', and optionally 'topk', 'target'")
+            options.update({k: body[k] for k in ("topk", "target") if k in body})
+            if ("image" in body) == ("pixels" in body):
+                raise bad_request("JSON body needs exactly one of 'image' (base64 PNG/JPEG) and 'pixels' (nested list)")
+            if "image" in body:
+                if not isinstance(body["image"], str):
+                    raise bad_request("'image' must be a base64 string of PNG/JPEG bytes")
+                image = decode_image(self._base64(body["image"], "'image'"), self.channels, self.image_size)
+            else:
+                image = decode_pixels(body["pixels"], self.channels, self.image_size)
+        else:
+            raise bad_request(f"unsupported JSON body of type {type(body).__name__}: send an object with 'image' or 'pixels'")
+        n = len(self.class_names)
+        topk = _as_int(options["topk"], "topk", 1, n) if "topk" in options else min(DEFAULT_TOPK, n)
+        return image, topk, options.get("target")
+
+    def _header_options(self, idx: int) -> dict[str, str]:
+        """``X-Top-K`` and ``X-Target`` request headers (TorchServe 0.12 does not pass query parameters on)."""
+        try:
+            headers = self.context.request_processor[idx].get_request_properties() if self.context is not None else {}
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return {}
+        options = {}
+        for key, value in headers.items():
+            name = str(key).lower()
+            if name in OPTION_HEADERS and isinstance(value, str):
+                options[OPTION_HEADERS[name]] = value
+        return options
+
+    @staticmethod
+    def _base64(text: str, what: str) -> bytes:
+        try:
+            return base64.b64decode(text.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request(f"{what} is text but not base64 of a PNG/JPEG image") from None
+
+    def preprocess(self, data):
+        """Decode every request of the batch into one tensor ``[N, C, H, W]`` of the valid ones.
+
+        A bad request is remembered with its error (answered in postprocess)
+        instead of failing the batch, so one broken client cannot fail its
+        neighbours. Called with a single bad request and no context (as in a
+        unit test), it raises the BadRequest itself.
         """
-        images, errors = [], {}
+        images, self._errors, self._topk, self._targets, self._valid = [], {}, {}, {}, []
         for i, row in enumerate(data):
             try:
-                images.append(decode_image(_request_body(row), self.channels, self.image_size))
-            except PredictionException as err:
-                errors[i] = err.message
-        if not images:
-            raise PredictionException("; ".join(sorted(set(errors.values()))), 400)
-        self._batch_errors = errors
-        self._batch_images = np.stack(images)
-        return torch.from_numpy(self._batch_images).to(self.device)
+                image, topk, target = self._decode_row(i, row)
+            except BadRequest as err:
+                self._errors[i] = err
+                continue
+            except Exception as err:  # noqa: BLE001 - anything else about one request is still that request's fault
+                self._errors[i] = bad_request(f"request could not be read ({type(err).__name__})")
+                continue
+            images.append(image)
+            self._topk[i], self._targets[i] = topk, target
+            self._valid.append(i)
+        if not images and self.context is None:
+            raise next(iter(self._errors.values()))
+        shape = (0, self.channels, self.image_size, self.image_size)
+        self._images = np.stack(images) if images else np.zeros(shape, np.float32)
+        return torch.from_numpy(self._images).to(self.device)
+
+    # ------------------------------------------------------------------ model
 
     def inference(self, data, *args, **kwargs):
+        """``(probabilities [N, K], embeddings [N, D])`` of the valid images."""
+        if len(data) == 0:
+            return torch.zeros((0, len(self.class_names))), torch.zeros((0, self.model.head.in_features))
         with torch.inference_mode():
-            return torch.softmax(self.model(data), dim=1).cpu()
+            embeddings = self.model.embed(data)
+            probabilities = torch.softmax(self.model.head(embeddings), dim=1)
+        return probabilities.cpu(), embeddings.cpu()
+
+    def explain_handle(self, data_preprocess, raw_data):
+        """/explanations/<model>: the same answers as predictions, plus saliency maps (see postprocess)."""
+        return self.postprocess(self.inference(data_preprocess))
+
+    def get_insights(self, tensor_data, _, target=0):
+        """Saliency maps ``[N, H, W]`` in [0, 1]: |d score[target] / d pixel|, max over channels, scaled per image."""
+        x = tensor_data.detach().clone().requires_grad_(True)
+        targets = torch.as_tensor(target, dtype=torch.long, device=x.device).reshape(-1).expand(len(x))
+        with torch.enable_grad():
+            scores = self.model(x).gather(1, targets[:, None]).sum()
+            (grad,) = torch.autograd.grad(scores, x)
+        saliency = grad.abs().amax(dim=1)
+        peak = saliency.flatten(1).amax(dim=1).clamp_min(1e-12)
+        return (saliency / peak[:, None, None]).cpu().numpy()
+
+    def _is_explain_row(self, idx: int) -> bool:
+        try:
+            return self.context is not None and self.context.get_request_header(idx, "explain") == "True"
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return False
+
+    def _target_index(self, value: Any, predicted: int) -> int:
+        if value is None:
+            return predicted
+        if isinstance(value, (bytes, bytearray)):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str) and value in self.class_names:
+            return self.class_names.index(value)
+        return _as_int(value, "target", 0, len(self.class_names) - 1)
+
+    # ------------------------------------------------------------------ answers
 
     def postprocess(self, data):
-        """Probabilities of the valid images -> one response per request of the batch (errors in place)."""
-        probabilities = data.numpy()
-        responses, answered, valid = [], [], iter(range(len(probabilities)))
-        for i in range(len(probabilities) + len(self._batch_errors)):
-            if i in self._batch_errors:
-                if self.context is not None:
-                    self.context.set_response_status(400, self._batch_errors[i], idx=i)
-                responses.append({"error": self._batch_errors[i], "code": 400})
-                continue
-            p = probabilities[next(valid)]
-            best = int(p.argmax())
-            responses.append({
+        """One JSON answer per request of the batch, in order (errors in place, with their status)."""
+        probabilities, embeddings = data
+        p = probabilities.numpy()
+        order = np.argsort(-p, axis=1, kind="stable")
+        now = time.time()
+        answers: list[Any] = [None] * (len(self._valid) + len(self._errors))
+        explain: dict[int, int] = {}  # batch row -> target class
+        for row, i in enumerate(self._valid):
+            best = int(order[row, 0])
+            top = [int(c) for c in order[row, : self._topk[i]]]
+            answers[i] = {
                 "label": self.class_names[best],
                 "class_index": best,
-                "confidence": float(p[best]),
-                "probabilities": {name: float(q) for name, q in zip(self.class_names, p)},
+                "confidence": float(p[row, best]),
+                "probabilities": {self.class_names[c]: float(p[row, c]) for c in top},
+                "top_k": [{"label": self.class_names[c], "class_index": c, "probability": float(p[row, c])} for c in top],
                 "model_version": self.model_version,
-            })
-            answered.append(i)
-        self._log_requests([(i, responses[i]) for i in answered])
-        return responses
+            }
+            if self._is_explain_row(i):
+                try:
+                    explain[row] = self._target_index(self._targets[i], best)
+                except BadRequest as err:
+                    self._errors[i] = err
+        if explain:
+            rows = sorted(explain)
+            maps = self.get_insights(torch.from_numpy(self._images[rows]).to(self.device), None, [explain[r] for r in rows])
+            for row, saliency in zip(rows, maps):
+                i = self._valid[row]
+                if i in self._errors:
+                    continue
+                target = explain[row]
+                answers[i].update(target_index=target, target_label=self.class_names[target], method="gradient",
+                                  saliency=np.round(saliency, 4).tolist())
+        self._log(p, embeddings, now)
+        for i, err in self._errors.items():
+            answers[i] = {"code": err.error_code, "type": "BadRequest" if err.error_code == 400 else "UnsupportedMediaType",
+                          "message": err.message}
+            if self.context is not None:
+                self.context.set_response_status(err.error_code, _safe_phrase(err.message), idx=i)
+        if self.context is None:
+            return answers
+        out = []
+        for i, answer in enumerate(answers):
+            # Serialised here, compactly: TorchServe would pretty-print dicts (indent=2) on the hot path.
+            self.context.set_response_content_type(i, "application/json")
+            out.append(json.dumps(answer, separators=(",", ":")))
+        return out
+
+    # ------------------------------------------------------------------ request log
 
     def _request_source(self, idx: int) -> str:
         """The X-Request-Source header of request idx if it is a short plain name, else 'client'."""
@@ -174,31 +434,30 @@ class ImageClassifierHandler(BaseHandler):
         value = next((str(v) for k, v in headers.items() if str(k).lower() == SOURCE_HEADER), "")
         return value if re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", value) else DEFAULT_SOURCE
 
-    def _log_requests(self, predictions: list[tuple[int, dict[str, Any]]]) -> None:
-        """Append one JSON line per answered request; one write per batch so readers see whole lines."""
-        if self.request_log_path is None or not predictions:
+    def _log(self, probabilities: np.ndarray, embeddings: torch.Tensor, now: float) -> None:
+        """Hand the answered requests to the request log's queue: references only, no work, never blocks."""
+        if self.request_log is None:
             return
-        features = image_features(self._batch_images).to_dict(orient="records")
-        timestamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        lines = []
-        for (idx, prediction), feats in zip(predictions, features):
-            record = {
-                "timestamp": timestamp,
-                "model_version": prediction["model_version"],
-                "predicted_class": prediction["class_index"],
-                "predicted_label": prediction["label"],
-                "confidence": prediction["confidence"],
-                "source": self._request_source(idx),
-                **{name: float(feats[name]) for name in FEATURE_COLUMNS},
-            }
-            lines.append(json.dumps(record) + "\n")
-        try:
-            self.request_log_path.parent.mkdir(parents=True, exist_ok=True)
-            # O_APPEND + a single unbuffered write: a reader never sees half a batch's line.
-            fd = os.open(self.request_log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, "".join(lines).encode())
-            finally:
-                os.close(fd)
-        except OSError as err:  # the answer matters more than its log line; the gap shows in model_log.log
-            logger.error("request log %s not written: %s", self.request_log_path, err)
+        keep = [row for row, i in enumerate(self._valid) if i not in self._errors]
+        if not keep:
+            return
+        predicted = probabilities[keep].argmax(axis=1)
+        self.request_log.submit(LogBatch(
+            images=self._images[keep] if len(keep) < len(self._valid) else self._images,
+            embeddings=embeddings.numpy()[keep] if len(keep) < len(self._valid) else embeddings.numpy(),
+            predicted=predicted.tolist(),
+            labels=[self.class_names[c] for c in predicted],
+            confidences=probabilities[keep, predicted].tolist(),
+            sources=[self._request_source(self._valid[row]) for row in keep],
+            timestamps=[now] * len(keep),
+            model_version=self.model_version,
+        ))
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """TorchServe stops workers with SIGTERM: turn it into SystemExit so atexit flushes the request log."""
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
+    except ValueError:  # not the main thread (e.g. a test runner): leave signals alone
+        pass

@@ -32,8 +32,10 @@ from typing import Any, Protocol
 import requests
 
 from components.models import atomic_write_json
+from serving.request_log import MAX_AGE_ENV, MAX_BYTES_ENV, REQUEST_LOG_ENV
 
 CONFIG_TEMPLATE = Path(__file__).with_name("config.properties")
+LOG_CONFIG = Path(__file__).with_name("log4j2.xml")  # TorchServe's own logs, trimmed (see the file)
 KEY_FILE = "key_file.json"  # TorchServe writes it into its working directory
 STATE_FILE = "state.json"
 PID_FILE = ".model_server.pid"  # TorchServe's launcher keeps the frontend's pid here, in its temp dir
@@ -41,13 +43,19 @@ JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 DEFAULT_TOKEN_EXPIRATION_MIN = 7 * 24 * 60  # see the comment in config.properties
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 1 * 1024 * 1024
+# Frontend threads, measured with benchmarks/serving.py on 2 cores (README "Serving"): Netty's event loops
+# for client connections (0 = one per core, TorchServe's default) and for talking to the workers.
+DEFAULT_NETTY_THREADS = 0
+DEFAULT_NETTY_CLIENT_THREADS = 0
+DEFAULT_VMARGS = ""  # JVM options of the frontend (TorchServe's vmargs); empty = the JVM's defaults
+DEFAULT_JOB_QUEUE_SIZE = 1000  # requests waiting per model before the frontend answers 503; bounded memory
 
 
 class ServingBackend(Protocol):
     """What the deploy and monitor steps need from a model server."""
 
     def start(self, mar_path: Path, model_name: str, host: str, inference_port: int, management_port: int,
-              metrics_port: int, workers: int, request_log_dir: Path | None, timeout_s: float) -> dict[str, Any]:
+              metrics_port: int, workers: int, request_log_dir: str | Path | None, timeout_s: float) -> dict[str, Any]:
         """Serve the model; return the deployment record once it answers."""
         ...
 
@@ -83,30 +91,47 @@ def render_config(
     max_response_size: int = DEFAULT_MAX_RESPONSE_BYTES,
     response_timeout_s: int = 60,
     startup_timeout_s: int = 120,
+    netty_threads: int = DEFAULT_NETTY_THREADS,
+    netty_client_threads: int = DEFAULT_NETTY_CLIENT_THREADS,
+    job_queue_size: int = DEFAULT_JOB_QUEUE_SIZE,
+    workflow_store: str | Path | None = None,
+    vmargs: str = DEFAULT_VMARGS,
 ) -> str:
     """Fill in ``serving/config.properties``: the TorchServe config for one model on ``host``.
 
     ``load_models`` is TorchServe's ``name=file.mar`` list. Token authorization
-    stays on and the model API off whatever the arguments.
+    stays on and the model API off whatever the arguments. ``workflow_store``
+    (default: ``workflow-store`` next to the model store) must be an empty
+    directory: TorchServe has no switch to turn the workflow API off.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if token_expiration_min < 1:
         raise ValueError(f"token_expiration_min must be at least 1 minute, got {token_expiration_min}")
+    if netty_threads < 0 or netty_client_threads < 0 or job_queue_size < 1:
+        raise ValueError(f"netty threads must be >= 0 (0 = one per core) and job_queue_size >= 1, got "
+                         f"{netty_threads}, {netty_client_threads}, {job_queue_size}")
+    if max_request_size < 1024:
+        raise ValueError(f"max_request_size must be at least 1024 bytes, got {max_request_size}")
     ports = [inference_port, management_port, metrics_port, grpc_inference_port, grpc_management_port]
     if len(set(ports)) != len(ports) or not all(0 < p < 65536 for p in ports):
         raise ValueError(f"the five TorchServe ports must be distinct and in 1..65535, got {ports}")
     store = Path(model_store).resolve()
+    workflows = Path(workflow_store).resolve() if workflow_store else store.parent / "workflow-store"
+    if workflows == store:
+        raise ValueError("workflow_store must not be the model store: the workflow API would load archives from it")
     # Java regex of the only place models may come from; re.escape never escapes letters, which Java accepts.
     allowed_urls = f"file://{re.escape(str(store))}/.*"
     values = {
         "host": host, "inference_port": inference_port, "management_port": management_port,
         "metrics_port": metrics_port, "grpc_inference_port": grpc_inference_port,
         "grpc_management_port": grpc_management_port, "token_expiration_min": int(token_expiration_min),
-        "model_store": store, "load_models": load_models, "workers": int(workers),
+        "model_store": store, "workflow_store": workflows, "load_models": load_models, "workers": int(workers),
         "allowed_urls": allowed_urls, "max_request_size": int(max_request_size),
         "max_response_size": int(max_response_size), "response_timeout_s": int(response_timeout_s),
-        "startup_timeout_s": int(startup_timeout_s),
+        "startup_timeout_s": int(startup_timeout_s), "netty_threads": int(netty_threads),
+        "netty_client_threads": int(netty_client_threads), "job_queue_size": int(job_queue_size),
+        "vmargs": vmargs,
     }
     return Template(CONFIG_TEMPLATE.read_text()).substitute({k: _properties_value(v) for k, v in values.items()})
 
@@ -129,6 +154,27 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def archive_workers(mar_path: str | Path) -> int | None:
+    """``minWorkers`` from the .mar's model config (what TorchServe will start), or None if it has none."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(mar_path) as z:
+            config_file = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"].get("configFile")
+            text = z.read(config_file).decode() if config_file else ""
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    match = re.search(r"^minWorkers:\s*(\d+)\s*$", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def curl_example(record: dict[str, Any]) -> str:
+    """A shell line that sends digit.png to the endpoint with the inference key read from the key file."""
+    key = f"$(python3 -c \"import json;print(json.load(open('{record['token_file']}'))['inference']['key'])\")"
+    return (f"curl -H \"Authorization: Bearer {key}\" -H \"Content-Type: image/png\" --data-binary @digit.png "
+            f"{record['endpoint']}")
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -237,19 +283,40 @@ class LocalTorchServe:
             return None
 
     def status(self) -> dict[str, Any]:
-        """``running`` plus the deployment record fields (endpoint, pid, model, token_file, ...)."""
+        """``running``, ``healthy`` (it answers /ping and its workers are READY) and the deployment record fields."""
         state = self._read_state() or {}
         running = _is_torchserve(state.get("pid"), self.home)
+        health = self.health(state) if running else {"healthy": False, "workers_ready": 0, "problem": "not running"}
         return {
             "running": running,
+            **health,
             "home": str(self.home),
             "endpoint": state.get("endpoint"),
             "pid": state.get("pid") if running else None,
             "model": state.get("model_name"),
             "model_version": state.get("model_version"),
             "token_file": state.get("token_file", str(self.key_file)),
+            "request_log_dir": state.get("request_log_dir"),
             "log": str(self.logs / "torchserve.out"),
         }
+
+    def health(self, record: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Ask the running server: /ping with the inference key, and its workers' states from the management API."""
+        record = record or self._read_state() or {}
+        try:
+            keys = json.loads(self.key_file.read_text())
+            base = record["endpoint"].rsplit("/predictions/", 1)[0]
+            ping = requests.get(f"{base}/ping", headers={"Authorization": f"Bearer {keys['inference']['key']}"}, timeout=5)
+            described = requests.get(f"{record['management_endpoint']}/models/{record['model_name']}", timeout=5,
+                                     headers={"Authorization": f"Bearer {keys['management']['key']}"})
+            workers = described.json()[0].get("workers", []) if described.status_code == 200 else []
+        except (OSError, KeyError, ValueError, IndexError, TypeError, requests.RequestException) as err:
+            return {"healthy": False, "workers_ready": 0, "problem": f"{type(err).__name__}: {err}"[:300]}
+        ready = sum(w.get("status") == "READY" for w in workers)
+        pinged = ping.status_code == 200 and "Healthy" in ping.text
+        problem = None if pinged and ready else (f"/ping answered HTTP {ping.status_code}: {ping.text[:100]}" if not pinged
+                                                 else f"no READY worker ({[w.get('status') for w in workers]})")
+        return {"healthy": problem is None, "workers_ready": ready, "problem": problem}
 
     def start(
         self,
@@ -266,17 +333,32 @@ class LocalTorchServe:
         grpc_inference_port: int | None = None,
         grpc_management_port: int | None = None,
         token_expiration_min: int = DEFAULT_TOKEN_EXPIRATION_MIN,
+        request_log_max_bytes: int | None = None,
+        request_log_max_age_s: float | None = None,
+        netty_threads: int = DEFAULT_NETTY_THREADS,
+        netty_client_threads: int = DEFAULT_NETTY_CLIENT_THREADS,
+        job_queue_size: int = DEFAULT_JOB_QUEUE_SIZE,
+        max_request_size: int = DEFAULT_MAX_REQUEST_BYTES,
+        log_config: str | Path | None = LOG_CONFIG,
+        vmargs: str = DEFAULT_VMARGS,
     ) -> dict[str, Any]:
         """Start TorchServe with one model and wait until all its workers are ready.
 
         Returns the deployment record (also written to ``home/state.json``).
         gRPC ports (TorchServe always opens them) are picked free ones unless given.
+        The worker count and batching come from the archive's model config
+        (``serving.archive.build_mar``); ``workers`` only applies to an archive without one.
+        ``request_log_dir`` is a local directory or an ``s3://`` prefix; its files
+        rotate at ``request_log_max_bytes`` / ``request_log_max_age_s`` (handler defaults when None).
+        ``log_config``: TorchServe's log4j2 configuration (None: TorchServe's built-in one, which logs
+        every request several times at DEBUG; for comparisons only).
         """
         if self.status()["running"]:
             raise RuntimeError(f"TorchServe from {self.home} is already running (pid {self.status()['pid']}); stop it first")
         mar_path = Path(mar_path).resolve()
         if not mar_path.is_file():
             raise FileNotFoundError(f"model archive {mar_path} not found: build it with serving.archive.build_mar")
+        workers = archive_workers(mar_path) or workers
         grpc_inference_port = grpc_inference_port or free_port(host)
         grpc_management_port = grpc_management_port or free_port(host)
         ports = {"inference": inference_port, "management": management_port, "metrics": metrics_port,
@@ -290,6 +372,10 @@ class LocalTorchServe:
 
         for d in (self.model_store, self.logs):
             d.mkdir(parents=True, exist_ok=True)
+        workflow_store = self.home / "workflow-store"
+        workflow_store.mkdir(mode=0o700, exist_ok=True)
+        if any(workflow_store.iterdir()):
+            raise RuntimeError(f"{workflow_store} must stay empty (workflow archives are code); remove what is in it")
         temp_dir = self._make_temp_dir()
         (temp_dir / PID_FILE).unlink(missing_ok=True)
         stored_mar = self.model_store / f"{model_name}.mar"
@@ -297,23 +383,35 @@ class LocalTorchServe:
             shutil.copy2(mar_path, stored_mar)
         self.config_file.write_text(render_config(
             self.model_store, f"{model_name}={stored_mar.name}", host, inference_port, management_port, metrics_port,
-            grpc_inference_port, grpc_management_port, workers, token_expiration_min, startup_timeout_s=max(1, int(timeout_s)),
+            grpc_inference_port, grpc_management_port, workers, token_expiration_min, max_request_size=max_request_size,
+            startup_timeout_s=max(1, int(timeout_s)), netty_threads=netty_threads,
+            netty_client_threads=netty_client_threads, job_queue_size=job_queue_size, vmargs=vmargs,
         ))
         self.key_file.unlink(missing_ok=True)  # old keys are dead; wait for the new file
-        log_dir = Path(request_log_dir).resolve() if request_log_dir else None
-        if log_dir:
-            log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir: str | None = None
+        if request_log_dir and str(request_log_dir).startswith("s3://"):
+            log_dir = str(request_log_dir).rstrip("/")
+        elif request_log_dir:
+            Path(request_log_dir).resolve().mkdir(parents=True, exist_ok=True)
+            log_dir = str(Path(request_log_dir).resolve())
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}  # TS_CONFIG_FILE would replace our config
         project_root = str(Path(__file__).resolve().parent.parent)  # workers import components.* from this checkout
         env.update(LOG_LOCATION=str(self.logs), METRICS_LOCATION=str(self.logs), TEMP=str(temp_dir), TMPDIR=str(temp_dir),
                    PYTHONPATH=os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p))
-        env.pop("KFP_MLOPS_REQUEST_LOG_DIR", None)
+        for name in (REQUEST_LOG_ENV, MAX_BYTES_ENV, MAX_AGE_ENV):
+            env.pop(name, None)
         if log_dir:
-            env["KFP_MLOPS_REQUEST_LOG_DIR"] = str(log_dir)
+            env[REQUEST_LOG_ENV] = log_dir
+            if request_log_max_bytes is not None:
+                env[MAX_BYTES_ENV] = str(int(request_log_max_bytes))
+            if request_log_max_age_s is not None:
+                env[MAX_AGE_ENV] = str(float(request_log_max_age_s))
         out_log = self.logs / "torchserve.out"
         cmd = [sys.executable, "-m", "ts.model_server", "--start", "--ncs", "--ts-config", str(self.config_file),
                "--model-store", str(self.model_store)]
+        if log_config is not None:
+            cmd += ["--log-config", str(Path(log_config).resolve())]
         print(f"[serve] starting TorchServe for model '{model_name}' on {host}:{inference_port} (home {self.home})", flush=True)
         with open(out_log, "ab") as out:
             # The launcher spawns the Java frontend and exits; a new session keeps the server alive
@@ -331,7 +429,7 @@ class LocalTorchServe:
             "management_endpoint": f"http://{host}:{management_port}",
             "metrics_endpoint": f"http://{host}:{metrics_port}/metrics",
             "token_file": str(self.key_file),
-            "request_log_dir": str(log_dir) if log_dir else None,
+            "request_log_dir": log_dir,
             "model_name": model_name,
             "model_version": model_version,
             "home": str(self.home),
@@ -348,14 +446,11 @@ class LocalTorchServe:
             raise
         print(f"[serve] TorchServe is up (pid {pid}): {record['endpoint']}", flush=True)
         print(f"[serve] bearer tokens are in {self.key_file} (owner-only); the inference key is under 'inference'.", flush=True)
-        print(f"[serve] try:  curl -H \"Authorization: Bearer $({sys.executable} -c \"import json;"
-              f"print(json.load(open('{self.key_file}'))['inference']['key'])\")\" -H \"Content-Type: image/png\" "
-              f"--data-binary @digit.png {record['endpoint']}",
-              flush=True)
+        print(f"[serve] try:  {curl_example(record)}", flush=True)
         return record
 
     def _wait_ready(self, record: dict[str, Any], workers: int, timeout_s: float, out_log: Path) -> None:
-        """Poll the management API until all workers of the model are READY (or fail with the log tail)."""
+        """Poll until all workers of the model are READY and /ping answers Healthy (or fail with the log tail)."""
         url = f"{record['management_endpoint']}/models/{record['model_name']}"
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"
@@ -368,7 +463,7 @@ class LocalTorchServe:
                     response = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5)
                     if response.status_code == 200:
                         ready = [w for w in response.json()[0].get("workers", []) if w.get("status") == "READY"]
-                        if len(ready) >= workers:
+                        if len(ready) >= workers and self.health(record)["healthy"]:
                             return
                         last = f"{len(ready)}/{workers} workers ready"
                     else:

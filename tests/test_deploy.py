@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,13 @@ def test_deploy_component_serves_then_a_failed_redeploy_stops_everything(tmp_pat
         assert "cost_wall_seconds" in metrics.metadata
         state = json.loads((home / "state.json").read_text())
         assert {k: state[k] for k in RECORD_KEYS} == {k: record[k] for k in RECORD_KEYS}
-        logged = [json.loads(line) for f in Path(record["request_log_dir"]).glob("requests-*.jsonl")
-                  for line in f.read_text().splitlines()]
+        deadline = time.monotonic() + 10  # the handler writes its request log from a background thread
+        while True:
+            logged = [json.loads(line) for f in Path(record["request_log_dir"]).glob("requests-*.jsonl")
+                      for line in f.read_text().splitlines()]
+            if len(logged) >= 16 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert len(logged) == 16 and {line["source"] for line in logged} == {"smoke-test"}
 
         # Redeploying from the same home replaces the running server; an impossible smoke-test bar

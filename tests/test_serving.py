@@ -1,4 +1,4 @@
-"""Serving: the TorchServe handler, the config, the archive and a real TorchServe.
+"""Serving: the TorchServe handler, the request log, the config, the archive and a real TorchServe.
 
 Handler tests run the handler in-process with TorchServe's own Context. The
 integration tests (slow) start the real TorchServe once for the module, on
@@ -7,10 +7,14 @@ free ports, with a classifier trained here for a few seconds on sklearn digits.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
+import re
+import signal
 import socket
+import threading
 import time
 import zipfile
 from datetime import datetime
@@ -25,14 +29,18 @@ from PIL import Image
 from ts.context import Context, RequestProcessor
 from ts.utils.util import PredictionException
 
-from components.features import FEATURE_COLUMNS, image_features
+from components.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, embedding_projection, image_features
 from components.models import Classifier, EncoderSpec, save_classifier
-from serving.archive import build_mar
+from serving import request_log as request_log_mod
+from serving.archive import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS, DEFAULT_WORKERS, build_mar, model_config_yaml
 from serving.client import encode_png, predict, read_token
 from serving.handler import REQUEST_LOG_ENV, ImageClassifierHandler
-from serving.server import LocalTorchServe, free_port, port_in_use, render_config
+from serving.request_log import LogBatch, RequestLogger, RotatingJsonl, build_records
+from serving.server import LocalTorchServe, archive_workers, free_port, port_in_use, render_config
 
 DIGIT_NAMES = [str(i) for i in range(10)]
+PNG = {"content-type": "image/png"}
+JSON_TYPE = {"content-type": "application/json"}
 
 
 def train_digits_classifier(out_dir: Path, steps: int = 300, max_seconds: float = 20.0,
@@ -70,7 +78,7 @@ def make_context(model_dir: Path, headers: list[dict] | None = None) -> Context:
     """TorchServe's own Context, as the worker builds it, with per-request headers."""
     ctx = Context("digits", str(model_dir), {"model": {"modelName": "digits", "modelVersion": "9.9"}},
                   batch_size=1, gpu=None, mms_version="0.12.0", metrics=mock.MagicMock(), model_yaml_config={})
-    ctx.request_processor = [RequestProcessor(h) for h in (headers or [{}])]
+    ctx.request_processor = [RequestProcessor(h) for h in (headers or [{"body": PNG}])]
     return ctx
 
 
@@ -80,6 +88,15 @@ def make_handler(model_dir: Path) -> ImageClassifierHandler:
     handler.initialize(make_context(model_dir))
     torch.set_num_threads(threads)  # the handler pins one thread per worker; keep the test process as it was
     return handler
+
+
+def handle(handler: ImageClassifierHandler, rows: list[dict], headers: list[dict]) -> tuple[list, Context]:
+    """Run a batch through handle() as the worker does; answers parsed back from their JSON."""
+    ctx = make_context(Path("."), headers)
+    answers = handler.handle(rows, ctx)
+    assert all(isinstance(a, str) for a in answers), "answers must be pre-serialised JSON strings"
+    assert all(ctx.get_response_content_type(i) == "application/json" for i in range(len(rows)))
+    return [json.loads(a) for a in answers], ctx
 
 
 def png_bytes(mode: str, size: tuple[int, int], color) -> bytes:
@@ -118,46 +135,61 @@ def digit_images() -> tuple[np.ndarray, np.ndarray]:
     return (digits.images[:20, None] / 16.0).astype(np.float32), digits.target[:20]
 
 
-# ---------------------------------------------------------------- handler
+@pytest.fixture
+def handler(gray_model, monkeypatch) -> ImageClassifierHandler:
+    monkeypatch.delenv(REQUEST_LOG_ENV, raising=False)
+    return make_handler(gray_model)
 
-def test_preprocess_png_round_trips_pixels(gray_model, digit_images):
-    handler = make_handler(gray_model)
+
+# ---------------------------------------------------------------- handler: decoding
+
+def test_preprocess_png_round_trips_pixels(handler, digit_images):
     images, _ = digit_images
-    batch = handler.preprocess([{"data": encode_png(images[0])}, {"body": bytearray(encode_png(images[1]))}])
+    batch = handler.preprocess([{"body": encode_png(images[0])}, {"data": bytearray(encode_png(images[1]))}])
     assert batch.shape == (2, 1, 8, 8) and batch.dtype == torch.float32
     np.testing.assert_allclose(batch.numpy(), images[:2], atol=0.5 / 255 + 1e-6)
 
 
-def test_preprocess_jpeg_rgb_to_gray_and_resize(gray_model):
-    handler = make_handler(gray_model)
+def test_preprocess_jpeg_rgb_to_gray_and_resize(handler):
     red = np.zeros((32, 24, 3), np.uint8)
     red[..., 0] = 255
-    batch = handler.preprocess([{"data": jpeg_bytes(red)}])
+    batch = handler.preprocess([{"body": jpeg_bytes(red)}])
     assert batch.shape == (1, 1, 8, 8)
     # ITU-R 601 luma of pure red is 0.299; JPEG adds a little error
     np.testing.assert_allclose(batch.numpy(), 0.299, atol=0.02)
 
 
-def test_preprocess_gray_png_to_rgb_model(rgb_model):
-    handler = make_handler(rgb_model)
-    batch = handler.preprocess([{"data": png_bytes("L", (40, 40), 128)}])
+def test_preprocess_gray_png_to_rgb_model(rgb_model, monkeypatch):
+    monkeypatch.delenv(REQUEST_LOG_ENV, raising=False)
+    batch = make_handler(rgb_model).preprocess([{"body": png_bytes("L", (40, 40), 128)}])
     assert batch.shape == (1, 3, 16, 16)
     np.testing.assert_allclose(batch.numpy(), 128 / 255, atol=1e-6)
 
 
-def test_preprocess_scales_16_bit_png(gray_model):
+def test_preprocess_scales_16_bit_png(handler):
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(buf, format="PNG")
-    batch = make_handler(gray_model).preprocess([{"data": buf.getvalue()}])
-    np.testing.assert_allclose(batch.numpy(), 128 / 255, atol=1e-6)
+    np.testing.assert_allclose(handler.preprocess([{"body": buf.getvalue()}]).numpy(), 128 / 255, atol=1e-6)
 
 
-def test_preprocess_accepts_base64_text(gray_model, digit_images):
-    import base64
-
-    handler = make_handler(gray_model)
-    text = base64.b64encode(encode_png(digit_images[0][0])).decode()
-    assert handler.preprocess([{"data": text}]).shape == (1, 1, 8, 8)
+@pytest.mark.parametrize("form", ["base64-text", "json-image", "json-pixels-2d", "json-pixels-3d", "json-list",
+                                  "json-bytes-undecoded", "json-without-content-type"])
+def test_json_and_base64_bodies_decode_to_the_same_pixels(handler, digit_images, form):
+    image = np.round(digit_images[0][0] * 255) / 255  # what a PNG carries
+    png = encode_png(image)
+    bodies = {
+        "base64-text": (base64.b64encode(png).decode(), {"content-type": "text/plain"}),
+        "json-image": ({"image": base64.b64encode(png).decode()}, JSON_TYPE),
+        "json-pixels-2d": ({"pixels": image[0].tolist()}, JSON_TYPE),
+        "json-pixels-3d": ({"pixels": image.tolist()}, JSON_TYPE),
+        "json-list": (image.tolist(), JSON_TYPE),
+        # TorchServe passes JSON it could not decode (or with TS_DECODE_INPUT_REQUEST=false) as bytes
+        "json-bytes-undecoded": (json.dumps({"pixels": image.tolist()}).encode(), JSON_TYPE),
+        "json-without-content-type": (json.dumps({"pixels": image.tolist()}).encode(), {}),
+    }
+    body, content_type = bodies[form]
+    handler.context = make_context(Path("."), [{"body": content_type}])
+    np.testing.assert_allclose(handler.preprocess([{"body": body}]).numpy(), image[None], atol=1e-6)
 
 
 def _truncated_png() -> bytes:
@@ -166,115 +198,375 @@ def _truncated_png() -> bytes:
 
 
 @pytest.mark.parametrize(
-    "row, message",
+    "row, content_type, code, message",
     [
-        ({"data": b""}, "empty request body"),
-        ({"body": b"this is not an image"}, "is not a PNG or JPEG image"),
-        ({"data": _truncated_png()}, "broken or unsupported PNG/JPEG"),
-        ({"data": png_bytes("L", (4, 4), 0)[:8] + b"\0" * 30}, "PNG"),
-        ({}, "no image in the request"),
-        ({"image": b"\x89PNG"}, "no image in the request"),  # a form field, not the body
-        ({"data": {"instances": [1, 2]}}, "unsupported request body of type dict"),
-        ({"data": "%%% not base64 %%%"}, "not base64"),
-        ({"data": b"GIF89a" + b"\0" * 20}, "is not a PNG or JPEG image"),
+        ({"body": b""}, PNG, 400, "empty request body"),
+        ({"body": b"this is not an image"}, PNG, 400, "is not a PNG or JPEG image"),
+        ({"body": _truncated_png()}, PNG, 400, "broken or unsupported PNG/JPEG"),
+        ({"body": png_bytes("L", (4, 4), 0)[:8] + b"\0" * 30}, PNG, 400, "PNG"),
+        ({}, PNG, 400, "no image in the request"),
+        ({"image": b"\x89PNG"}, PNG, 400, "no image in the request"),  # a form field, not the body
+        ({"body": "%%% not base64 %%%"}, {"content-type": "text/plain"}, 400, "not base64"),
+        ({"body": b"GIF89a" + b"\0" * 20}, PNG, 400, "is not a PNG or JPEG image"),
+        ({"body": b"GIF89a" + b"\0" * 20}, {"content-type": "image/gif"}, 415, "unsupported content type 'image/gif'"),
+        ({"body": b"<xml/>"}, {"content-type": "application/xml"}, 415, "unsupported content type"),
+        ({"body": b"{not json"}, JSON_TYPE, 400, "not valid JSON"),
+        ({"body": "just a string"}, JSON_TYPE, 400, "must be an object with 'image'"),
+        ({"body": 42}, JSON_TYPE, 400, "unsupported JSON body of type int"),
+        ({"body": {"instances": [1, 2]}}, JSON_TYPE, 400, "unknown JSON field(s) ['instances']"),
+        ({"body": {}}, JSON_TYPE, 400, "exactly one of 'image'"),
+        ({"body": {"image": "aGk=", "pixels": [[0]]}}, JSON_TYPE, 400, "exactly one of 'image'"),
+        ({"body": {"image": 5}}, JSON_TYPE, 400, "'image' must be a base64 string"),
+        ({"body": {"image": "***"}}, JSON_TYPE, 400, "'image' is text but not base64"),
+        ({"body": {"pixels": [[0.5] * 8] * 7}}, JSON_TYPE, 400, "shape [7, 8]; this model takes [8, 8] or [1, 8, 8]"),
+        ({"body": {"pixels": [[[0.5] * 8] * 8] * 3}}, JSON_TYPE, 400, "shape [3, 8, 8]"),
+        ({"body": {"pixels": [[1, 2], [3]]}}, JSON_TYPE, 400, "ragged list or a non-number"),
+        ({"body": {"pixels": [["a"] * 8] * 8}}, JSON_TYPE, 400, "ragged list or a non-number"),
+        ({"body": {"pixels": [[255] * 8] * 8}}, JSON_TYPE, 400, "values must be finite numbers in [0, 1]"),
+        ({"body": {"pixels": [[float("nan")] * 8] * 8}}, JSON_TYPE, 400, "values must be finite numbers in [0, 1]"),
+        ({"body": {"pixels": [[0.5] * 8] * 8, "topk": 0}}, JSON_TYPE, 400, "topk must be an integer from 1 to 10"),
+        ({"body": {"pixels": [[0.5] * 8] * 8, "topk": "x"}}, JSON_TYPE, 400, "topk must be an integer from 1 to 10"),
+        ({"body": {"pixels": [[0.5] * 8] * 8, "topk": True}}, JSON_TYPE, 400, "topk must be an integer"),
+        ({"body": {"pixels": [[0.5] * 8] * 8, "topk": 2.5}}, JSON_TYPE, 400, "topk must be an integer"),
     ],
-    ids=["empty", "not-an-image", "truncated-png", "corrupt-png", "no-body", "form-field", "json-dict", "bad-base64", "gif"],
+    ids=["empty", "not-an-image", "truncated-png", "corrupt-png", "no-body", "form-field", "bad-base64", "gif-as-png",
+         "gif-type", "xml-type", "bad-json", "json-string", "json-number", "json-unknown-field", "json-empty",
+         "json-both", "json-image-not-str", "json-image-not-b64", "pixels-short", "pixels-channels", "pixels-ragged",
+         "pixels-strings", "pixels-8bit", "pixels-nan", "topk-0", "topk-text", "topk-bool", "topk-fraction"],
 )
-def test_bad_input_is_a_400_with_a_message(gray_model, row, message):
-    handler = make_handler(gray_model)
+def test_bad_input_is_a_4xx_with_a_message(handler, row, content_type, code, message):
+    handler.context = make_context(Path("."), [{"body": content_type, "data": content_type}])
+    answers = [json.loads(a) for a in handler.postprocess(handler.inference(handler.preprocess([row])))]
+    assert answers == [{"code": code, "type": mock.ANY, "message": mock.ANY}]
+    assert message in answers[0]["message"], answers[0]["message"]
+    assert handler.context.get_response_status(0)[0] == code
+    # Without a context (no way to answer per request, nor to know the content type) a 4xx is raised.
+    handler.context = None
     with pytest.raises(PredictionException) as err:
         handler.preprocess([row])
-    assert err.value.error_code == 400
-    assert message in err.value.message
+    assert 400 <= err.value.error_code < 500
 
 
-def test_decompression_bomb_is_refused_before_decoding(gray_model):
-    handler = make_handler(gray_model)
+def test_decompression_bomb_is_refused_before_decoding(handler):
     huge = png_bytes("1", (5000, 5000), 0)  # tiny file, 25 M pixels
     with pytest.raises(PredictionException, match="too large") as err:
-        handler.preprocess([{"data": huge}])
+        handler.preprocess([{"body": huge}])
     assert err.value.error_code == 400
 
 
-def test_handle_batch_gives_one_labelled_answer_per_request(gray_model, digit_images):
-    handler = make_handler(gray_model)
+def test_reason_phrase_is_safe_for_http(handler):
+    """A client-chosen content type ends up in the message; the HTTP status line must stay one ASCII line."""
+    answers, ctx = handle(handler, [{"body": b"x"}], [{"body": {"content-type": "image/\u00e9vil\r\nX-Injected: 1"}}])
+    assert answers[0]["code"] == 415
+    code, phrase = ctx.get_response_status(0)
+    assert code == 415 and re.fullmatch(r"[\x20-\x7e]{1,200}", phrase)
+
+
+# ---------------------------------------------------------------- handler: answers
+
+def test_batch_gives_one_top_k_answer_per_request(handler, digit_images):
     images, _ = digit_images
-    rows = [{"data": encode_png(im)} for im in images[:3]]
-    answers = handler.handle(rows, make_context(gray_model, [{}, {}, {}]))
-    assert len(answers) == 3
+    rows = [{"body": encode_png(im)} for im in images[:3]]
+    answers, _ = handle(handler, rows, [{"body": PNG}, {"body": PNG, "X-Top-K": "5"}, {"body": PNG, "x-top-k": "10"}])
+    assert [len(a["top_k"]) for a in answers] == [3, 5, 10]
     for a in answers:
-        assert set(a) == {"label", "class_index", "confidence", "probabilities", "model_version"}
+        assert set(a) == {"label", "class_index", "confidence", "probabilities", "top_k", "model_version"}
         assert isinstance(a["class_index"], int) and a["label"] == DIGIT_NAMES[a["class_index"]]
-        assert list(a["probabilities"]) == DIGIT_NAMES
-        assert sum(a["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-        assert a["confidence"] == max(a["probabilities"].values())
+        probs = [t["probability"] for t in a["top_k"]]
+        assert probs == sorted(probs, reverse=True) and a["confidence"] == probs[0]
+        assert a["top_k"][0] == {"label": a["label"], "class_index": a["class_index"], "probability": a["confidence"]}
+        assert list(a["probabilities"]) == [t["label"] for t in a["top_k"]]
         assert a["model_version"] == "v-gray"  # the metadata's version wins over the manifest's
-    json.dumps(answers)  # TorchServe must be able to serialise them
+    assert sum(t["probability"] for t in answers[2]["top_k"]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_mixed_batch_fails_only_the_bad_request(gray_model, digit_images):
-    handler = make_handler(gray_model)
-    ctx = make_context(gray_model, [{}, {}, {}])
+def test_topk_from_json_wins_over_the_header(handler, digit_images):
+    body = {"pixels": digit_images[0][0][0].tolist(), "topk": 1}
+    answers, _ = handle(handler, [{"body": body}], [{"body": JSON_TYPE, "X-Top-K": "7"}])
+    assert len(answers[0]["top_k"]) == 1
+
+
+def test_mixed_batch_fails_only_the_bad_requests(handler, digit_images):
     good = encode_png(digit_images[0][0])
-    answers = handler.handle([{"data": good}, {"data": b"junk"}, {"data": good}], ctx)
-    assert "error" in answers[1] and ctx.get_response_status(1)[0] == 400
-    assert answers[0]["class_index"] == answers[2]["class_index"]
-    assert ctx.get_response_status(0)[0] in (None, 200)
+    rows = [{"body": good}, {"body": b"junk"}, {"body": good}, {"body": good}]
+    headers = [{"body": PNG}, {"body": PNG}, {"body": {"content-type": "text/html"}}, {"body": PNG}]
+    answers, ctx = handle(handler, rows, headers)
+    assert [ctx.get_response_status(i)[0] or 200 for i in range(4)] == [200, 400, 415, 200]
+    assert answers[1]["code"] == 400 and answers[2]["code"] == 415
+    assert answers[0] == answers[3] and answers[0]["label"] in DIGIT_NAMES
 
 
-def test_batch_of_only_bad_requests_raises_400(gray_model):
-    handler = make_handler(gray_model)
-    with pytest.raises(PredictionException) as err:
-        handler.handle([{"data": b""}, {"data": b"junk"}], make_context(gray_model, [{}, {}]))
-    assert err.value.error_code == 400
+def test_batch_of_only_bad_requests_answers_each(handler):
+    answers, ctx = handle(handler, [{"body": b""}, {"body": b"junk"}], [{"body": PNG}, {"body": PNG}])
+    assert [a["code"] for a in answers] == [400, 400]
+    assert "empty request body" in answers[0]["message"] and "not a PNG" in answers[1]["message"]
 
 
-def test_request_log_has_prediction_and_every_feature(gray_model, digit_images, tmp_path, monkeypatch):
+def test_describe_header_cannot_hijack_a_batch(handler, digit_images):
+    """BaseHandler answers a whole batch with one 'describe' result when request 0 asks; ours ignores it."""
+    png = encode_png(digit_images[0][0])
+    answers, _ = handle(handler, [{"body": png}, {"body": png}], [{"body": PNG, "describe": "True"}, {"body": PNG}])
+    assert len(answers) == 2 and all(a["label"] in DIGIT_NAMES for a in answers)
+
+
+def test_explanations_give_a_saliency_map_per_request(handler, digit_images):
+    images, _ = digit_images
+    png = encode_png(images[0])
+    rows = [{"body": png}, {"body": png}, {"body": png}]
+    headers = [{"body": PNG, "explain": "True"}, {"body": PNG, "explain": "False"}, {"body": PNG, "explain": "True", "X-Target": "3"}]
+    answers, _ = handle(handler, rows, headers)
+    assert all(p.grad is None for p in handler.model.parameters())  # explaining leaves the model as it was
+    assert "saliency" not in answers[1]  # prediction and explanation requests may share a batch
+    own, targeted = answers[0], answers[2]
+    assert own["target_index"] == own["class_index"] and targeted["target_index"] == 3 and targeted["target_label"] == "3"
+    for a in (own, targeted):
+        saliency = np.array(a["saliency"])
+        assert a["method"] == "gradient" and saliency.shape == (8, 8)
+        assert saliency.min() >= 0 and saliency.max() == pytest.approx(1.0)
+    # The map is the input gradient of the target score: check it against autograd directly.
+    x = handler.preprocess([{"body": png}]).clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(handler.model(x)[0, 3], x)
+    expected = grad.abs()[0, 0]
+    np.testing.assert_allclose(np.array(targeted["saliency"]), (expected / expected.max()).numpy(), atol=1e-4)
+
+
+def test_explanation_with_a_bad_target_is_a_400(handler, digit_images):
+    png = encode_png(digit_images[0][0])
+    answers, ctx = handle(handler, [{"body": png}], [{"body": PNG, "explain": "True", "X-Target": "eleven"}])
+    assert answers[0]["code"] == 400 and "target must be an integer from 0 to 9" in answers[0]["message"]
+
+
+def test_base_handler_explain_route_is_the_same_path(handler, digit_images):
+    """TorchServe calls explain_handle when request 0 is an explanation: the answers must not change shape."""
+    png = encode_png(digit_images[0][0])
+    answers, _ = handle(handler, [{"body": png}, {"body": png}], [{"body": PNG, "explain": "True"}, {"body": PNG}])
+    assert "saliency" in answers[0] and "saliency" not in answers[1]
+
+
+# ---------------------------------------------------------------- request log
+
+def _log_lines(directory: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(directory.glob("requests-*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def test_request_log_has_prediction_features_and_embedding(gray_model, digit_images, tmp_path, monkeypatch):
     monkeypatch.setenv(REQUEST_LOG_ENV, str(tmp_path / "log"))
     handler = make_handler(gray_model)
     images, _ = digit_images
-    rows = [{"data": encode_png(im)} for im in images[:4]]
-    answers = handler.handle(rows, make_context(gray_model, [{"X-Request-Source": "smoke-test"}, {}, {}, {"x-request-source": "bad value!"}]))
-    answers += handler.handle(rows[:1], make_context(gray_model))
-    files = list((tmp_path / "log").glob("requests-*.jsonl"))
-    assert [f.name for f in files] == [f"requests-{os.getpid()}.jsonl"]
-    lines = [json.loads(line) for line in files[0].read_text().splitlines()]
+    rows = [{"body": encode_png(im)} for im in images[:4]]
+    headers = [{"body": PNG, "X-Request-Source": "smoke-test", "Authorization": "Bearer secret"}, {"body": PNG},
+               {"body": PNG}, {"body": PNG, "x-request-source": "bad value!"}]
+    before = time.time()
+    answers, _ = handle(handler, rows, headers)
+    answers += handle(handler, rows[:1], [{"body": PNG}])[0]
+    assert handler.request_log.flush(10)
+    lines = _log_lines(tmp_path / "log")
     assert len(lines) == 5
-    expected = image_features(np.round(images[:4] * 255) / 255)  # what the server sees after PNG encoding
+    served = np.round(images[:4] * 255) / 255  # what the server sees after PNG encoding
+    expected = image_features(served)
+    with torch.inference_mode():
+        embeddings = embedding_projection(handler.model.embed(torch.from_numpy(served.astype(np.float32))).numpy())
     for i, (line, answer) in enumerate(zip(lines, answers)):
-        assert set(FEATURE_COLUMNS) <= set(line)
-        assert datetime.fromisoformat(line["timestamp"]).utcoffset().total_seconds() == 0
+        assert set(FEATURE_COLUMNS + EMBEDDING_COLUMNS) <= set(line)
+        stamp = datetime.fromisoformat(line["timestamp"])
+        assert stamp.utcoffset().total_seconds() == 0 and before - 1 <= stamp.timestamp() <= time.time() + 1
         assert line["model_version"] == "v-gray"
         assert line["predicted_class"] == answer["class_index"] and isinstance(line["predicted_class"], int)
-        assert line["predicted_label"] == answer["label"] and line["confidence"] == answer["confidence"]
+        assert line["predicted_label"] == answer["label"]
+        assert line["confidence"] == pytest.approx(answer["confidence"], rel=1e-5)  # 6 significant digits
         if i < 4:
             for col in FEATURE_COLUMNS:
                 assert line[col] == pytest.approx(expected[col][i], abs=1e-5), col
+            for j, col in enumerate(EMBEDDING_COLUMNS):
+                assert line[col] == pytest.approx(embeddings[i, j], abs=1e-4), col
     assert [line["source"] for line in lines] == ["smoke-test", "client", "client", "client", "client"]
+    assert "secret" not in "".join(f.read_text() for f in (tmp_path / "log").iterdir())  # headers are not logged
+    handler.request_log.close()
+
+
+def test_request_log_skips_failed_requests(gray_model, digit_images, tmp_path, monkeypatch):
+    monkeypatch.setenv(REQUEST_LOG_ENV, str(tmp_path / "log"))
+    handler = make_handler(gray_model)
+    png = encode_png(digit_images[0][0])
+    handle(handler, [{"body": png}, {"body": b"junk"}, {"body": png}], [{"body": PNG}] * 3)
+    handle(handler, [{"body": png}], [{"body": PNG, "explain": "True", "X-Target": "nope"}])  # answered 400
+    assert handler.request_log.flush(10)
+    assert len(_log_lines(tmp_path / "log")) == 2
+    handler.request_log.close()
 
 
 def test_unwritable_request_log_does_not_fail_the_answer(gray_model, digit_images, tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv(REQUEST_LOG_ENV, str(tmp_path / "a-file" / "log"))
     handler = make_handler(gray_model)
-    answers = handler.handle([{"data": encode_png(digit_images[0][0])}], make_context(gray_model))
+    answers, _ = handle(handler, [{"body": encode_png(digit_images[0][0])}], [{"body": PNG}])
     assert answers[0]["label"] in DIGIT_NAMES
+    assert handler.request_log.flush(10)
+    assert handler.request_log.stats()["failed"] == 1
+    handler.request_log.close()
 
 
 def test_no_request_log_without_the_env(gray_model, digit_images, tmp_path, monkeypatch):
     monkeypatch.delenv(REQUEST_LOG_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     handler = make_handler(gray_model)
-    handler.handle([{"data": encode_png(digit_images[0][0])}], make_context(gray_model))
-    assert handler.request_log_path is None and list(tmp_path.iterdir()) == []
+    handle(handler, [{"body": encode_png(digit_images[0][0])}], [{"body": PNG}])
+    assert handler.request_log is None and list(tmp_path.iterdir()) == []
+
+
+def _log_batch(n: int, t: float = 1_700_000_000.0) -> LogBatch:
+    rng = np.random.default_rng(n)
+    return LogBatch(images=rng.random((n, 1, 8, 8), dtype=np.float32), embeddings=rng.random((n, 16), dtype=np.float32),
+                    predicted=[1] * n, labels=["1"] * n, confidences=[0.5] * n, sources=["client"] * n,
+                    timestamps=[t] * n, model_version="v")
+
+
+def test_fast_lines_are_the_records_as_json(tmp_path):
+    """format_lines (what the writer writes) and build_records (the dicts) agree, in time order, any mix of models."""
+    batches = [_log_batch(3, t=1_700_000_002.0), _log_batch(2, t=1_700_000_001.0)]
+    wide = _log_batch(2, t=1_700_000_000.5)
+    wide.embeddings = np.ones((2, 24), np.float32)  # a second model (another embedding width) in the same block
+    wide.confidences = [float("nan"), 0.25]  # a non-finite number falls back to json.dumps (NaN)
+    wide.model_version, wide.labels = 'v"2\\', ["caf\u00e9", "x"]  # strings are JSON-escaped
+    batches.append(wide)
+    records = build_records(batches)
+    parsed = [json.loads(line) for line in request_log_mod.format_lines(batches)]
+    assert [r["timestamp"] for r in parsed] == sorted(r["timestamp"] for r in parsed)
+    assert len(parsed) == len(records) == 7
+    for got, want in zip(parsed, records):
+        assert list(got) == list(want)
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9, nan_ok=True), key
+            else:
+                assert got[key] == value, key
+
+
+def test_full_queue_drops_and_counts_without_blocking(tmp_path, monkeypatch):
+    gate = threading.Event()
+    real_format = request_log_mod.format_lines
+
+    def stuck_format(batches):
+        gate.wait(10)  # the writer is stuck (a slow disk, a hung upload)
+        return real_format(batches)
+
+    monkeypatch.setattr(request_log_mod, "format_lines", stuck_format)
+    log = RequestLogger(str(tmp_path / "log"), queue_batches=2, poll_s=0.01)
+    assert log.submit(_log_batch(3))
+    deadline = time.monotonic() + 5
+    while log.stats()["queued_batches"] and time.monotonic() < deadline:  # the writer took it and is now stuck
+        time.sleep(0.01)
+    start = time.perf_counter()
+    accepted = [True] + [log.submit(_log_batch(3)) for _ in range(50)]
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5, f"submit blocked for {elapsed:.2f} s"
+    stats = log.stats()
+    assert sum(accepted) == 3 and stats["dropped"] == 3 * 48  # 1 being written + 2 waiting; the rest dropped
+    gate.set()
+    assert log.flush(10)
+    log.close()
+    assert len(_log_lines(tmp_path / "log")) == 3 * sum(accepted) == log.stats()["written"]
+
+
+def test_rotation_by_size_and_by_age(tmp_path):
+    now = [1_700_000_000.0]
+    closed: list[Path] = []
+    files = RotatingJsonl(tmp_path, max_bytes=100, max_age_s=60, on_closed=closed.append, clock=lambda: now[0])
+    x, y, z = b"x" * 60 + b"\n", b"y" * 60 + b"\n", b"z" * 10 + b"\n"
+    files.write([x, y, z])  # y would take the first file past 100 bytes: it starts the second
+    now[0] += 30
+    files.write([b"a\n"])
+    now[0] += 31  # the second file is 61 s old
+    assert files.maybe_rotate() and files.path is None  # rotated even without a write (a quiet server)
+    files.write([b"b" * 150 + b"\n"])  # longer than max_bytes: a file of its own
+    files.write([b"c\n"])
+    files.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [p.name for p in closed] == names and len(names) == 4
+    assert all(re.fullmatch(request_log_mod.FILE_PATTERN, n) for n in names)
+    contents = [(tmp_path / n).read_bytes() for n in names]
+    assert contents == [x, y + z + b"a\n", b"b" * 150 + b"\n", b"c\n"]
+
+
+def test_logger_rotates_old_files_on_a_quiet_server(tmp_path):
+    log = RequestLogger(str(tmp_path), max_age_s=0.5)
+    log.submit(_log_batch(2))
+    assert log.flush(5)
+    deadline = time.monotonic() + 5
+    while log._files.path is not None and time.monotonic() < deadline:  # the writer's 1 s tick closes it
+        time.sleep(0.1)
+    assert log._files.path is None
+    log.submit(_log_batch(1))
+    log.close()
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2 and len(_log_lines(tmp_path)) == 3
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({REQUEST_LOG_ENV: "/x", request_log_mod.MAX_BYTES_ENV: "ten"}, "KFP_MLOPS_REQUEST_LOG_MAX_BYTES='ten' is not a number"),
+        ({REQUEST_LOG_ENV: "/x", request_log_mod.MAX_AGE_ENV: "-1"}, "KFP_MLOPS_REQUEST_LOG_MAX_AGE_S must be positive"),
+    ],
+)
+def test_request_log_settings_are_checked(env, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RequestLogger.from_env(env)
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    from s3server import MotoServer
+
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_s3_destination_uploads_closed_files_and_orphans(moto_server, tmp_path, monkeypatch):
+    from s3server import s3_env
+
+    from components import storage
+
+    for name, value in s3_env(moto_server.endpoint).items():
+        monkeypatch.setenv(name, value)
+    storage.Storage().client.create_bucket(Bucket="logs")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    # A file left by a worker that was SIGKILLed before it could upload (pid 2**22+1 does not exist).
+    host = request_log_mod._host_tag()
+    orphan = spool / f"requests-{host}-{2**22 + 1}-20260101T000000Z-0001.jsonl"
+    orphan.write_text('{"timestamp": "2026-01-01T00:00:00+00:00"}\n')
+    log = RequestLogger("s3://logs/requests/digits", max_bytes=1, spool_dir=spool)
+    for _ in range(3):
+        log.submit(_log_batch(2))
+        assert log.flush(10)
+    log.close()
+    uris = storage.list_uris("s3://logs/requests/digits")
+    assert len(uris) == 1 + 3 * 2 and any(u.endswith(orphan.name) for u in uris), uris  # max_bytes=1: a file a line
+    lines = [line for u in uris for line in storage.read_bytes(u).decode().splitlines()]
+    assert len(lines) == 1 + 3 * 2 and all(json.loads(line)["timestamp"] for line in lines)
+    assert list(spool.iterdir()) == [] and log.stats()["uploaded_files"] == 7
+
+
+def test_s3_upload_failure_keeps_the_file_for_later(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_put(local, uri):
+        calls.append(uri)
+        raise ConnectionError("endpoint down")
+
+    monkeypatch.setattr("components.storage.put_file", failing_put)
+    log = RequestLogger("s3://logs/x", max_bytes=1, spool_dir=tmp_path)
+    log.submit(_log_batch(1))
+    log.close()
+    assert calls and len(list(tmp_path.glob("*.jsonl"))) == 1
+    assert log.stats()["upload_failures"] >= 1 and log.stats()["uploaded_files"] == 0
 
 
 # ---------------------------------------------------------------- config and archive
 
 def _properties(text: str) -> dict[str, str]:
     """Read a .properties text as java.util.Properties does (for the subset we write: backslash escapes)."""
-    import re
-
     pairs = [line.split("=", 1) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return {k.strip(): re.sub(r"\\(.)", r"\1", v.strip()) for k, v in pairs}
 
@@ -291,15 +583,16 @@ def test_config_is_locked_down(tmp_path):
     assert props["metrics_address"] == "http://127.0.0.1:9082"
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert props["model_store"] == str((tmp_path / "store").resolve())
+    assert props["workflow_store"] == str((tmp_path / "workflow-store").resolve())  # not the model store
     assert props["load_models"] == "digits=digits.mar" and props["default_workers_per_model"] == "2"
     assert props["install_py_dep_per_model"] == "false" and props["metrics_mode"] == "prometheus"
     assert int(props["max_request_size"]) <= 64 * 2**20 and int(props["token_expiration_min"]) >= 60
+    assert 1 <= int(props["job_queue_size"]) <= 10_000
+    assert {"number_of_netty_threads", "netty_client_threads", "disable_system_metrics"} <= set(props)
     assert not any("$" in v for v in props.values())
 
 
 def test_allowed_urls_only_match_the_model_store(tmp_path):
-    import re
-
     store = (tmp_path / "my.store").resolve()
     pattern = _properties(render_config(store, "d=d.mar"))["allowed_urls"]
     assert re.fullmatch(pattern, f"file://{store}/d.mar")
@@ -315,24 +608,55 @@ def test_allowed_urls_only_match_the_model_store(tmp_path):
         ({"workers": 0}, "workers must be at least 1"),
         ({"token_expiration_min": 0}, "token_expiration_min must be at least 1"),
         ({"host": "127.0.0.1\nenable_model_api=true"}, "may not contain line breaks"),
+        ({"job_queue_size": 0}, "job_queue_size >= 1"),
+        ({"netty_threads": -1}, "netty threads must be >= 0"),
+        ({"max_request_size": 10}, "max_request_size must be at least 1024"),
+        ({"workflow_store": "<the model store>"}, "workflow_store must not be the model store"),
     ],
-    ids=["port-clash", "port-range", "no-workers", "token-expiry", "injection"],
+    ids=["port-clash", "port-range", "no-workers", "token-expiry", "injection", "queue", "netty", "request-size",
+         "workflow-store"],
 )
 def test_config_rejects_bad_values(tmp_path, kwargs, message):
+    kwargs = {k: tmp_path if v == "<the model store>" else v for k, v in kwargs.items()}
     with pytest.raises(ValueError, match=message):
         render_config(tmp_path, "d=d.mar", **kwargs)
 
 
-def test_build_mar_packs_weights_metadata_and_handler(gray_model, tmp_path):
-    mar = build_mar(gray_model, tmp_path / "export", "digits", "v-gray")
+def test_shipped_serving_defaults_match_the_config():
+    from pipelines.config import ServingConfig
+
+    cfg = ServingConfig()
+    assert (cfg.workers, cfg.batch_size, cfg.max_batch_delay_ms) == (DEFAULT_WORKERS, DEFAULT_BATCH_SIZE,
+                                                                     DEFAULT_MAX_BATCH_DELAY_MS)
+
+
+def test_build_mar_packs_weights_metadata_handler_and_model_config(gray_model, tmp_path):
+    mar = build_mar(gray_model, tmp_path / "export", "digits", "v-gray", workers=2, batch_size=16, max_batch_delay_ms=4)
     assert mar == (tmp_path / "export" / "digits.mar").resolve()
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        model_yaml = z.read(manifest["model"]["configFile"]).decode()
     assert {"model.safetensors", "metadata.json", "handler.py"} <= names
     assert not any(n.endswith((".pt", ".pth", ".pkl")) for n in names)
     assert manifest["model"]["serializedFile"] == "model.safetensors"
     assert manifest["model"]["modelVersion"] == "v-gray" and manifest["model"]["handler"] == "handler.py"
+    import yaml
+
+    assert yaml.safe_load(model_yaml) == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 16, "maxBatchDelay": 4,
+                                          "responseTimeout": 60}
+    assert archive_workers(mar) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"workers": 0}, "workers must be an integer from 1"), ({"batch_size": 2000}, "batch_size must be an integer"),
+     ({"max_batch_delay_ms": 0}, "max_batch_delay_ms must be an integer from 1"),  # TorchServe: 0 = 100 ms
+     ({"batch_size": 2.5}, "batch_size must be")],
+)
+def test_model_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model_config_yaml(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -380,26 +704,68 @@ def served(tmp_path_factory):
     """One real TorchServe for the module, on free ports, serving a classifier trained just now."""
     root = tmp_path_factory.mktemp("served")
     test_x, test_y = train_digits_classifier(root / "model")
-    mar = build_mar(root / "model", root / "export", "digits", "test-1")
+    mar = build_mar(root / "model", root / "export", "digits", "test-1", batch_size=4, max_batch_delay_ms=5)
     server = LocalTorchServe(root / "home")
     ports = {"inference_port": free_port(), "management_port": free_port(), "metrics_port": free_port()}
     try:
-        record = server.start(mar, "digits", workers=1, request_log_dir=root / "requests", timeout_s=120,
-                              model_version="test-1", **ports)
-        yield {"server": server, "record": record, "test_x": test_x, "test_y": test_y, "root": root}
+        record = server.start(mar, "digits", request_log_dir=root / "requests", timeout_s=120,
+                              model_version="test-1", request_log_max_bytes=2048, **ports)
+        keys = json.loads(Path(record["token_file"]).read_text())
+        yield {"server": server, "record": record, "test_x": test_x, "test_y": test_y, "root": root, "keys": keys,
+               "token": keys["inference"]["key"]}
     finally:
         server.stop(quiet=True)
         assert not server.status()["running"], "TorchServe left running after the tests"
 
 
+def _post(served, body: bytes | str, content_type: str = "image/png", path: str = "predictions", **headers):
+    base = served["record"]["endpoint"].rsplit("/predictions", 1)[0]
+    return requests.post(f"{base}/{path}/digits", data=body, timeout=30,
+                         headers={"Authorization": f"Bearer {served['token']}", "Content-Type": content_type, **headers})
+
+
+def _describe(served) -> dict:
+    url = f"{served['record']['management_endpoint']}/models/digits"
+    return requests.get(url, headers={"Authorization": f"Bearer {served['keys']['management']['key']}"}, timeout=10).json()[0]
+
+
 @pytest.mark.slow
 def test_served_model_predicts_digits(served):
-    record = served["record"]
-    token = read_token(record["token_file"])
-    answers = [predict(record["endpoint"], encode_png(x), token) for x in served["test_x"][:20]]
+    answers = [predict(served["record"]["endpoint"], encode_png(x), served["token"]) for x in served["test_x"][:20]]
     predicted = np.array([a["class_index"] for a in answers])
     assert (predicted == served["test_y"][:20]).mean() >= 0.8
     assert answers[0]["class_index"] == served["test_y"][0] and answers[0]["model_version"] == "test-1"
+    assert len(answers[0]["top_k"]) == 3
+
+
+@pytest.mark.slow
+def test_served_json_topk_and_explanations(served):
+    x = served["test_x"][3]
+    by_pixels = _post(served, json.dumps({"pixels": x[0].tolist(), "topk": 5}), "application/json")
+    by_base64 = _post(served, json.dumps({"image": base64.b64encode(encode_png(x)).decode()}), "application/json",
+                      **{"X-Top-K": "2"})
+    assert by_pixels.status_code == by_base64.status_code == 200, (by_pixels.text, by_base64.text)
+    assert len(by_pixels.json()["top_k"]) == 5 and len(by_base64.json()["top_k"]) == 2
+    assert by_pixels.json()["class_index"] == by_base64.json()["class_index"] == served["test_y"][3]
+    explained = _post(served, encode_png(x), path="explanations", **{"X-Target": "1"})
+    assert explained.status_code == 200, explained.text
+    answer = explained.json()
+    assert answer["target_index"] == 1 and np.array(answer["saliency"]).shape == (8, 8)
+    assert answer["class_index"] == served["test_y"][3]
+
+
+@pytest.mark.slow
+def test_served_batching_and_workers_come_from_the_archive(served):
+    model = _describe(served)
+    assert (model["batchSize"], model["maxBatchDelay"], model["minWorkers"], model["maxWorkers"]) == (4, 5, 1, 1)
+    # Concurrent requests are answered in batches, each with its own answer.
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = served["test_x"][:16]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda im: predict(served["record"]["endpoint"], encode_png(im), served["token"]), images))
+    assert [a["class_index"] for a in answers] == [predict(served["record"]["endpoint"], encode_png(im), served["token"])["class_index"]
+                                                   for im in images]
 
 
 @pytest.mark.slow
@@ -416,54 +782,185 @@ def test_deployment_record_and_status(served):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("auth", [None, "Bearer wrong-token", "Bearer "], ids=["no-token", "wrong-token", "empty-token"])
+def test_mlops_serve_status_says_where_and_how(served, capsys):
+    from pipelines.cli import main
+
+    home = served["record"]["home"]
+    assert main(["serve", "status", "--serving-home", home]) == 0
+    out = capsys.readouterr().out
+    assert "healthy, 1 worker(s) ready" in out and served["record"]["endpoint"] in out
+    assert served["record"]["token_file"] in out and "curl -H" in out
+    assert main(["serve", "status", "--json", "--serving-home", home]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["running"] and status["healthy"] and status["workers_ready"] == 1 and status["problem"] is None
+
+
+def test_mlops_serve_without_a_server_or_a_run(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["serve", "status", "--serving-home", str(tmp_path / "home")]) == 1
+    assert "No TorchServe is running" in capsys.readouterr().out
+    assert main(["serve", "stop", "--serving-home", str(tmp_path / "home")]) == 0
+    assert main(["serve", "start", "--serving-home", str(tmp_path / "home"), "--runs-dir", str(tmp_path / "runs")]) == 1
+    assert "run 'mlops run' first" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-token", "Bearer ", "Basic abc"],
+                         ids=["no-token", "wrong-token", "empty-token", "basic"])
 def test_prediction_without_the_right_token_is_refused(served, auth):
     record = served["record"]
     headers = {"Content-Type": "image/png", **({"Authorization": auth} if auth else {})}
-    response = requests.post(record["endpoint"], data=encode_png(served["test_x"][0]), headers=headers, timeout=10)
-    assert 400 <= response.status_code < 500
-    assert "Token Authorization failed" in response.text
+    for path in ("predictions", "explanations"):
+        url = record["endpoint"].replace("/predictions/", f"/{path}/")
+        response = requests.post(url, data=encode_png(served["test_x"][0]), headers=headers, timeout=10)
+        assert 400 <= response.status_code < 500
+        assert "Token Authorization failed" in response.text
 
 
 @pytest.mark.slow
-def test_model_registration_is_refused(served, tmp_path):
-    record = served["record"]
-    keys = json.loads(Path(record["token_file"]).read_text())
-    # With the management key the model API itself says no (405); the token-API key is not a management key.
+def test_other_apis_need_their_own_key(served):
+    """The inference key opens neither the management API nor the token API."""
+    record, token = served["record"], served["token"]
+    for url in (f"{record['management_endpoint']}/models", f"{record['management_endpoint']}/models/digits"):
+        response = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert response.status_code >= 400 and "Token Authorization failed" in response.text
+
+
+@pytest.mark.slow
+def test_model_and_workflow_registration_is_refused(served):
+    record, keys = served["record"], served["keys"]
+    mgmt = record["management_endpoint"]
+    # With the management key the model API itself says no; the token-API key is not a management key.
     for key, refusal in ((keys["management"]["key"], "not allowed"), (keys["API"]["key"], "Token Authorization failed")):
-        response = requests.post(f"{record['management_endpoint']}/models",
-                                 params={"url": "digits.mar", "model_name": "intruder"},
+        response = requests.post(f"{mgmt}/models", params={"url": "digits.mar", "model_name": "intruder"},
                                  headers={"Authorization": f"Bearer {key}"}, timeout=10)
         assert 400 <= response.status_code < 500 and refusal in response.text, response.text
-    listing = requests.get(f"{record['management_endpoint']}/models",
-                           headers={"Authorization": f"Bearer {keys['management']['key']}"}, timeout=10).json()
+    management = {"Authorization": f"Bearer {keys['management']['key']}"}
+    # (Scaling workers, PUT /models/digits?min_worker=N, stays possible for the holder of the management key:
+    # TorchServe 0.12 has no switch for it. That key is in an owner-only file and the API is on loopback.)
+    for method, path in (("DELETE", "/models/digits"), ("DELETE", "/models/digits/test-1"),
+                         ("POST", "/workflows?url=digits.mar"), ("POST", "/models?url=file:///etc/passwd"),
+                         ("POST", "/models?url=https://example.com/evil.mar")):
+        response = requests.request(method, f"{mgmt}{path}", headers=management, timeout=10)
+        assert 400 <= response.status_code < 500, (method, path, response.status_code, response.text)
+    listing = requests.get(f"{mgmt}/models", headers=management, timeout=10).json()
     assert [m["modelName"] for m in listing["models"]] == ["digits"]
+    assert len(_describe(served)["workers"]) == 1
 
 
 @pytest.mark.slow
-def test_corrupt_body_is_a_4xx_and_the_worker_survives(served):
+def test_every_api_listens_on_loopback_only(served):
+    """Nothing TorchServe opened is reachable from another host: each listening socket is bound to 127.0.0.1."""
+    pids = [served["record"]["pid"], *[w["pid"] for w in _describe(served)["workers"]]]
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes and fields[3] == "0A":  # 0A = LISTEN
+                listening.append(fields[1])
+    ports = {int(addr.split(":")[1], 16) for addr in listening}
     record = served["record"]
-    token = read_token(record["token_file"])
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/png"}
-    for body in (b"definitely not a png", b""):
-        response = requests.post(record["endpoint"], data=body, headers=headers, timeout=10)
-        assert response.status_code == 400, response.text
-        assert "PNG or JPEG" in response.json()["message"]
-    answer = predict(record["endpoint"], encode_png(served["test_x"][1]), token)
+    expected = {int(u.rsplit(":", 1)[1].split("/")[0]) for u in (record["endpoint"], record["management_endpoint"],
+                                                                  record["metrics_endpoint"])}
+    assert expected <= ports, (expected, ports)
+    loopback = ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+    assert listening and all(addr.split(":")[0] in loopback for addr in listening), listening
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "body, content_type, code, message",
+    [
+        (b"definitely not a png", "image/png", 400, "not a PNG or JPEG"),
+        (b"", "image/png", 400, "empty request body"),
+        (b"GIF89a", "image/gif", 415, "unsupported content type"),
+        (b'{"pixels": [[0.5]]}', "application/json", 400, "this model takes [8, 8] or [1, 8, 8]"),
+        (b'{"pixels": ', "application/json", 400, "not valid JSON"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * (11 * 2**20), "image/png", 413, ""),
+    ],
+    ids=["corrupt", "empty", "gif", "wrong-shape", "truncated-json", "oversize"],
+)
+def test_bad_requests_are_4xx_and_the_worker_survives(served, body, content_type, code, message):
+    pid_before = [w["pid"] for w in _describe(served)["workers"]]
+    response = _post(served, body, content_type)
+    assert response.status_code == code, response.text[:300]
+    if message:
+        assert message in response.json()["message"]
+    answer = predict(served["record"]["endpoint"], encode_png(served["test_x"][1]), served["token"])
     assert answer["class_index"] == served["test_y"][1]
+    assert [w["pid"] for w in _describe(served)["workers"]] == pid_before
 
 
 @pytest.mark.slow
-def test_metrics_endpoint_and_request_log(served):
+def test_metrics_endpoint_and_rotated_request_log(served):
     record = served["record"]
-    token = read_token(record["token_file"])
-    predict(record["endpoint"], encode_png(served["test_x"][2]), token, source="replay")
+    for x in served["test_x"][:30]:
+        predict(record["endpoint"], encode_png(x), served["token"], source="replay")
     metrics = requests.get(record["metrics_endpoint"], timeout=10)
     assert metrics.status_code == 200 and "ts_inference_requests_total" in metrics.text
-    lines = [json.loads(line) for f in Path(record["request_log_dir"]).glob("requests-*.jsonl")
-             for line in f.read_text().splitlines()]
-    assert lines and all(set(FEATURE_COLUMNS) <= set(line) for line in lines)
-    assert lines[-1]["source"] == "replay" and lines[-1]["model_version"] == "test-1"
+    log_dir = Path(record["request_log_dir"])
+    deadline = time.monotonic() + 15  # written by the worker's background thread
+    while time.monotonic() < deadline and sum(line.get("source") == "replay" for line in _log_lines(log_dir)) < 30:
+        time.sleep(0.2)
+    lines = _log_lines(log_dir)
+    assert sum(line["source"] == "replay" for line in lines) == 30
+    assert all(set(FEATURE_COLUMNS + EMBEDDING_COLUMNS) <= set(line) for line in lines)
+    assert lines[-1]["model_version"] == "test-1"
+    sizes = [f.stat().st_size for f in log_dir.glob("requests-*.jsonl")]
+    assert len(sizes) >= 3 and all(500 < size <= 2048 for size in sizes), sizes  # rotated at 2 KiB, whole lines
+
+
+@pytest.mark.slow
+def test_killed_worker_recovers_under_load(served):
+    """SIGKILL the worker while requests are in flight: TorchServe starts a new one and later requests succeed."""
+    record, png = served["record"], encode_png(served["test_x"][5])
+    old_pid = _describe(served)["workers"][0]["pid"]
+    expected = predict(record["endpoint"], png, served["token"])
+    stop, codes = threading.Event(), []
+
+    def load():
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                codes.append(session.post(record["endpoint"], data=png, timeout=30, headers={
+                    "Authorization": f"Bearer {served['token']}", "Content-Type": "image/png"}).status_code)
+            except requests.RequestException:
+                codes.append(-1)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = _describe(served)["workers"]
+            if workers and workers[0]["pid"] != old_pid and workers[0]["status"] == "READY":
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no new READY worker within 60 s: {_describe(served)['workers']}")
+        served_before = len(codes)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert codes.count(200) > 0 and len(codes) > served_before
+    assert all(c == 200 for c in codes[served_before + 8:]), codes[served_before:]  # after recovery: all fine
+    answers = [predict(record["endpoint"], png, served["token"]) for _ in range(5)]
+    assert all(a == expected for a in answers)  # the new worker loaded the same model
 
 
 @pytest.mark.slow

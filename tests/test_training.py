@@ -18,6 +18,7 @@ from components.training import (
     AugmentPolicy,
     augment,
     best_epoch,
+    epoch_batches,
     finetune_classifier,
     finetune_policy,
     masked_reconstruction_loss,
@@ -130,6 +131,26 @@ def test_photos_may_be_flipped():
     assert flipped.any() and unchanged.any() and np.all(flipped | unchanged)
 
 
+# --- batches -----------------------------------------------------------------------------------
+
+def test_batch_order_is_a_function_of_seed_and_epoch_and_ranks_split_the_data():
+    one = torch.cat(epoch_batches(100, 10, seed=3, epoch=2))
+    assert torch.equal(one, torch.cat(epoch_batches(100, 10, seed=3, epoch=2)))
+    assert sorted(one.tolist()) == list(range(100)) and not torch.equal(one, torch.cat(epoch_batches(100, 10, 3, 1)))
+    ranks = [epoch_batches(100, 20, seed=3, epoch=2, rank=r, world_size=2, drop_last=True) for r in range(2)]
+    assert all(len(b) == 10 for rank in ranks for b in rank)  # the global batch of 20 is split in two
+    seen = [set(torch.cat(rank).tolist()) for rank in ranks]
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 100
+
+
+def test_small_labeled_sets_are_repeated_up_to_min_samples():
+    batches = epoch_batches(40, 16, seed=0, epoch=0, min_samples=100)
+    order = torch.cat(batches)
+    assert len(order) == 120  # three passes over 40 labeled images
+    assert all(sorted(order[i:i + 40].tolist()) == list(range(40)) for i in (0, 40, 80))
+    assert len(epoch_batches(400, 16, seed=0, epoch=0, min_samples=100)) == 25  # enough already: one pass
+
+
 # --- labels, failures ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.1, 0.001])
@@ -205,7 +226,8 @@ def test_finetune_is_deterministic_and_counts_labels(splits):
 
 
 def test_early_stopping_stops_and_keeps_the_best_weights(splits):
-    # A learning rate this large makes the validation loss blow up after the first epochs.
+    # A learning rate this large makes the validation loss jump around, so it stops long before 30 epochs.
+    torch.manual_seed(0)
     model, history = finetune_classifier(Encoder(TINY), splits, 30, 64, 5.0, 2, 0.3, seed=0, log=QUIET)
     best = best_epoch(history)
     assert len(history) == best["epoch"] + 2 < 30
@@ -240,7 +262,9 @@ def test_pretrain_then_finetune_write_artifacts_that_load_back(tmp_path, dataset
     assert meta["pretrain"]["objective"] == "contrastive"
 
     # The artifact predicts exactly what the in-memory model predicts (same seed, same weights).
-    in_memory, _ = finetune_classifier(encoder, load_splits(dataset_dir), **TINY_FINETUNE, log=QUIET)
+    from pipelines.config import FinetuneConfig
+    same_settings = {k: getattr(FinetuneConfig(), k) for k in ("min_epoch_samples", "probe_epochs")}
+    in_memory, _ = finetune_classifier(encoder, load_splits(dataset_dir), **TINY_FINETUNE, **same_settings, log=QUIET)
     assert torch.equal(predict_logits(model, splits.test_x).argmax(1), predict_logits(in_memory, splits.test_x).argmax(1))
     assert torch.allclose(predict_logits(model, splits.test_x), predict_logits(in_memory, splits.test_x))
 
@@ -290,3 +314,395 @@ def test_default_config_reaches_the_accuracy_target(tmp_path, dataset_dir, split
     print(f"default config: test accuracy {accuracy:.4f} in {seconds:.1f}s")
     assert accuracy >= 0.95
 
+
+
+# --- encoders ------------------------------------------------------------------------------------
+
+ARCH_CASES = [("cnn", 0), ("resnet", 10), ("resnet", 18), ("vgg", 11), ("vgg", 16)]
+
+
+@pytest.mark.parametrize("arch,depth", ARCH_CASES)
+@pytest.mark.parametrize("channels,size", [(1, 8), (3, 32)])
+def test_every_encoder_family_embeds_digits_and_photos(arch, depth, channels, size):
+    from components.models import Classifier
+
+    spec = EncoderSpec(channels, size, width=8, embed_dim=16, arch=arch, depth=depth)
+    model = Classifier(spec, num_classes=3)
+    x = torch.rand(2, channels, size, size)
+    assert model.embed(x).shape == (2, 16) and model(x).shape == (2, 3)
+    model(x).sum().backward()  # trainable end to end
+    assert all(p.grad is not None for p in model.parameters())
+    # GroupNorm only: no batch statistics (contrastive views cannot leak, DDP and DP-SGD need no special casing).
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_depth_sets_the_layer_count():
+    def convs(spec):
+        return sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in Encoder(spec).modules())
+
+    assert convs(EncoderSpec(width=8, arch="vgg", depth=16)) == 13  # VGG16: 13 convs (+ 3 dense in the original)
+    assert convs(EncoderSpec(width=8, arch="vgg")) == 13  # 16 is the default
+    assert convs(EncoderSpec(width=8, arch="resnet", depth=18)) == 1 + 2 * 8  # stem + 8 basic blocks
+    assert convs(EncoderSpec(width=8, arch="resnet", depth=34)) == 1 + 2 * 16
+    assert len(Encoder(EncoderSpec(width=8, arch="resnet")).stages()) == 4
+    assert len(Encoder(EncoderSpec(width=8, arch="vgg")).stages()) == 5
+
+
+def test_old_cnn_artifacts_still_load(tmp_path):
+    """The walking skeleton's metadata has no arch/depth and its weights use the original module names."""
+    skeleton_keys = {"features.0.weight", "features.1.weight", "features.3.weight", "features.7.weight",
+                     "features.10.weight", "features.11.bias", "project.weight", "project.bias"}
+    encoder = Encoder(EncoderSpec.from_dict({"in_channels": 1, "image_size": 8, "width": 8, "embed_dim": 16}))
+    assert encoder.spec.arch == "cnn" and skeleton_keys <= set(encoder.state_dict())
+    from components.models import Classifier, save_classifier
+
+    save_classifier(Classifier(TINY, 10), tmp_path, {"class_names": [str(d) for d in range(10)]})
+    meta = json.loads((tmp_path / METADATA_FILE).read_text())
+    meta["encoder"] = {k: meta["encoder"][k] for k in ("in_channels", "image_size", "width", "embed_dim")}
+    (tmp_path / METADATA_FILE).write_text(json.dumps(meta))
+    model, _ = load_classifier(tmp_path)
+    assert model.encoder.spec == TINY
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: EncoderSpec(arch="alexnet"), r"arch 'alexnet' is unknown; choose one of \['cnn', 'resnet', 'vgg'\]"),
+    (lambda: EncoderSpec(arch="resnet", depth=16), r"depth 16 is not a resnet depth; choose one of \[10, 18, 34\]"),
+    (lambda: EncoderSpec(arch="vgg", depth=18), r"depth 18 is not a vgg depth"),
+    (lambda: EncoderSpec(width=0), "width must be >= 1"),
+    (lambda: EncoderSpec.from_dict({"in_channels": 1, "dropout": 0.1}), r"unknown field\(s\) \['dropout'\]"),
+])
+def test_bad_encoder_specs_fail_with_a_clear_message(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# --- fine-tuning modes ---------------------------------------------------------------------------
+
+def _changed(before: dict, module: torch.nn.Module) -> dict[str, bool]:
+    return {k: not torch.equal(before[k], v) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet"])
+def test_modes_train_exactly_what_they_say(splits, arch):
+    spec = EncoderSpec(1, 8, width=8, embed_dim=16, arch=arch, depth=10 if arch == "resnet" else 0)
+    torch.manual_seed(0)
+    encoder = Encoder(spec)
+    before = _weights(encoder)
+    in_last_stage = {id(p) for p in encoder.stages()[-1].parameters()}
+    last_stage = {n for n, p in encoder.named_parameters() if id(p) in in_last_stage}
+    assert last_stage and len(last_stage) < len(before) - 2
+    common = dict(epochs=1, batch_size=64, learning_rate=1e-2, patience=1, label_fraction=0.2, seed=0, log=QUIET)
+
+    probe, _ = finetune_classifier(encoder, splits, mode="linear_probe", **common)
+    assert not any(_changed(before, probe.encoder).values())
+
+    partial, _ = finetune_classifier(encoder, splits, mode="partial", unfreeze_blocks=1, **common)
+    changed = _changed(before, partial.encoder)
+    for name, did in changed.items():
+        assert did == (name in last_stage or name.startswith("project.")), name
+
+    full, _ = finetune_classifier(encoder, splits, mode="full", **common)
+    assert all(_changed(before, full.encoder).values())
+
+
+def test_probe_epochs_train_the_head_alone_first(splits):
+    """Linear probe, then fine-tune: the encoder stays put for probe_epochs, then trains."""
+    torch.manual_seed(0)
+    encoder = Encoder(TINY)
+    start = _weights(encoder)
+    seen: dict[int, bool] = {}
+    holder = []
+
+    def watch(step: int) -> None:
+        seen[step] = not any(_changed(start, holder[0].model.encoder).values())
+
+    def keep(parts):
+        holder.append(parts)
+        return parts
+
+    _, history = finetune_classifier(encoder, splits, 4, 128, 1e-2, 10, 0.3, 0, QUIET, probe_epochs=2,
+                                     encoder_lr_scale=1.0, on_step=watch, customize=keep)
+    per_epoch = -(-history[0]["n_train"] // 128)
+    assert len(history) == 4 and per_epoch >= 2
+    assert [seen[s] for s in sorted(seen)] == [True] * 2 * per_epoch + [False] * 2 * per_epoch
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="lora"), r"unknown fine-tuning mode 'lora'; choose one of \['linear_probe', 'partial', 'full'\]"),
+    (dict(mode="partial", unfreeze_blocks=3), "unfreeze_blocks must be between 1 and 2"),
+    (dict(encoder_lr_scale=0.0), "encoder_lr_scale must be > 0"),
+])
+def test_bad_finetune_settings_fail_with_a_clear_message(splits, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        finetune_classifier(Encoder(TINY), splits, 1, 64, 1e-3, 1, 0.2, 0, QUIET, **kwargs)
+
+
+def test_compiled_forward_trains_the_same_weights(splits):
+    """torch.compile wraps only the forward; state, checkpoints and results are those of the plain model."""
+    from components.training import Runtime
+
+    eager = Runtime(torch.device("cpu"), compile=True, compile_backend="eager")  # Dynamo without a C++ toolchain
+    enc_a, _ = pretrain_encoder(splits.pool_x, TINY, "masked", 1, 64, 3e-3, 0.2, seed=0, log=QUIET, runtime=eager)
+    enc_b, _ = pretrain_encoder(splits.pool_x, TINY, "masked", 1, 64, 3e-3, 0.2, seed=0, log=QUIET)
+    assert set(enc_a.state_dict()) == set(enc_b.state_dict())  # no _orig_mod. prefixes
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(enc_a.state_dict().values(), enc_b.state_dict().values()))
+    model, _ = finetune_classifier(enc_a, splits, 1, 64, 1e-3, 1, 0.2, 0, QUIET, runtime=eager)
+    assert "encoder.project.weight" in model.state_dict()
+
+
+def test_cpu_runtime_has_no_autocast_and_no_process_group(monkeypatch):
+    from components.training import make_runtime
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rt = make_runtime(device="cpu")
+    assert (rt.device.type, rt.world_size, rt.is_main, rt.bf16) == ("cpu", 1, True, False)
+    with rt.autocast():
+        assert not torch.is_autocast_enabled()
+
+
+# --- checkpoints and resume ----------------------------------------------------------------------
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step_to_fail: int):
+    def hook(step: int) -> None:
+        if step == step_to_fail:
+            raise Crash(f"injected at step {step}")
+    return hook
+
+
+def _no_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+@pytest.mark.parametrize("objective", ["contrastive", "masked"])
+def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, splits, objective):
+    from components.checkpoint import Checkpointer
+
+    args = (splits.pool_x, TINY, objective, 3, 64, 3e-3, 0.2, 0, QUIET)
+    reference, ref_history = pretrain_encoder(*args)
+    # 5 batches per epoch: checkpoints at steps 2, 4, 5 (epoch end), 6, 8; the crash at step 7 loses step 7.
+    with pytest.raises(Crash):
+        pretrain_encoder(*args, checkpointer=Checkpointer(tmp_path, every_steps=2), on_step=crash_at(7))
+    resumed = Checkpointer(tmp_path, every_steps=2)
+    encoder, history = pretrain_encoder(*args, checkpointer=resumed)
+    assert resumed.resumed_from == 6  # mid-epoch
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), encoder.state_dict().values()))
+    assert _no_seconds(history) == _no_seconds(ref_history)
+
+
+def test_interrupted_finetuning_resumes_to_the_same_weights_and_metrics(tmp_path, splits):
+    from components.checkpoint import Checkpointer
+
+    torch.manual_seed(0)
+    encoder = Encoder(TINY)
+    args = (encoder, splits, 6, 64, 5e-3, 3, 0.5, 0, QUIET)
+    kwargs = dict(mode="partial", probe_epochs=2)  # the encoder joins at epoch 3: resume must restore that too
+    reference, ref_history = finetune_classifier(*args, **kwargs)
+    # 7 batches per epoch; epoch checkpoints every 2 epochs plus every 5 steps; crash in epoch 4.
+    with pytest.raises(Crash):
+        finetune_classifier(*args, **kwargs, checkpointer=Checkpointer(tmp_path, every_steps=5, every_epochs=2),
+                            on_step=crash_at(26))
+    resumed = Checkpointer(tmp_path, every_steps=5, every_epochs=2)
+    model, history = finetune_classifier(*args, **kwargs, checkpointer=resumed)
+    assert resumed.resumed_from == 25
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), model.state_dict().values()))
+    assert _no_seconds(history) == _no_seconds(ref_history)
+
+
+def test_fail_at_step_env_fails_once_and_the_retry_resumes(monkeypatch):
+    from components.training import FAIL_AT_STEP_ENV, InjectedFailure, fail_at_step_hook
+
+    assert fail_at_step_hook(0, {}) is None
+    hook = fail_at_step_hook(0, {FAIL_AT_STEP_ENV: "3"})
+    hook(2)
+    with pytest.raises(InjectedFailure, match="injected failure at step 3"):
+        hook(3)
+    assert fail_at_step_hook(2, {FAIL_AT_STEP_ENV: "3"}) is None  # a resumed run does not fail again
+
+
+def test_retried_components_resume_from_their_checkpoints(tmp_path, dataset_dir, monkeypatch):
+    """A KFP retry runs the component again with the same output URIs: it must resume, not restart."""
+    from kfp import dsl
+
+    from components.finetune import finetune_component
+    from components.pretrain import pretrain_component, step_checkpoint_dir
+    from components.training import FAIL_AT_STEP_ENV, InjectedFailure
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+
+    dataset = dsl.Dataset(uri=str(dataset_dir))
+    encoder = dsl.Model(uri=str(tmp_path / "encoder"))
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "12")  # epoch 2 of pretraining (9 steps per epoch)
+    pretrain_args = dict(TINY_PRETRAIN, epochs=3)
+    with pytest.raises(InjectedFailure):
+        pretrain_component(dataset=dataset, encoder=encoder, metrics=dsl.Metrics(uri=str(tmp_path / "m0")),
+                           **pretrain_args)
+    metrics = dsl.Metrics(uri=str(tmp_path / "m1"))
+    pretrain_component(dataset=dataset, encoder=encoder, metrics=metrics, **pretrain_args)
+    assert metrics.metadata["pretrain_resumed_from_step"] == 9
+    assert not (tmp_path / "tmp" / "kfp-mlops-checkpoints" / "pretrain").exists() or \
+        not any((tmp_path / "tmp" / "kfp-mlops-checkpoints" / "pretrain").iterdir())  # cleaned up after success
+    assert step_checkpoint_dir("pretrain", encoder.uri).startswith(str(tmp_path / "tmp"))
+
+    model = dsl.Model(uri=str(tmp_path / "model"))
+    n_labeled = len(subsample_labels(load_splits(dataset_dir).train_y, TINY_FINETUNE["label_fraction"], 0))
+    per_epoch = len(epoch_batches(n_labeled, TINY_FINETUNE["batch_size"], 0, 0, min_samples=512))
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, str(per_epoch + 2))  # early in epoch 2
+    with pytest.raises(InjectedFailure):
+        finetune_component(dataset=dataset, encoder=encoder, model=model,
+                           metrics=dsl.Metrics(uri=str(tmp_path / "m2")), **TINY_FINETUNE, min_epoch_samples=512)
+    metrics = dsl.Metrics(uri=str(tmp_path / "m3"))
+    finetune_component(dataset=dataset, encoder=encoder, model=model, metrics=metrics, **TINY_FINETUNE,
+                       min_epoch_samples=512)
+    assert metrics.metadata["finetune_resumed_from_step"] == per_epoch  # the checkpoint at the end of epoch 1
+
+
+# --- DDP through torchrun (gloo on CPU) ----------------------------------------------------------
+
+def test_torchrun_with_two_processes_writes_one_encoder(tmp_path, dataset_dir):
+    lines = []
+    summary = pretrain(dataset_dir, tmp_path / "encoder", **dict(TINY_PRETRAIN, epochs=1), log=lines.append,
+                       nproc_per_node=2)
+    assert sorted(p.name for p in (tmp_path / "encoder").iterdir()) == [ENCODER_FILE, METADATA_FILE]
+    meta = json.loads((tmp_path / "encoder" / METADATA_FILE).read_text())
+    assert meta["world_size"] == summary["world_size"] == 2 and meta["device"] == "cpu"
+    assert any("2 processes (DDP)" in line for line in lines)
+    hashes = next(line for line in lines if line.startswith("rank weight hashes:")).split(":")[1].split()
+    assert len(hashes) == 2 and hashes[0] == hashes[1] == meta["weights_sha256"][:16]  # ranks stayed in sync
+    assert load_encoder(tmp_path / "encoder")[0].spec.width == 8
+
+
+GATHER_CHECK = '''
+import torch, torch.distributed as dist
+from components.training import gather_with_grad, nt_xent_loss
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+g = torch.Generator().manual_seed(0)
+z1_all, z2_all = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+rows = slice(rank * 4, (rank + 1) * 4)
+z1, z2 = z1_all[rows].clone().requires_grad_(), z2_all[rows].clone().requires_grad_()
+nt_xent_loss(gather_with_grad(z1), gather_with_grad(z2), 0.3).backward()
+ref1, ref2 = z1_all.clone().requires_grad_(), z2_all.clone().requires_grad_()
+nt_xent_loss(ref1, ref2, 0.3).backward()
+# Every rank computes the global loss: its gradient is world x the single-process one; DDP's mean undoes that.
+assert torch.allclose(z1.grad / world, ref1.grad[rows], atol=1e-6), (z1.grad / world, ref1.grad[rows])
+assert torch.allclose(z2.grad / world, ref2.grad[rows], atol=1e-6)
+print(f"rank {rank} ok", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_contrastive_negatives_span_ranks_with_exact_gradients(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "gather_check.py"
+    script.write_text(GATHER_CHECK)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
+
+
+def test_the_command_line_trains_from_local_paths(tmp_path, dataset_dir, capsys):
+    from components.pretrain import main
+
+    code = main(["--dataset", str(dataset_dir), "--out", str(tmp_path / "enc"), "--epochs", "1", "--batch-size",
+                 "128", "--width", "8", "--embed-dim", "16", "--arch", "vgg", "--depth", "11",
+                 "--checkpoint-dir", str(tmp_path / "ckpt"), "--nproc-per-node", "1"])
+    assert code == 0
+    encoder, meta = load_encoder(tmp_path / "enc")
+    assert (encoder.spec.arch, encoder.spec.depth, meta["depth"]) == ("vgg", 11, 11)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pretrain_summary"]["world_size"] == 1
+    assert (tmp_path / "ckpt" / "latest.json").is_file()
+
+
+# --- several nodes: the TrainJob branch of the pretrain component --------------------------------
+
+class SimulatedTrainer:
+    """Stands in for CustomObjectsApi and the Trainer controller.
+
+    create: records the TrainJob and runs its node command in this process (one node, one rank),
+    reading the dataset from and writing the encoder to S3 exactly as a node would;
+    get: returns the object with the Complete condition the controller sets.
+    """
+
+    def __init__(self):
+        self.created: dict | None = None
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kwargs):
+        from components.pretrain import main
+
+        self.created = json.loads(json.dumps(body))
+        trainer = body["spec"]["trainer"]
+        assert trainer["command"] == ["torchrun", "--module", "components.pretrain"]
+        assert main(trainer["args"] + ["--nproc-per-node", "1"]) == 0
+        return body
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
+        assert self.created is not None and name == self.created["metadata"]["name"]
+        return {**self.created, "status": {"conditions": [
+            {"type": "Complete", "status": "True", "reason": "AllJobsCompleted", "message": "jobset completed"}]}}
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    from s3server import MotoServer
+
+    with MotoServer() as server:
+        yield server
+
+
+def test_multinode_pretraining_runs_a_trainjob_through_the_exchange(tmp_path, dataset_dir, moto_server, monkeypatch):
+    from kfp import dsl
+    from s3server import s3_env
+
+    import components.trainjob as trainjob
+    from components.pretrain import pretrain_component
+    from components.storage import Storage, list_uris
+
+    for name, value in s3_env(moto_server.endpoint).items():
+        monkeypatch.setenv(name, value)
+    Storage().client.create_bucket(Bucket="exchange")
+    fake = SimulatedTrainer()
+    monkeypatch.setattr(trainjob, "load_custom_objects_api", lambda: fake)
+    monkeypatch.setenv("POD_NAMESPACE", "team-a")
+
+    encoder = dsl.Model(uri=str(tmp_path / "encoder"))
+    metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
+    pretrain_component(dataset=dsl.Dataset(uri=str(dataset_dir)), encoder=encoder, metrics=metrics,
+                       **dict(TINY_PRETRAIN, epochs=1), num_nodes=3, gpus_per_node=2, exchange_uri="s3://exchange/x",
+                       trainjob_image="registry.example/kfp-mlops:1.2-cuda", trainjob_s3_key_source="s3-keys")
+
+    job = fake.created
+    trainer = job["spec"]["trainer"]
+    assert job["metadata"]["namespace"] == "team-a"
+    assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (3, 2, "registry.example/kfp-mlops:1.2-cuda")
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "2"
+    args = trainer["args"]
+    flag = lambda name: args[args.index(name) + 1]  # noqa: E731
+    assert flag("--dataset").startswith("s3://exchange/x/pretrain/") and flag("--out").endswith("/encoder")
+    assert flag("--checkpoint-dir").endswith("/checkpoints") and flag("--width") == "8"
+    assert {"name": "S3_ENDPOINT_URL", "value": moto_server.endpoint} in trainer["env"]
+    assert any(e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "s3-keys" for e in trainer["env"])
+    assert any(u.endswith("/dataset/train_x.npy") or "/dataset/" in u for u in list_uris(flag("--dataset")))
+    # The encoder the "node" uploaded came back into the step's output artifact.
+    assert sorted(p.name for p in (tmp_path / "encoder").iterdir()) == [ENCODER_FILE, METADATA_FILE]
+    assert metrics.metadata["pretrain_final_loss"] == load_encoder(tmp_path / "encoder")[1]["final_loss"]
+
+
+def test_multinode_without_an_exchange_says_what_to_configure(tmp_path, dataset_dir, monkeypatch):
+    from kfp import dsl
+
+    from components.pretrain import pretrain_component
+
+    monkeypatch.setenv("POD_NAMESPACE", "team-a")
+    with pytest.raises(ValueError, match=r"pretrain.num_nodes=2 needs pretrain.exchange_uri: an s3:// prefix"):
+        pretrain_component(dataset=dsl.Dataset(uri=str(dataset_dir)), encoder=dsl.Model(uri=str(tmp_path / "e")),
+                           metrics=dsl.Metrics(uri=str(tmp_path / "m")), **TINY_PRETRAIN, num_nodes=2)

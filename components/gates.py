@@ -1,0 +1,96 @@
+"""What every release gate shares: limits that block, the verdict, and the explicit override.
+
+A gate measures numbers, compares each with its limit and blocks the release
+when any limit is crossed. ``Limit`` is one such comparison; ``decide`` turns a
+list of them into the verdict every gate reports the same way:
+
+* ``passed_checks``: the real result (every limit held);
+* ``passed``: what the gate returns to the pipeline, ``passed_checks or override``;
+* ``overridden``: the override changed the outcome (a failed gate released anyway);
+* ``blocked_by``: the names of the limits that failed, ``reason``: each with its numbers.
+
+The override exists for the human who has read the report and accepts the risk;
+it never hides the failure: metrics keep ``passed_checks = 0`` and the report
+opens with a banner naming the reason given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One gate limit: ``value`` must be ``<=`` (kind "max") or ``>=`` (kind "min") ``limit``."""
+
+    name: str  # the config field, e.g. "max_mia_auc"
+    what: str  # what was measured, in words, e.g. "membership-inference AUC"
+    value: float
+    limit: float
+    kind: str  # "max" or "min"
+    detail: str = ""  # context for the reason, e.g. "(loss attack, 359 vs 359)"
+
+    @property
+    def held(self) -> bool:
+        return self.value <= self.limit if self.kind == "max" else self.value >= self.limit
+
+    def describe(self) -> str:
+        op = ("<=" if self.held else ">") if self.kind == "max" else (">=" if self.held else "<")
+        whole = float(self.value).is_integer() and float(self.limit).is_integer()  # counts read as counts
+        fmt = (lambda v: f"{int(v)}") if whole else (lambda v: f"{v:.3f}")
+        text = f"{self.what} {fmt(self.value)} {op} {self.kind} {fmt(self.limit)}"
+        return f"{text} {self.detail}" if self.detail else text
+
+
+def validate_override(override: bool, override_reason: str) -> None:
+    if not isinstance(override, bool):
+        raise ValueError(f"override must be true or false, got {override!r}")
+    if override and not str(override_reason or "").strip():
+        raise ValueError("override=True needs an override_reason: say who accepts the risk and why "
+                         "(it is written into the gate's report and the run summary)")
+
+
+def decide(limits: list[Limit], override: bool = False, override_reason: str = "") -> dict[str, Any]:
+    """The verdict of a gate from its limits (see the module docstring for the keys)."""
+    validate_override(override, override_reason)
+    failed = [lim for lim in limits if not lim.held]
+    passed_checks = not failed
+    if failed:
+        reason = "; ".join(lim.describe() for lim in failed)
+    else:
+        reason = " and ".join(lim.describe() for lim in limits) or "no limits set"
+    return {
+        "passed": passed_checks or override,
+        "passed_checks": passed_checks,
+        "override": bool(override),
+        "overridden": bool(override and not passed_checks),
+        "override_reason": str(override_reason or "") if override else "",
+        "blocked_by": [lim.name for lim in failed],
+        "limits_checked": [lim.name for lim in limits],
+        "reason": reason,
+    }
+
+
+def verdict_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The verdict as KFP metrics (numbers only): passed, passed_checks, override, overridden, blocked_by_<limit>."""
+    out = {k: float(result[k]) for k in ("passed", "passed_checks", "override", "overridden")}
+    for name in result["limits_checked"]:
+        out[f"blocked_by_{name}"] = float(name in result["blocked_by"])
+    return out
+
+
+def verdict_banner(result: dict[str, Any]) -> str:
+    """The first lines of a gate report: the verdict, loudly when an override released a failed gate."""
+    if result["overridden"]:
+        return (f"> **⚠️ OVERRIDDEN — the checks FAILED but the gate let the release through** because "
+                f"`override=True`.\n> Reason given: *{result['override_reason']}*\n> Blocked by: "
+                f"{', '.join(result['blocked_by'])}\n\n**{result['reason']}**")
+    note = "\n\n(override was set but not needed: every limit held)" if result["override"] else ""
+    return f"**{result['reason']}**{note}"
+
+
+def verdict_word(result: dict[str, Any]) -> str:
+    if result["overridden"]:
+        return "FAILED (OVERRIDDEN)"
+    return "PASSED" if result["passed_checks"] else "FAILED"

@@ -1,0 +1,204 @@
+"""Tests of DP-SGD fine-tuning (components.dp): layer fixes, accounting, sampling, the loop, the ε gate."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from components.data import Splits, save_splits
+from components.dp import (
+    DP_TRAINABLE,
+    DPFinetune,
+    DPSettings,
+    make_dp_compatible,
+    noise_multiplier_for,
+    poisson_batches,
+    sample_rate_and_steps,
+    set_dp_trainable,
+    spent_epsilon,
+    validate_dp_settings,
+)
+from components.models import Classifier, Encoder, EncoderSpec, load_classifier, save_encoder
+
+SPEC = EncoderSpec(width=8, embed_dim=16)
+
+
+@pytest.fixture(scope="module")
+def splits() -> Splits:
+    """Digits, split roughly like ingest: a few hundred train images keep the DP tests fast."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    train, val, test = order[:400], order[400:600], order[600:900]
+    return Splits(x[train], y[train], x[val], y[val], x[test], y[test], x[900:1000], [str(i) for i in range(10)])
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, splits):
+    root = tmp_path_factory.mktemp("dp")
+    save_splits(splits, root / "dataset")
+    torch.manual_seed(0)
+    save_encoder(Encoder(SPEC), root / "encoder", {"objective": "none", "epochs": 0})
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # other test files run in parallel on 2 cores; also makes runs reproducible
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- layers DP-SGD can train ---
+
+def test_project_models_need_no_fix_and_batchnorm_is_replaced_with_groupnorm():
+    for arch, depth in (("cnn", 0), ("resnet", 10), ("vgg", 11)):
+        model = Classifier(EncoderSpec(width=8, embed_dim=16, arch=arch, depth=depth), 10)
+        fixed, replaced = make_dp_compatible(model)
+        assert fixed is model and replaced == [], arch
+
+    with_batchnorm = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    fixed, replaced = make_dp_compatible(with_batchnorm)
+    assert replaced and "BatchNorm" in replaced[0]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fixed.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in fixed.modules())
+
+
+@pytest.mark.parametrize("trainable", DP_TRAINABLE)
+def test_set_dp_trainable_freezes_all_but_the_chosen_layers(trainable):
+    model = Classifier(SPEC, 10)
+    trained = set_dp_trainable(model, trainable)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trained) == len(names)
+    head = {"head.weight", "head.bias"}
+    projection = {"encoder.project.weight", "encoder.project.bias"}
+    norms = {n for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
+    norm_params = {f"{n}.{w}" for n in norms for w in ("weight", "bias")}
+    expected = {"head": head, "projection": head | projection, "normalization": head | projection | norm_params,
+                "all": {n for n, _ in model.named_parameters()}}[trainable]
+    assert names == expected
+    assert len(norm_params) == 8  # the cnn has four GroupNorms
+
+
+# --- accounting and sampling ---
+
+def test_noise_is_calibrated_to_the_target_and_spending_grows_with_steps():
+    q, steps, delta, accountant = 0.3, 90, 1e-5, "rdp"
+    sigma = noise_multiplier_for(8.0, delta, q, steps, accountant)
+    spent = spent_epsilon(sigma, q, steps, delta, accountant)
+    assert 7.8 <= spent <= 8.0 + 0.02  # the smallest noise that meets the target, within the solver's tolerance
+    assert spent_epsilon(sigma, q, steps // 2, delta, accountant) < spent < spent_epsilon(sigma, q, 2 * steps, delta, accountant)
+    assert spent_epsilon(sigma, q, 0, delta, accountant) == 0.0
+    assert spent_epsilon(1.5 * sigma, q, steps, delta, accountant) < spent  # more noise, less spent
+    # the PRV accountant is tighter than RDP for the same training: the same noise spends less
+    assert 0.8 * spent < spent_epsilon(sigma, q, steps, delta, "prv") < spent
+
+
+def test_poisson_batches_are_seeded_per_epoch_and_vary_in_size():
+    n, q = 1000, 0.1
+    rate, steps = sample_rate_and_steps(n, 100)
+    assert rate == pytest.approx(q) and steps == 10
+    batches = poisson_batches(n, rate, steps, seed=0, epoch=0)
+    sizes = [len(b) for b in batches]
+    assert len(batches) == 10 and len(set(sizes)) > 1  # Poisson: sizes vary
+    assert 70 < np.mean(sizes) < 130
+    assert all(b.unique().numel() == len(b) and b.min() >= 0 and b.max() < n for b in batches)
+    again = poisson_batches(n, rate, steps, seed=0, epoch=0)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))  # a resumed run draws the same batches
+    assert not torch.equal(poisson_batches(n, rate, steps, seed=0, epoch=1)[0], batches[0])
+    assert sample_rate_and_steps(50, 256) == (1.0, 1)  # a batch larger than the data: every image, every step
+
+
+@pytest.mark.parametrize(
+    "overrides, n_train, message",
+    [
+        ({"target_epsilon": 0.0}, 400, "dp_epsilon must be > 0"),
+        ({"target_epsilon": float("inf")}, 400, "dp_epsilon must be > 0"),
+        ({"delta": 0.0}, 400, r"dp_delta must be in \(0, 1\)"),
+        ({"delta": 0.01}, 400, "dp_delta 0.01 must be below 1/n = 2.50e-03 for 400 training images"),
+        ({"max_grad_norm": -1.0}, 400, "dp_max_grad_norm must be > 0"),
+        ({"batch_size": 8}, 400, "dp_batch_size must be a whole number >= 16"),
+        ({"learning_rate": 0}, 400, "dp_learning_rate must be > 0"),
+        ({"trainable": "encoder"}, 400, "dp_trainable must be one of"),
+        ({"accountant": "gdp"}, 400, "the DP accountant must be one of"),
+        ({"epochs": 0}, 400, "dp_epochs must be a whole number >= 1"),
+    ],
+)
+def test_bad_dp_settings_fail_with_a_clear_message(overrides, n_train, message):
+    settings = DPSettings(**{"target_epsilon": 8.0, **overrides})
+    with pytest.raises(ValueError, match=message):
+        validate_dp_settings(settings, n_train)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ValueError, match="dp_epsilon must be > 0.*dp_batch_size must be"):
+        validate_dp_settings(DPSettings(target_epsilon=-1.0, batch_size=2), 400)
+
+
+# --- the loop: finetune() with dp=..., the metadata, the gate ---
+
+@pytest.fixture(scope="module")
+def dp_model(dirs):
+    """DP-SGD through the project's finetune() (what the pipeline step calls), with adversarial examples too."""
+    from components.finetune import finetune
+    from components.robustness import RobustTraining
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = DPSettings(target_epsilon=4.0, delta=1e-4, batch_size=64, learning_rate=0.5, epochs=4,
+                              trainable="all")
+        summary = finetune(dirs / "dataset", dirs / "encoder", dirs / "dp_model", seed=0, log=lambda line: None,
+                           dp=settings, robust=RobustTraining(adversarial_epsilon=0.05, adversarial_fraction=0.5),
+                           patience=100)
+    finally:
+        torch.set_num_threads(threads)
+    return summary, dirs / "dp_model"
+
+
+def test_dp_finetune_spends_at_most_the_target_and_records_it(dp_model, splits):
+    summary, model_dir = dp_model
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    dp = meta["dp"]
+    assert 3.5 < dp["epsilon"] <= 4.0 + 0.02  # every planned epoch ran: (nearly) the whole budget
+    assert summary["dp_epsilon"] == dp["epsilon"]
+    assert dp["delta"] == 1e-4 and dp["poisson_sampling"] is True and dp["trainable"] == "all"
+    assert dp["sample_rate"] == pytest.approx(64 / 400) and dp["steps"] == 4 * int(400 / 64)
+    assert dp["noise_multiplier"] > 0.5 and dp["replaced_layers"] == []
+    assert dp["n_trainable_parameters"] == sum(p.numel() for p in Classifier(SPEC, 10).parameters())
+    assert meta["robust_training"]["adversarial_epsilon"] == 0.05
+    model, _ = load_classifier(model_dir)  # the artifact is a plain classifier: serving loads it as any other
+    assert isinstance(model, Classifier)
+    assert summary["epochs_run"] == 4
+
+
+def test_privacy_gate_checks_the_spent_epsilon(dp_model, dirs):
+    from components.privacy import privacy_check
+
+    _, model_dir = dp_model
+    allowed = privacy_check(str(dirs / "dataset"), str(model_dir), max_mia_auc=1.0, max_dp_epsilon=10.0)
+    assert allowed["passed"] and allowed["dp_trained"] and "max_dp_epsilon" in allowed["limits_checked"]
+    assert allowed["dp_epsilon"] == pytest.approx(json.loads((model_dir / "metadata.json").read_text())["dp"]["epsilon"])
+    blocked = privacy_check(str(dirs / "dataset"), str(model_dir), max_mia_auc=1.0, max_dp_epsilon=2.0)
+    assert not blocked["passed"] and blocked["blocked_by"] == ["max_dp_epsilon"]
+    assert f"DP epsilon spent {blocked['dp_epsilon']:.3f} > max 2.000" in blocked["reason"]
+
+
+def test_dp_finetune_leaves_the_frozen_layers_untouched(dirs, splits):
+    from components.models import load_encoder
+    from components.training import finetune_classifier
+
+    encoder, _ = load_encoder(dirs / "encoder")
+    dp = DPFinetune(DPSettings(target_epsilon=8.0, delta=1e-4, batch_size=64, epochs=1, trainable="projection"),
+                    len(splits.train_y), seed=0, log=lambda line: None)
+    model, history = finetune_classifier(encoder, splits, 1, 64, 0.01, 5, 1.0, 0, log=lambda line: None, customize=dp)
+    for name, value in encoder.state_dict().items():
+        changed = not torch.equal(model.encoder.state_dict()[name], value)
+        assert changed == name.startswith("project."), name
+    assert 7.5 < dp.report(len(history))["epsilon"] <= 8.0 + 0.02  # the one planned epoch ran: the whole budget
