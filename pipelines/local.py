@@ -200,6 +200,8 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
         numbers = {k: v for k, v in metrics.items() if not k.startswith("cost_")}
         gates[gate] = {"passed": bool(outputs[step].get("parameterValues", {}).get("Output")), **numbers}
     blocked_by = [g for g, v in gates.items() if not v["passed"]]
+    # A gate released by an explicit override still failed its checks: say so at the top level.
+    overridden = [g for g, v in gates.items() if v.get("overridden")]
     for step in ("deploy", "monitor"):
         if steps[step]["status"] == "skipped":
             steps[step]["reason"] = (f"gate(s) not passed: {', '.join(blocked_by)}" if blocked_by
@@ -222,6 +224,8 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
     }
     if failed:
         summary["failed_step"] = failed
+    if overridden:
+        summary["overridden_gates"] = overridden
     reports_dir = run_dir / "reports"
     for (step, name), (report, suffix) in REPORTS.items():
         art = _artifact(outputs.get(step, {}), name)

@@ -203,6 +203,10 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None
             checkpoint_root=p["finetune_checkpoint_root"],
             checkpoint_every_steps=p["finetune_checkpoint_every_steps"],
             checkpoint_every_epochs=p["finetune_checkpoint_every_epochs"],
+            # robust training and DP-SGD (issue 4): off by default
+            **{name: p[f"finetune_{name}"] for name in (
+                "augment_noise_sigma", "adversarial_epsilon", "adversarial_fraction", "dp_epsilon", "dp_delta",
+                "dp_max_grad_norm", "dp_batch_size", "dp_learning_rate", "dp_epochs", "dp_trainable")},
         )
         configure(finetune, "finetune")
         model = finetune.outputs["model"]
@@ -212,11 +216,19 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None
             max_regression=p["gates_max_regression"], champion_model=p["gates_champion_model"],
             serving_home=p["serving_home"],
         )
-        privacy = c["privacy"](dataset=dataset, model=model, max_mia_auc=p["gates_max_mia_auc"], seed=p["data_seed"])
+        privacy = c["privacy"](
+            dataset=dataset, model=model, max_mia_auc=p["gates_max_mia_auc"], seed=p["data_seed"],
+            max_dp_epsilon=p["gates_max_dp_epsilon"], max_leaks=p["gates_max_leaks"],
+            near_duplicate_distance=p["gates_near_duplicate_distance"],
+            reference_models=p["gates_mia_reference_models"], override=p["gates_override"], override_reason=p["gates_override_reason"],
+        )
         robustness = c["robustness"](
             dataset=dataset, model=model, noise_sigma=p["gates_noise_sigma"], fgsm_epsilon=p["gates_fgsm_epsilon"],
             min_noise_accuracy=p["gates_min_noise_accuracy"], min_fgsm_accuracy=p["gates_min_fgsm_accuracy"],
-            seed=p["data_seed"],
+            seed=p["data_seed"], override=p["gates_override"], override_reason=p["gates_override_reason"],
+            **{name: p[f"gates_{name}"] for name in (
+                "pgd_epsilon", "pgd_steps", "pgd_step_size", "pgd_random_start", "min_pgd_accuracy",
+                "corruption_severities", "min_corruption_accuracy", "max_corruption_drop")},
         )
         for step, task in (("evaluate", evaluate), ("privacy", privacy), ("robustness", robustness)):
             configure(task, step)
