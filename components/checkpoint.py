@@ -297,10 +297,15 @@ class Checkpointer:
         if self.mirror_uri:
             self._push(checkpoint_name(step))
 
-    def restore(self) -> Checkpoint | None:
-        """The checkpoint to resume from (pulled from the mirror when the local directory has none)."""
+    def pull(self) -> None:
+        """Copy the mirror's newest checkpoint into the local directory when that has none (a fresh pod)."""
         if self.mirror_uri and not (self.directory / POINTER).is_file():
             self._pull()
+
+    def restore(self, pull: bool = True) -> Checkpoint | None:
+        """The checkpoint to resume from (pulled from the mirror first unless ``pull`` is False)."""
+        if pull:
+            self.pull()
         ckpt = load_checkpoint(self.directory)
         if ckpt is None:
             return None

@@ -549,7 +549,13 @@ def _restore_if_any(checkpointer: Checkpointer | None, model, optimizer, schedul
                     log: Log) -> tuple[LoopState, dict | None]:
     if checkpointer is None:
         return LoopState(), None
-    ckpt = checkpointer.restore()
+    if rt.distributed:  # one download per node, then every rank reads the same files
+        import torch.distributed as dist
+
+        if rt.local_rank == 0:
+            checkpointer.pull()
+        dist.barrier()
+    ckpt = checkpointer.restore(pull=not rt.distributed)
     if ckpt is None:
         return LoopState(), None
     loop, best = _restore(ckpt.tree, model, optimizer, scheduler, generators, rt)

@@ -108,7 +108,7 @@ class GateConfig:
     min_pgd_accuracy: float = doc(0.5, "Robustness gate: the lowest accuracy under PGD that may be released.")
     corruption_severities: int = doc(5, "Robustness check: common corruptions (noise, blur, contrast, brightness, pixelate) at severities 1..this (at most 5).")
     min_corruption_accuracy: float = doc(0.5, "Robustness gate: the lowest mean accuracy over all corruptions and severities.")
-    max_corruption_drop: float = doc(0.5, "Robustness gate: the largest relative drop of the mean corruption accuracy from clean accuracy (0.2 = at most 20% below).")
+    max_corruption_drop: float = doc(0.5, "Robustness gate: the largest relative drop of the mean corruption accuracy from clean accuracy (0.2 = at most a fifth below it).")
     override: bool = doc(False, "Release even when a gate blocks: the gates still measure and report, and the failure and the override are recorded. Needs override_reason.")
     override_reason: str = doc("", "Who accepts the risk of an override and why (required with override; written into the reports and the run summary).")
 

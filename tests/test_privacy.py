@@ -411,3 +411,30 @@ def test_override_releases_a_blocked_model_and_says_so(artifacts, tmp_path):
 def test_new_limits_are_validated(artifacts, kwargs, message):
     with pytest.raises(ValueError, match=message):
         privacy_check(str(artifacts / "dataset"), str(artifacts / "normal"), DEFAULT_MAX_AUC, **kwargs)
+
+
+@pytest.mark.slow
+def test_overfit_example_config_is_blocked_by_the_privacy_gate(tmp_path):
+    """examples/overfit.yaml through the real step functions (what `mlops run` runs, minus kfp.local)."""
+    from pathlib import Path
+
+    from components.finetune import finetune
+    from components.ingest import ingest
+    from components.pretrain import pretrain
+    from pipelines import config
+
+    cfg = config.load(Path(__file__).parent.parent / "examples" / "overfit.yaml")
+    p, f, g = cfg.pretrain, cfg.finetune, cfg.gates
+    assert f.patience >= f.epochs and f.label_fraction <= 0.1  # no early stopping, few labels
+    quiet = lambda line: None  # noqa: E731
+    ingest(cfg.data.source, tmp_path / "dataset", seed=cfg.data.seed)
+    pretrain(tmp_path / "dataset", tmp_path / "encoder", objective=p.objective, epochs=p.epochs,
+             batch_size=p.batch_size, learning_rate=p.learning_rate, width=p.width, embed_dim=p.embed_dim, log=quiet)
+    finetune(tmp_path / "dataset", tmp_path / "encoder", tmp_path / "model", epochs=f.epochs, batch_size=f.batch_size,
+             learning_rate=f.learning_rate, patience=f.patience, label_fraction=f.label_fraction, log=quiet,
+             encoder_lr_scale=f.encoder_lr_scale, min_epoch_samples=f.min_epoch_samples)
+    result = privacy_check(str(tmp_path / "dataset"), str(tmp_path / "model"), g.max_mia_auc,
+                           reference_models=g.mia_reference_models, max_leaks=g.max_leaks)
+    assert not result["passed"] and result["blocked_by"] == ["max_mia_auc"], result["reason"]
+    assert result["mia_auc"] > g.max_mia_auc + 0.1  # far over the limit (measured 0.85), not a near miss
+    assert result["member_accuracy"] == 1.0

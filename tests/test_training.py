@@ -578,6 +578,24 @@ def test_torchrun_with_two_processes_writes_one_encoder(tmp_path, dataset_dir):
     assert load_encoder(tmp_path / "encoder")[0].spec.width == 8
 
 
+@pytest.mark.slow
+def test_an_interrupted_ddp_run_resumes_to_the_same_weights(tmp_path, dataset_dir, monkeypatch):
+    """torchrun with 2 ranks crashes at step 5, the rerun resumes from step 4 and matches an uninterrupted run."""
+    from components.training import FAIL_AT_STEP_ENV
+
+    args = dict(TINY_PRETRAIN, epochs=2, batch_size=256)  # 4 steps per epoch
+    reference = pretrain(dataset_dir, tmp_path / "reference", **args, log=QUIET, nproc_per_node=2)
+    ckpt = dict(checkpoint_dir=tmp_path / "ckpt", checkpoint_every_steps=2, checkpoint_every_epochs=0)
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
+    with pytest.raises(RuntimeError, match="torchrun pretraining with 2 processes failed"):
+        pretrain(dataset_dir, tmp_path / "encoder", **args, log=QUIET, nproc_per_node=2, **ckpt)
+    assert not (tmp_path / "encoder" / ENCODER_FILE).exists()
+    resumed = pretrain(dataset_dir, tmp_path / "encoder", **args, log=QUIET, nproc_per_node=2, **ckpt)
+    assert resumed["resumed_from_step"] == 4
+    assert resumed["weights_sha256"] == reference["weights_sha256"]
+    assert resumed["final_loss"] == reference["final_loss"]
+
+
 GATHER_CHECK = '''
 import torch, torch.distributed as dist
 from components.training import gather_with_grad, nt_xent_loss
