@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -272,7 +272,3 @@ class DPFinetune:
             "secure_mode": False,
             "scope": "fine-tuning on the labeled train images; the pretrained encoder is outside the guarantee",
         }
-
-
-def settings_dict(settings: DPSettings) -> dict[str, Any]:
-    return asdict(settings)
