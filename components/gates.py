@@ -94,3 +94,23 @@ def verdict_word(result: dict[str, Any]) -> str:
     if result["overridden"]:
         return "FAILED (OVERRIDDEN)"
     return "PASSED" if result["passed_checks"] else "FAILED"
+
+
+def publish_verdict(step: str, result: dict[str, Any], metrics: dict[str, float], cost_metrics: dict[str, float],
+                    metrics_artifact: Any, report_path: str, report_text: str) -> bool:
+    """What a gate component does with its verdict: KFP metrics, the report file, a console line; returns ``passed``."""
+    import os
+
+    from components.cost import log_metrics
+
+    log_metrics(metrics_artifact, metrics)
+    log_metrics(metrics_artifact, cost_metrics)
+    os.makedirs(os.path.dirname(report_path) or ".", exist_ok=True)
+    with open(report_path, "w") as f:
+        f.write(report_text)
+    word = "OVERRIDDEN" if result["overridden"] else ("PASSED" if result["passed_checks"] else "FAILED")
+    print(f"{step}: {word}: {result['reason']}", flush=True)
+    if result["overridden"]:
+        print(f"{step}: WARNING released despite failed checks; override reason: {result['override_reason']}",
+              flush=True)
+    return bool(result["passed"])

@@ -568,9 +568,8 @@ def privacy_component(
     Returns:
         True when every limit holds, or when ``override`` is set.
     """
-    import os
-
-    from components.cost import log_metrics, measure
+    from components.cost import measure
+    from components.gates import publish_verdict
     from components.privacy import privacy_check, privacy_metrics, render_privacy_report
 
     print(f"privacy: membership-inference audit, leakage and DP check of {model.path}", flush=True)
@@ -579,13 +578,5 @@ def privacy_component(
                                max_dp_epsilon=max_dp_epsilon, max_leaks=max_leaks,
                                near_duplicate_distance=near_duplicate_distance, reference_models=reference_models,
                                override=override, override_reason=override_reason)
-    log_metrics(metrics, privacy_metrics(result))
-    log_metrics(metrics, cost.as_metrics())
-    os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
-    with open(report.path, "w") as f:
-        f.write(render_privacy_report(result))
-    word = "OVERRIDDEN" if result["overridden"] else ("PASSED" if result["passed_checks"] else "FAILED")
-    print(f"privacy: {word}: {result['reason']}", flush=True)
-    if result["overridden"]:
-        print(f"privacy: WARNING released despite failed checks; override reason: {result['override_reason']}", flush=True)
-    return bool(result["passed"])
+    return publish_verdict("privacy", result, privacy_metrics(result), cost.as_metrics(), metrics, report.path,
+                           render_privacy_report(result))

@@ -537,9 +537,8 @@ def robustness_component(
     Returns:
         True when every limit holds, or when ``override`` is set.
     """
-    import os
-
-    from components.cost import log_metrics, measure
+    from components.cost import measure
+    from components.gates import publish_verdict
     from components.robustness import render_robustness_report, robustness_check, robustness_metrics
 
     print(f"robustness: noise sigma {noise_sigma}, FGSM epsilon {fgsm_epsilon}, PGD epsilon {pgd_epsilon} "
@@ -554,13 +553,5 @@ def robustness_component(
             corruption_severities=corruption_severities, min_corruption_accuracy=min_corruption_accuracy,
             max_corruption_drop=max_corruption_drop, override=override, override_reason=override_reason,
         )
-    log_metrics(metrics, robustness_metrics(result))
-    log_metrics(metrics, cost.as_metrics())
-    os.makedirs(os.path.dirname(report.path) or ".", exist_ok=True)
-    with open(report.path, "w") as f:
-        f.write(render_robustness_report(result))
-    word = "OVERRIDDEN" if result["overridden"] else ("PASSED" if result["passed_checks"] else "FAILED")
-    print(f"robustness: {word}: {result['reason']}", flush=True)
-    if result["overridden"]:
-        print(f"robustness: WARNING released despite failed checks; override reason: {result['override_reason']}", flush=True)
-    return bool(result["passed"])
+    return publish_verdict("robustness", result, robustness_metrics(result), cost.as_metrics(), metrics, report.path,
+                           render_robustness_report(result))

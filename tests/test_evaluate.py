@@ -16,9 +16,7 @@ import torch
 from kfp import dsl
 from PIL import Image
 from sklearn import metrics as skm
-from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from components.champion import ChampionNotComparable, check_comparable, extract_mar, from_serving_home, resolve_champion
@@ -43,30 +41,6 @@ from components.evaluate import (
 )
 from components.models import Classifier, EncoderSpec, save_classifier
 from components.training import predict_logits
-
-
-def digits_splits(seed: int = 0) -> Splits:
-    """Digits split like ingest does it (test 0.2, val 0.15, pool 0.2, stratified), without depending on ingest."""
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target.astype(np.int64)
-    n = len(y)
-    rest_x, test_x, rest_y, test_y = train_test_split(x, y, test_size=round(0.2 * n), stratify=y, random_state=seed)
-    rest_x, val_x, rest_y, val_y = train_test_split(rest_x, rest_y, test_size=round(0.15 * n), stratify=rest_y, random_state=seed)
-    train_x, pool_x, train_y, _ = train_test_split(rest_x, rest_y, test_size=round(0.2 * n), stratify=rest_y, random_state=seed)
-    return Splits(train_x, train_y, val_x, val_y, test_x, test_y, pool_x, [str(d) for d in range(10)])
-
-
-@pytest.fixture(scope="module")
-def splits() -> Splits:
-    return digits_splits()
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory, splits):
-    out = tmp_path_factory.mktemp("digits")
-    save_splits(splits, out)
-    return out
 
 
 def _probe_model(splits: Splits, width: int, seed: int = 0, train_limit: int | None = None) -> Classifier:

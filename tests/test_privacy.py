@@ -8,10 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kfp import dsl
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-from components.data import Splits, save_splits
+from components.data import save_splits
 from components.models import Classifier, EncoderSpec, save_classifier
 from components.privacy import (
     _balanced_indices,
@@ -29,17 +27,7 @@ from pipelines.config import GateConfig
 DEFAULT_MAX_AUC = GateConfig().max_mia_auc
 MEMORISED_EXAMPLES = 50
 
-
-def _digits_splits(seed: int = 0) -> Splits:
-    """Digits split like ingest does: 45% train, 15% val, 20% test, 20% pool."""
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target.astype(np.int64)
-    idx = np.arange(len(x))
-    rest, test = train_test_split(idx, test_size=0.2, random_state=seed, stratify=y)
-    rest, val = train_test_split(rest, test_size=0.15 / 0.8, random_state=seed, stratify=y[rest])
-    train, pool = train_test_split(rest, test_size=0.2 / 0.65, random_state=seed, stratify=y[rest])
-    return Splits(x[train], y[train], x[val], y[val], x[test], y[test], x[pool], [str(i) for i in range(10)])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(x, y, epochs: int, weight_decay: float, val=None, patience: int = 0, batch_size: int = 64, seed: int = 0):
@@ -78,21 +66,6 @@ def _fit(x, y, epochs, weight_decay, val, patience, batch_size, seed):
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.eval()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: other test files run in parallel on 2 cores, and oversubscribed threads make small
-    models tens of times slower (measured: 0.015 s vs 0.44 s per training step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def splits() -> Splits:
-    return _digits_splits()
 
 
 @pytest.fixture(scope="module")
