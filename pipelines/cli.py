@@ -355,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compile the pipeline, upload it (or a new version of the pipeline of that name; "
                                    "an identical compile reuses its version), and create a run in the experiment with "
                                    "the config's run parameters and the pipeline ServiceAccount. With --wait, print "
-                                   "each state change; exit code 0 = SUCCEEDED, 1 = FAILED/CANCELED/SKIPPED, "
-                                   "124 = still running at --timeout.")
+                                   "each state change; exit code 0 = SUCCEEDED and deployed, 3 = SUCCEEDED but a gate "
+                                   "blocked deploy, 1 = FAILED/CANCELED/SKIPPED, 124 = still running at --timeout.")
     _add_config_args(p, run_areas + ("cluster",))
     _add_connection_args(p)
     p.add_argument("--run-name", help="run name (default: '<pipeline> <UTC time>')")

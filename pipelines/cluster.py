@@ -45,6 +45,9 @@ KUBE_PROXY_PATH = f"api/v1/namespaces/{KFP_SYSTEM_NAMESPACE}/services/ml-pipelin
 # Exit codes of `mlops submit --wait`: 0 succeeded, 1 failed/canceled/skipped, 124 still going at --timeout.
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "CANCELED": 1, "SKIPPED": 1}
 TIMEOUT_EXIT_CODE = 124
+BLOCKED_EXIT_CODE = 3  # the run succeeded but a gate kept the model from deploy (as `mlops run` locally)
+GATE_STEPS = ("evaluate", "privacy", "robustness")
+RELEASE_STEP = "deploy"
 TERMINAL_STATES = tuple(EXIT_CODES)
 REQUEST_TIMEOUT = (10, 60)  # (connect, read) seconds for the first request; kfp's own default waits forever
 
@@ -386,7 +389,32 @@ def submit(cfg: Config, conn: Connection, *, experiment: str | None = None, pipe
     if wait:
         result.state = wait_for_run(client, conn, run.run_id, timeout_s=timeout_s, poll_s=poll_s, out=out)
         result.exit_code = EXIT_CODES.get(result.state, TIMEOUT_EXIT_CODE) if result.state else TIMEOUT_EXIT_CODE
+        if result.state == "SUCCEEDED":
+            finished = _call(conn.describe(), "get run", client.get_run, run.run_id)
+            result.exit_code, lines = release_outcome(finished)
+            for line in lines:
+                out(line)
     return result
+
+
+def release_outcome(run) -> tuple[int, list[str]]:
+    """Exit code and explanation of a SUCCEEDED run: 0 when deploy ran, 3 when a gate kept the model back.
+
+    KFP marks a run SUCCEEDED when a gate's condition skips deploy, so the
+    run state alone cannot tell a release from a blocked one; the task list can.
+    """
+    tasks = getattr(getattr(run, "run_details", None), "task_details", None) or []
+    if not tasks:
+        return 0, ["  (the API returned no task details: cannot tell whether deploy ran; check the run in the KFP UI)"]
+    states = {}
+    for task in tasks:
+        states.setdefault(task.display_name, task.state)
+    if states.get(RELEASE_STEP) == "SUCCEEDED":
+        return 0, [f"  released: {RELEASE_STEP} succeeded"]
+    gates = ", ".join(f"{name} {states.get(name, 'not run')}" for name in GATE_STEPS)
+    return BLOCKED_EXIT_CODE, [
+        f"  NOT released: {RELEASE_STEP} {(states.get(RELEASE_STEP) or 'did not run').lower()} because a gate "
+        f"returned false ({gates}); the gates' metrics and reports in the KFP UI say which limit failed and why"]
 
 
 def wait_for_run(client, conn: Connection, run_id: str, *, timeout_s: float | None = None, poll_s: float = 5.0,

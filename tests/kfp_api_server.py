@@ -225,6 +225,9 @@ class FakeKfpApi:
     multi_user: bool = True
     # States a run reports on its 1st, 2nd, ... GET; the last repeats.
     run_states: list[str] = field(default_factory=lambda: ["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"])
+    # Task name -> state a SUCCEEDED run reports in run_details (KFP skips deploy when a gate returns false).
+    succeeded_tasks: dict[str, str] = field(default_factory=lambda: dict.fromkeys(
+        ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "deploy", "monitor"), "SUCCEEDED"))
     requests: list[Recorded] = field(default_factory=list)
     pipelines: dict[str, dict] = field(default_factory=dict)
     versions: dict[str, dict] = field(default_factory=dict)
@@ -590,6 +593,10 @@ class FakeKfpApi:
             run["state_history"].append({"update_time": _now(), "state": state})
             if state in ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED"):
                 run["finished_at"] = _now()
+            if state == "SUCCEEDED":
+                run["run_details"] = {"task_details": [
+                    {"run_id": rid, "task_id": str(uuid.uuid4()), "display_name": name, "state": task_state}
+                    for name, task_state in self.succeeded_tasks.items()]}
             if state == "FAILED":
                 run["error"] = {"code": 2, "message": "task 'finetune' failed: exit status 1", "details": []}
                 run["run_details"] = {"task_details": [

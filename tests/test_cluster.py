@@ -118,7 +118,7 @@ def test_run_carries_the_config_parameters_and_service_account_never_credentials
 @pytest.mark.parametrize(
     "states, exit_code, last_line",
     [
-        (["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"], 0, "SUCCEEDED"),
+        (["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"], 0, "released: deploy succeeded"),
         (["PENDING", "RUNNING", "FAILED"], 1, "task finetune: FAILED exit status 1"),
         (["RUNNING", "CANCELING", "CANCELED"], 1, "CANCELED"),
     ],
@@ -132,6 +132,19 @@ def test_submit_wait_streams_states_and_exits_with_the_final_state(kfp_api, caps
     assert seen == expected, out
     assert last_line in out
     assert out.strip().endswith(f"(exit code {exit_code})")
+
+
+def test_submit_wait_exits_3_when_a_gate_kept_the_model_from_deploy(kfp_api, capsys):
+    """KFP reports SUCCEEDED when a gate's condition skipped deploy: that is a blocked release, not a release."""
+    kfp_api.run_states = ["RUNNING", "SUCCEEDED"]
+    kfp_api.succeeded_tasks.update(robustness="SUCCEEDED", deploy="SKIPPED", monitor="SKIPPED")
+    assert _cli(kfp_api, "submit", "--wait", "--poll-s", "0.01") == cluster.BLOCKED_EXIT_CODE == 3
+    out = capsys.readouterr().out
+    assert "NOT released: deploy skipped because a gate returned false" in out
+    assert "evaluate SUCCEEDED, privacy SUCCEEDED, robustness SUCCEEDED" in out
+    del kfp_api.succeeded_tasks["deploy"]  # a backend that leaves untaken branches out of the task list
+    assert _cli(kfp_api, "submit", "--wait", "--poll-s", "0.01") == 3
+    assert "deploy did not run" in capsys.readouterr().out
 
 
 def test_wait_gives_up_at_the_timeout_and_says_the_run_goes_on(kfp_api, capsys):
