@@ -43,3 +43,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_cluster_environment(monkeypatch):
+    """No test may pick up a real cluster, KFP endpoint or token from the environment it runs in."""
+    for name in ("KUBERNETES_SERVICE_HOST", "KFP_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH", "KUBECONFIG",
+                 "KF_PIPELINES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)

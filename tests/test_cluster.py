@@ -26,13 +26,6 @@ from pipelines.config import Config, flat_parameters  # noqa: E402
 TOKEN = "good-token"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in ("KUBERNETES_SERVICE_HOST", "KFP_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH", "KUBECONFIG",
-                 "KF_PIPELINES_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-
-
 _COMPILED: dict[str, bytes] = {}
 
 

@@ -34,13 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "good-token"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in ("KUBERNETES_SERVICE_HOST", "KFP_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH", "KUBECONFIG",
-                 "KF_PIPELINES_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def drifted_verdict(**changes) -> dict:
     verdict = {
         "status": "drift", "drift_detected": True, "message": "Drift: the embedding drifted (classifier AUC 0.97).",
