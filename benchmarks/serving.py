@@ -7,10 +7,11 @@ What runs, all on loopback, all stopped at the end (also on Ctrl-C or errors):
 
 1. A digits classifier trained here for a few seconds (sklearn digits, 8x8 grayscale).
 2. TorchServe with that model, tuned as shipped (``serving/archive.py`` defaults:
-   workers, dynamic batching; ``serving/server.py``: frontend threads, quiet logs),
-   request log ON, as ``mlops serve start`` runs it; a second one with the request
-   log OFF, to show what logging costs; a third with TorchServe's own defaults (no
-   batching, its log4j2 configuration), to show what the tuning buys.
+   workers, dynamic batching; ``serving/server.py``: frontend threads, JVM options,
+   quiet logs), request log ON, as ``mlops serve start`` runs it; a second one with
+   the request log OFF, to show what logging costs; a third with TorchServe's own
+   defaults (no batching, its log4j2 configuration, the JVM's defaults), to show what
+   the tuning buys.
 3. The peer: the same model and the same handler code behind FastAPI/uvicorn
    (``create_peer_app`` below: token check, raw body, ``handler.handle``), the
    server most teams write instead, with the request log on too.
@@ -28,6 +29,13 @@ frontend needs it). The top concurrency runs ``--rounds`` times with the servers
 interleaved and the median run is reported, so load from elsewhere on a shared
 machine hits every server alike. Without wrk the Python load generator needs
 most of a core itself, which the servers then lack: install wrk for the numbers.
+
+A/B runs of a setting: ``--variant NAME=JSON`` adds a TorchServe with some shipped
+settings changed, measured in the same interleaved rounds; the JSON line then gives
+both servers' p99/p50 round by round (``variants``, ``ours_rounds_p99_over_p50``)::
+
+    python benchmarks/serving.py --concurrency 32 --rounds 8 --duration 5 \
+        --skip peer nolog defaults inprocess --variant 'c2={"vmargs": ""}'
 """
 
 import argparse
@@ -51,6 +59,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 MODEL_NAME = "digits"
+# What a --variant may change (A/B runs of the shipped TorchServe settings).
+VARIANT_KEYS = ("workers", "batch_size", "max_batch_delay_ms", "netty_threads", "netty_client_threads",
+                "job_queue_size", "vmargs", "env")  # env: variables for the server's processes, e.g. {"KFP_MLOPS_GC_FREEZE": "0"}
 PEER_ENV = {"model_dir": "BENCH_PEER_MODEL_DIR", "token": "BENCH_PEER_TOKEN"}
 
 
@@ -418,7 +429,8 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from serving import archive
-    from serving.server import DEFAULT_NETTY_THREADS, LocalTorchServe, free_port
+    from serving.server import (DEFAULT_JOB_QUEUE_SIZE, DEFAULT_NETTY_CLIENT_THREADS, DEFAULT_NETTY_THREADS,
+                                DEFAULT_VMARGS, LocalTorchServe, free_port)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per measurement (default 8)")
@@ -428,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=archive.DEFAULT_BATCH_SIZE)
     parser.add_argument("--max-batch-delay-ms", type=int, default=archive.DEFAULT_MAX_BATCH_DELAY_MS)
     parser.add_argument("--netty-threads", type=int, default=DEFAULT_NETTY_THREADS)
+    parser.add_argument("--netty-client-threads", type=int, default=DEFAULT_NETTY_CLIENT_THREADS)
+    parser.add_argument("--job-queue-size", type=int, default=DEFAULT_JOB_QUEUE_SIZE)
+    parser.add_argument("--vmargs", default=DEFAULT_VMARGS, help="JVM options of the frontend (default: shipped)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="A/B: one more TorchServe with these settings changed from the shipped ones, measured in "
+                             "the same interleaved rounds; JSON keys: " + ", ".join(VARIANT_KEYS) +
+                             """ (e.g. --variant 'pgc={"vmargs": "-XX:+UseParallelGC"}'); repeatable""")
     parser.add_argument("--peer-workers", type=int, default=2, help="uvicorn worker processes of the peer (default 2 = cores)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds at the top concurrency (default 3)")
     parser.add_argument("--jit-warmup", type=float, default=10.0, help="seconds of unmeasured load per server first (default 10)")
@@ -447,6 +466,19 @@ def main(argv: list[str] | None = None) -> int:
                              spec["duration_s"])
         Path(spec["out"]).write_text(json.dumps(result))
         return 0
+    base_settings = {"workers": args.workers, "batch_size": args.batch_size, "max_batch_delay_ms": args.max_batch_delay_ms,
+                     "netty_threads": args.netty_threads, "netty_client_threads": args.netty_client_threads,
+                     "job_queue_size": args.job_queue_size, "vmargs": args.vmargs, "env": {}}
+    variants: dict[str, dict[str, Any]] = {}
+    for spec in args.variant:
+        vname, _, text = spec.partition("=")
+        try:
+            changes = json.loads(text)
+        except ValueError:
+            changes = None
+        if not vname or not isinstance(changes, dict) or set(changes) - set(VARIANT_KEYS):
+            parser.error(f"--variant {spec!r}: expected NAME=JSON with keys from {', '.join(VARIANT_KEYS)}")
+        variants[f"variant-{vname}"] = {**base_settings, **changes}
     tool = ("wrk" if shutil.which("wrk") else "python") if args.load_gen == "auto" else args.load_gen
     if tool == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk), use --load-gen python")
@@ -469,17 +501,36 @@ def main(argv: list[str] | None = None) -> int:
             setups.append(("ours-nolog", mar, None, label + ", request log off", {}))
         if "defaults" not in args.skip:
             # TorchServe as it comes (the same hardening and handler): no batching, its own log4j2
-            # configuration, Netty threads and job queue at their defaults, request log on.
+            # configuration, Netty threads, job queue and JVM options at their defaults, request log on.
             plain = archive.build_mar(work / "model", work / "export-defaults", MODEL_NAME, "bench-1", workers=1,
                                       batch_size=1, max_batch_delay_ms=100)
             setups.append(("defaults", plain, work / "requests-defaults", "torchserve, TorchServe's defaults",
-                           {"log_config": None, "job_queue_size": 100}))
+                           {"log_config": None, "job_queue_size": 100, "vmargs": ""}))
+        ours_server = {k: base_settings[k] for k in ("netty_client_threads", "job_queue_size", "vmargs")}
+        setups[0][4].update(ours_server)
+        if len(setups) > 1 and setups[1][0] == "ours-nolog":
+            setups[1][4].update(ours_server)
+        for vname, settings in variants.items():
+            vmar = archive.build_mar(work / "model", work / f"export-{vname}", MODEL_NAME, "bench-1",
+                                     workers=settings["workers"], batch_size=settings["batch_size"],
+                                     max_batch_delay_ms=settings["max_batch_delay_ms"])
+            changed = {k: v for k, v in settings.items() if v != base_settings[k]}
+            setups.append((vname, vmar, work / f"requests-{vname}", f"{vname[8:]}: {json.dumps(changed)}"[:40],
+                           {k: settings[k] for k in ("netty_threads", "netty_client_threads", "job_queue_size", "vmargs",
+                                                     "env")}))
         for name, archive_file, log_dir, server_label, extra in setups:
+            extra = {"netty_threads": args.netty_threads, **extra}
+            env = extra.pop("env", {})
             server = LocalTorchServe(work / f"home-{name}")
             servers.append(server)
-            record = server.start(archive_file, MODEL_NAME, inference_port=free_port(), management_port=free_port(),
-                                  metrics_port=free_port(), workers=args.workers, request_log_dir=log_dir,
-                                  netty_threads=args.netty_threads, **extra)
+            saved_env = dict(os.environ)
+            os.environ.update(env)  # the server's processes inherit it (LocalTorchServe.start copies os.environ)
+            try:
+                record = server.start(archive_file, MODEL_NAME, inference_port=free_port(), management_port=free_port(),
+                                      metrics_port=free_port(), workers=args.workers, request_log_dir=log_dir, **extra)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved_env)
             targets[name] = {"url": record["endpoint"], "pid": record["pid"], "metrics": record["metrics_endpoint"],
                              "token": json.loads(Path(record["token_file"]).read_text())["inference"]["key"],
                              "label": server_label}
@@ -510,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         # then hits every server alike, and the median of the rounds is reported.
         before = prometheus_sums(targets["ours"]["metrics"])
         for _ in range(args.rounds):
-            for name in ("ours", "ours-nolog", "defaults", "peer"):
+            for name in ("ours", *variants, "ours-nolog", "defaults", "peer"):
                 if name in targets:
                     run(name, top)
         after = prometheus_sums(targets["ours"]["metrics"])
@@ -531,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = sorted(runs.get((name, c), []), key=lambda r: r["req_per_s"])
         return rows[len(rows) // 2] if rows else None  # the median run (upper median for an even count)
 
-    summary_rows = [r for c in sorted(args.concurrency) for name in ("ours", "ours-nolog", "defaults", "peer")
+    summary_rows = [r for c in sorted(args.concurrency) for name in ("ours", *variants, "ours-nolog", "defaults", "peer")
                     if (r := median_row(name, c)) is not None]
     print(f"\nmedians ({args.rounds} interleaved rounds at concurrency {top}, {args.duration:.0f} s each; "
           f"load generator: {tool}, one process):")
@@ -553,15 +604,28 @@ def main(argv: list[str] | None = None) -> int:
         f"p99_ms_c{top}": round(ours_top["p99_ms"], 3),
         "p99_over_p50": round(ours_top["p99_ms"] / max(ours_top["p50_ms"], 1e-9), 2),
         "load_generator": tool,
-        "settings": {"workers": args.workers, "batch_size": args.batch_size, "max_batch_delay_ms": args.max_batch_delay_ms,
-                     "netty_threads": args.netty_threads, "peer_workers": args.peer_workers, "duration_s": args.duration,
-                     "rounds": args.rounds},
+        "settings": {**base_settings, "peer_workers": args.peer_workers, "duration_s": args.duration, "rounds": args.rounds},
         "ours": {str(c): _summary(r) for c in sorted(args.concurrency) if (r := median_row("ours", c))},
         "ours_rounds_c_top": [round(r["req_per_s"], 1) for r in runs[("ours", top)]],
         "frontend_queue_ms_mean": round(queue_ms, 3),
         "backend_ms_mean": round(backend_ms, 3),
         "request_log_lines": log_lines,
     }
+    if variants:
+        ours_rounds = runs[("ours", top)]
+        result["variants"] = {}
+        for vname, settings in variants.items():
+            rows = runs[(vname, top)]
+            row = median_row(vname, top)
+            result["variants"][vname[8:]] = {
+                "settings": {k: v for k, v in settings.items() if v != base_settings[k]}, **_summary(row),
+                "p99_over_p50": round(row["p99_ms"] / max(row["p50_ms"], 1e-9), 2),
+                # round by round against the shipped server measured just before it
+                "rounds_p99_over_p50": [round(r["p99_ms"] / max(r["p50_ms"], 1e-9), 2) for r in rows],
+                "shipped_rounds_p99_over_p50": [round(r["p99_ms"] / max(r["p50_ms"], 1e-9), 2) for r in ours_rounds],
+                "rounds_req_per_s": [round(r["req_per_s"], 1) for r in rows],
+            }
+        result["ours_rounds_p99_over_p50"] = [round(r["p99_ms"] / max(r["p50_ms"], 1e-9), 2) for r in ours_rounds]
     if "peer" in targets:
         peer_top = median_row("peer", top)
         result[f"peer_throughput_c{top}"] = round(peer_top["req_per_s"], 1)

@@ -110,9 +110,10 @@ def deploy_local(
     # Archive first: if packing fails, the server already running keeps serving.
     from serving import archive
 
-    mar = build_mar(model_dir, home / "export", model_name, version, workers=workers,
-                    batch_size=archive.DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
-                    max_batch_delay_ms=archive.DEFAULT_MAX_BATCH_DELAY_MS if max_batch_delay_ms is None else max_batch_delay_ms)
+    model_config = {"workers": workers,
+                    "batch_size": archive.DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+                    "max_batch_delay_ms": archive.DEFAULT_MAX_BATCH_DELAY_MS if max_batch_delay_ms is None else max_batch_delay_ms}
+    mar = build_mar(model_dir, home / "export", model_name, version, **model_config)
     server = LocalTorchServe(home)
     if server.status()["running"]:
         print(f"[deploy] replacing the server already running from {home}", flush=True)
@@ -140,6 +141,7 @@ def deploy_local(
           f"{result['latency_ms_mean']:.1f} ms per request", flush=True)
     return {
         **record,
+        "model_config": model_config,
         "smoke_test_images": n,
         "smoke_test_accuracy": result["accuracy"],
         "smoke_test_latency_ms_mean": result["latency_ms_mean"],
@@ -166,6 +168,8 @@ def deploy_component(
     client_auth_file: str = "/var/run/secrets/kfp-mlops/serving-token/token",
     rollout_timeout_s: int = 900,
     run_id: str = "",
+    batch_size: int = 32,
+    max_batch_delay_ms: int = 1,
 ) -> str:
     """Serve the released model (a local TorchServe, or the cluster's serving Deployment) and smoke-test it.
 
@@ -176,8 +180,11 @@ def deploy_component(
     ``deploy_target="kubernetes"``: publishes the .mar to the model store, server-side
     applies the release to the Deployment ``kfp-mlops-serving``, waits for the rollout,
     smoke-tests through the Service and rolls back to the previous revision when any of
-    that fails (components/k8s_deploy.py). The host, ports, workers and serving_home
-    parameters are the local server's and are not used there.
+    that fails (components/k8s_deploy.py). The host, ports and serving_home parameters
+    are the local server's and are not used there.
+
+    ``workers``, ``batch_size`` and ``max_batch_delay_ms`` go into the .mar's model config
+    on both targets (TorchServe reads them from the archive when it loads the model).
 
     Args:
         model: Classifier artifact (model.safetensors + metadata.json) that passed every gate.
@@ -187,7 +194,7 @@ def deploy_component(
         inference_port: Inference API port.
         management_port: Management API port (model registration through it is disabled).
         metrics_port: Prometheus metrics port.
-        workers: Number of TorchServe workers for the model.
+        workers: Number of TorchServe workers for the model (packed into the .mar; both targets).
         model_name: Name served under /predictions/<model_name>.
         startup_timeout_s: Seconds to wait for the workers to be ready.
         deployment: Output: the deployment record as JSON (endpoint, token_file, request_log_dir, ...).
@@ -199,6 +206,8 @@ def deploy_component(
         client_auth_file: Kubernetes only: path of the clients' bearer-token file (the Secret kfp-mlops-serving-token mounted into the step), for the smoke test and the monitor; a path, never the token itself.
         rollout_timeout_s: Kubernetes only: seconds to wait for a rollout (and again for a rollback) before calling it failed.
         run_id: Kubernetes only: the pipeline run, written into the change-cause annotation that kubectl rollout history shows.
+        batch_size: Dynamic batching: most requests TorchServe hands a worker at once (packed into the .mar; both targets).
+        max_batch_delay_ms: Dynamic batching: milliseconds TorchServe waits to fill a batch, at least 1 (packed into the .mar; both targets).
 
     Returns:
         The prediction endpoint URL.
@@ -219,13 +228,15 @@ def deploy_component(
 
             record = deploy_kubernetes(model.path, dataset.path, namespace=namespace, model_name=model_name,
                                        model_store_uri=model_store_uri, image=serving_image, token_file=client_auth_file,
-                                       run_id=run_id, rollout_timeout_s=rollout_timeout_s)
+                                       run_id=run_id, rollout_timeout_s=rollout_timeout_s, workers=workers,
+                                       batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms)
         else:
             home = Path(serving_home)
             home = home if home.is_absolute() else Path.cwd() / home
             record = deploy_local(model.path, dataset.path, home, model_name=model_name, host=host,
                                   inference_port=inference_port, management_port=management_port,
-                                  metrics_port=metrics_port, workers=workers, startup_timeout_s=startup_timeout_s)
+                                  metrics_port=metrics_port, workers=workers, startup_timeout_s=startup_timeout_s,
+                                  batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms)
     os.makedirs(os.path.dirname(deployment.path) or ".", exist_ok=True)
     with open(deployment.path, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)

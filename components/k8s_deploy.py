@@ -473,6 +473,9 @@ def deploy_kubernetes(
     min_smoke_accuracy: float = 0.5,
     crashloop_restarts: int = 3,
     scale_up_replicas: int = 1,
+    workers: int | None = None,
+    batch_size: int | None = None,
+    max_batch_delay_ms: int | None = None,
     work_dir: str | Path | None = None,
     api: KubernetesApi | None = None,
     publish: Callable[[Path, str], dict] | None = None,
@@ -486,7 +489,9 @@ def deploy_kubernetes(
     ``namespace`` "" = the pod's own; ``model_store_uri`` "" = where the Deployment's init
     container fetches from now; ``image`` "" = keep the images. ``api``, ``publish``
     (``components.storage.publish``), ``build_archive`` (``serving.archive.build_mar``) and
-    ``send`` (``serving.client.predict``) are injectable for tests.
+    ``send`` (``serving.client.predict``) are injectable for tests. ``workers``, ``batch_size``
+    and ``max_batch_delay_ms`` (None = ``serving.archive``'s defaults) go into the .mar's model
+    config, which the pods' TorchServe reads when it loads the model (it wins over the ConfigMap).
 
     Returns the deployment record (endpoint, token_file, request_log_dir, model_version,
     release_id, revision, ...). Raises ``ReleaseRolledBack`` (previous version serving
@@ -543,13 +548,21 @@ def deploy_kubernetes(
     request_log_dir = _request_log_dir(api, namespace, server)
 
     # 2. Archive and publish: the pods fetch exactly these bytes, by their id.
+    from serving import archive
+
     if build_archive is None:
-        from serving.archive import build_mar as build_archive
+        build_archive = archive.build_mar
+    model_config = {
+        "workers": archive.DEFAULT_WORKERS if workers is None else workers,
+        "batch_size": archive.DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+        "max_batch_delay_ms": archive.DEFAULT_MAX_BATCH_DELAY_MS if max_batch_delay_ms is None else max_batch_delay_ms,
+    }
+    archive.model_config_yaml(**model_config)  # bad values fail here, before anything is published
     if publish is None:
         from components.storage import publish
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         release_dir = Path(tmp) / "release"
-        mar = build_archive(model_dir, release_dir, model_name, model_version)
+        mar = build_archive(model_dir, release_dir, model_name, model_version, **model_config)
         if Path(mar).name != mar_file:
             raise DeployError(f"the archive is {Path(mar).name} but the Deployment loads {mar_file}")
         manifest = publish(release_dir, model_store_uri)
@@ -559,7 +572,7 @@ def deploy_kubernetes(
 
     report: dict[str, Any] = {
         "namespace": namespace, "deployment": deployment_name, "model_version": model_version,
-        "release_id": release.release_id, "model_uri": model_store_uri,
+        "release_id": release.release_id, "model_uri": model_store_uri, "model_config": model_config,
         "previous_revision": live["metadata"].get("annotations", {}).get(REVISION),
         "previous_model_version": (previous or {}).get("spec", {}).get("template", {}).get("metadata", {})
                                   .get("labels", {}).get(MODEL_VERSION_LABEL),

@@ -241,6 +241,7 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None
                         model=model, dataset=dataset, serving_home=p["serving_home"], host=p["serving_host"],
                         inference_port=p["serving_inference_port"], management_port=p["serving_management_port"],
                         metrics_port=p["serving_metrics_port"], workers=p["serving_workers"],
+                        batch_size=p["serving_batch_size"], max_batch_delay_ms=p["serving_max_batch_delay_ms"],
                         model_name=p["serving_model_name"], startup_timeout_s=p["serving_startup_timeout_s"],
                         deploy_target=p["serving_deploy_target"], namespace=cluster.namespace,
                         model_store_uri=p["serving_model_store_uri"], serving_image=cluster.image,

@@ -19,6 +19,12 @@ lets in could call the model. So each serving pod runs this proxy next to TorchS
 * Only the inference routes pass: ``GET /ping``, ``POST /predictions/<model>[/<version>]``
   and ``POST /explanations/<model>[/<version>]``; bodies larger than
   ``--max-request-bytes`` are refused before they are read.
+* Form bodies (``application/x-www-form-urlencoded``, ``multipart/form-data``, in any
+  ``Content-Type`` header of the request) get a 415 and never reach TorchServe (the body
+  is read past, within the size limit, so the connection stays usable): TorchServe's Java
+  frontend decodes forms itself, before the handler, and answers one Netty cannot decode
+  (``a=%zz``) with a 500; the handler takes image bytes or JSON only, so no valid request
+  is a form.
 * ``GET /healthz`` answers without a token and says nothing about the model: it is for
   the kubelet's probes of this container (TorchServe has its own readiness probe).
 
@@ -54,6 +60,17 @@ ROUTES = (
     ("POST", re.compile(r"/predictions/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")),
     ("POST", re.compile(r"/explanations/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")),
 )
+# Content types TorchServe's frontend decodes as a form itself (Netty's HttpPostRequestDecoder), before
+# the handler: a body it cannot decode gets a 500 there. Matched anywhere in the header value, any case.
+FORM_CONTENT_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def is_form_content_type(content_type: str) -> bool:
+    """Whether TorchServe's frontend would decode a body of this ``Content-Type`` as a form (or might)."""
+    lowered = content_type.lower()
+    return any(form in lowered for form in FORM_CONTENT_TYPES)
+
+
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones the proxy sets itself.
 _NOT_FORWARDED = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                   "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
@@ -179,6 +196,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self.close_connection:  # tell the client, so it does not send its next request on this connection
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -237,6 +256,14 @@ class _Handler(BaseHTTPRequestHandler):
         if length > config.max_request_bytes:
             self.close_connection = True
             self._reply(413, f"request body of {length} bytes exceeds the limit of {config.max_request_bytes} bytes")
+            return
+        if self.command == "POST" and any(is_form_content_type(v) for v in self.headers.get_all("Content-Type", [])):
+            # Authenticated and within the size limit: read the body past, so the connection stays usable.
+            if len(self.rfile.read(length) if length else b"") != length:
+                self.close_connection = True
+                return  # the client went away mid-body
+            self._reply(415, "form bodies (application/x-www-form-urlencoded, multipart/form-data) are not accepted: "
+                             "send the image bytes (Content-Type image/png or image/jpeg) or JSON (application/json)")
             return
         body = self.rfile.read(length) if length else b""
         if len(body) != length:

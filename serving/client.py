@@ -30,15 +30,31 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def read_token(token_file: str | Path, kind: str = "inference") -> str:
-    """Read one key ('inference', 'management' or 'API') from TorchServe's key file."""
+    """The bearer token in ``token_file``: TorchServe's ``key_file.json`` or a plain-text token file.
+
+    TorchServe's key file (the local server) is JSON: the ``kind`` key ('inference',
+    'management' or 'API') is returned. Anything that is not a JSON object (a Kubernetes
+    Secret mounted as a file: the token, optionally more lines for rotation) gives its
+    first non-empty line, stripped; ``kind`` does not apply there.
+    """
     path = Path(token_file)
     if not path.is_file():
-        raise FileNotFoundError(f"TorchServe key file {path} not found: is the server running? Try 'mlops serve status'.")
-    keys = json.loads(path.read_text())
+        raise FileNotFoundError(f"token file {path} not found: is the server running (TorchServe's key_file.json: "
+                                "'mlops serve status'), or is the Secret mounted there (a plain-text token)?")
+    text = path.read_text()
     try:
-        return keys[kind]["key"]
-    except KeyError:
-        raise KeyError(f"{path} has no '{kind}' key; it holds {sorted(keys)}") from None
+        keys = json.loads(text)
+    except ValueError:
+        keys = None
+    if isinstance(keys, dict):
+        try:
+            return keys[kind]["key"]
+        except (KeyError, TypeError):
+            raise KeyError(f"{path} has no '{kind}' key; it holds {sorted(keys)}") from None
+    token = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not token:
+        raise ValueError(f"token file {path} is empty: expected TorchServe's key_file.json or a token on its first line")
+    return token
 
 
 def predict(endpoint: str, body: bytes, token: str, timeout: float = 30.0,

@@ -47,7 +47,12 @@ DEFAULT_MAX_RESPONSE_BYTES = 1 * 1024 * 1024
 # for client connections (0 = one per core, TorchServe's default) and for talking to the workers.
 DEFAULT_NETTY_THREADS = 0
 DEFAULT_NETTY_CLIENT_THREADS = 0
-DEFAULT_VMARGS = ""  # JVM options of the frontend (TorchServe's vmargs); empty = the JVM's defaults
+# JVM options of the frontend (TorchServe's vmargs). C1 only (no C2): on 2 cores the C2 compiler thread was still
+# taking 1-2 s of CPU per 8 s of load after 10-30 s of warm-up, and the Python worker waited for a core meanwhile;
+# without it p99/p50 at concurrency 32 was lower in 11 of 14 interleaved rounds of two A/B runs on a shared machine
+# (medians 5.6 -> 4.1 and 4.9 -> 4.6), for ~0.05 ms more frontend CPU per request (C1 code is slower than C2's).
+# A/B: python benchmarks/serving.py --skip peer nolog defaults inprocess --variant 'c2={"vmargs": ""}'
+DEFAULT_VMARGS = "-XX:TieredStopAtLevel=1"
 DEFAULT_JOB_QUEUE_SIZE = 1000  # requests waiting per model before the frontend answers 503; bounded memory
 
 

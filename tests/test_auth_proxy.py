@@ -143,6 +143,55 @@ def test_refused_requests_never_reach_torchserve(pod, method, path, headers, bod
     assert upstream.seen == []
 
 
+@pytest.mark.parametrize("path", ["/predictions/digits", "/explanations/digits", "/predictions/digits/2"])
+@pytest.mark.parametrize("content_type, body", [
+    ("application/x-www-form-urlencoded", b"a=%zz"),  # Netty cannot decode it: TorchServe's frontend answers 500
+    ("Application/X-WWW-Form-Urlencoded; charset=utf-8", b"data=%89PNG"),
+    ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: form-data; name=data\r\n\r\n"),
+    ("MULTIPART/FORM-DATA", b""),
+])
+def test_form_bodies_are_refused_with_415_before_torchserve(pod, path, content_type, body):
+    url, upstream, _ = pod
+    answer = requests.post(f"{url}{path}", data=body, headers={**_auth(), "Content-Type": content_type}, timeout=5)
+    assert answer.status_code == 415, answer.text
+    assert answer.json()["code"] == 415 and "form bodies" in answer.json()["message"]
+    assert "image/png" in answer.json()["message"] and "application/json" in answer.json()["message"]
+    assert upstream.seen == []
+
+
+def test_a_form_content_type_hidden_behind_a_second_header_is_refused(pod):
+    """Two Content-Type headers: the proxy forwards the last one, so it checks every one of them."""
+    url, upstream, _ = pod
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=5)
+    connection.putrequest("POST", "/predictions/digits")
+    for name, value in [("Authorization", f"Bearer {TOKEN}"), ("Content-Type", "image/png"),
+                        ("Content-Type", "application/x-www-form-urlencoded"), ("Content-Length", "5")]:
+        connection.putheader(name, value)
+    connection.endheaders(b"a=%zz")
+    response = connection.getresponse()
+    assert response.status == 415
+    response.read()
+    connection.close()
+    assert upstream.seen == []
+
+
+def test_form_refusal_keeps_the_connection_in_order_and_other_types_pass(pod):
+    url, upstream, _ = pod
+    with requests.Session() as session:
+        refused = session.post(f"{url}/predictions/digits", data=b"a=%zz", timeout=5,
+                               headers={**_auth(), "Content-Type": "application/x-www-form-urlencoded"})
+        assert refused.status_code == 415
+        for content_type in ("image/png", "image/jpeg", "application/json", "text/plain", ""):
+            answer = session.post(f"{url}/predictions/digits", data=b"a=%zz", timeout=5,
+                                  headers={**_auth(), "Content-Type": content_type})
+            assert answer.status_code == 200, (content_type, answer.text)  # the handler judges those itself
+    assert len(upstream.seen) == 5
+    # Unauthenticated form posts still get the 401 first: nothing about the API leaks.
+    answer = requests.post(f"{url}/predictions/digits", data=b"a=%zz", timeout=5,
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert answer.status_code == 401
+
+
 def test_upstream_errors_are_relayed_and_a_dead_upstream_is_a_502(pod):
     url, upstream, _ = pod
     upstream.status = 400  # e.g. the handler refusing a corrupt image

@@ -310,7 +310,11 @@ class FakeTime:
         self.now += max(seconds, 0.001)
 
 
-def fake_build(model_dir, release_dir, model_name, version):
+BUILT: list[dict] = []  # the model-config settings each fake_build call was given
+
+
+def fake_build(model_dir, release_dir, model_name, version, **settings):
+    BUILT.append(settings)
     Path(release_dir).mkdir(parents=True)
     mar = Path(release_dir) / f"{model_name}.mar"
     mar.write_bytes(b"PK\x03\x04 model archive of " + version.encode())
@@ -651,16 +655,31 @@ def test_end_to_end_with_the_real_archiver_and_model_store(serve_cluster, inputs
     store_dir = tmp_path / "store"
     cluster = FakeCluster("deployment-serving.json", "replicasets-serving.json", {8: "rollout-complete.json"})
     record, _, _ = run(serve_cluster(cluster), cluster, inputs, publish=storage.publish, build_archive=None,
-                       model_store_uri=str(store_dir))
+                       model_store_uri=str(store_dir), workers=2, batch_size=8, max_batch_delay_ms=7)
     fetch = next(c for c in cluster.deployment["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fetch-model")
     env = {e["name"]: e.get("value") for e in fetch["env"]}
     assert env["KFP_MLOPS_MODEL_URI"] == str(store_dir) and env["KFP_MLOPS_MODEL_VERSION"] == record["release_id"]
     manifest = storage.fetch(env["KFP_MLOPS_MODEL_URI"], tmp_path / "pod-store", version=env["KFP_MLOPS_MODEL_VERSION"])
     assert [f["path"] for f in manifest["files"]] == ["digits.mar"]
     assert (tmp_path / "pod-store" / "digits.mar").stat().st_size > 1000
+    # The batching and worker settings (non-default here) travel in the archive the pods load.
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "pod-store" / "digits.mar") as z:
+        config = yaml.safe_load(z.read(json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["configFile"]))
+    assert (config["minWorkers"], config["maxWorkers"], config["batchSize"], config["maxBatchDelay"]) == (2, 2, 8, 7)
+    assert record["model_config"] == {"workers": 2, "batch_size": 8, "max_batch_delay_ms": 7}
 
 
 # ---------------------------------------------------------------- the KFP component's cluster path
+
+def test_bad_batching_fails_before_anything_is_published(serve_cluster, inputs):
+    cluster = FakeCluster("deployment-serving.json", "replicasets-serving.json", {8: "rollout-complete.json"})
+    store = FakeStore()
+    with pytest.raises(ValueError, match="max_batch_delay_ms must be an integer from 1"):
+        run(serve_cluster(cluster), cluster, inputs, store=store, max_batch_delay_ms=0)
+    assert store.published == [] and patches(cluster, "application/apply-patch+yaml") == []
+
 
 def test_deploy_component_on_kubernetes_writes_the_record(serve_cluster, inputs, tmp_path, monkeypatch):
     from components.deploy import deploy_component
@@ -681,8 +700,10 @@ def test_deploy_component_on_kubernetes_writes_the_record(serve_cluster, inputs,
     with pytest.raises(ValueError, match="deploy_target must be 'local' or 'kubernetes'"):
         deploy_component(**common, deploy_target="k8s")
 
+    BUILT.clear()
     endpoint = deploy_component(**common, deploy_target="kubernetes", namespace=NS, client_auth_file=str(inputs.token),
-                                run_id="kfp-mlops-r8n2v")
+                                run_id="kfp-mlops-r8n2v", batch_size=16, max_batch_delay_ms=3)
+    assert BUILT == [{"workers": 1, "batch_size": 16, "max_batch_delay_ms": 3}], "serving.* settings reach the .mar"
     record = json.loads(Path(deployment.path).read_text())
     assert endpoint == record["endpoint"] == ENDPOINT and record["target"] == "kubernetes"
     assert {"endpoint", "token_file", "request_log_dir", "model_version"} <= set(record), "what the monitor step reads"

@@ -410,6 +410,19 @@ def test_serving_pod_runs_hardened_torchserve():
     for key in ("inference_address", "management_address", "grpc_inference_address", "grpc_management_address"):
         assert "127.0.0.1" in props[key], f"{key} must stay on loopback"
     assert props["allowed_urls"] == f"file://{props['model_store']}/.*", "models only from the local store"
+    from serving.server import DEFAULT_VMARGS
+
+    assert set(DEFAULT_VMARGS.split()) <= set(props["vmargs"].split()), "the pods' JVM runs as the local one"
+    # The workflow store (enable_model_api=false does not cover POST /workflows): its own writable
+    # emptyDir, mounted exactly there in the torchserve container only; never the model store.
+    workflows, models = props["workflow_store"], props["model_store"]
+    assert workflows != models and not workflows.startswith(models + "/") and not models.startswith(workflows + "/")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    workflow_mount = next((m for m in server["volumeMounts"] if m["mountPath"] == workflows), None)
+    assert workflow_mount is not None, f"workflow_store {workflows} is not a mounted volume (read-only root filesystem)"
+    assert not workflow_mount.get("readOnly") and "emptyDir" in volumes[workflow_mount["name"]]
+    assert [c["name"] for c in spec["containers"] + spec["initContainers"]
+            if any(m["name"] == workflow_mount["name"] for m in c.get("volumeMounts", []))] == ["torchserve"]
 
     command = server["command"]
     assert command[:3] == ["tini", "-g", "--"] and command[3] == "torchserve"
@@ -662,7 +675,8 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
         return text
 
     store = home / "models" / "store"
-    for d in (home / "logs", store, config_dir, tmp_path / "tmp"):
+    workflow_store = Path(local(_properties(config_text)["workflow_store"]))  # an emptyDir in the pod
+    for d in (home / "logs", store, workflow_store, config_dir, tmp_path / "tmp"):
         d.mkdir(parents=True, exist_ok=True)
     (config_dir / "config.properties").write_text(local(config_text))
     torch.manual_seed(0)

@@ -589,6 +589,7 @@ def test_config_is_locked_down(tmp_path):
     assert int(props["max_request_size"]) <= 64 * 2**20 and int(props["token_expiration_min"]) >= 60
     assert 1 <= int(props["job_queue_size"]) <= 10_000
     assert {"number_of_netty_threads", "netty_client_threads", "disable_system_metrics"} <= set(props)
+    assert "-XX:TieredStopAtLevel=1" in props["vmargs"].split()  # C1 only: no C2 compile bursts (p99)
     assert not any("$" in v for v in props.values())
 
 
@@ -676,6 +677,124 @@ def test_build_mar_failures(gray_model, tmp_path, case, error, message):
         name = "../evil"
     with pytest.raises(error, match=message):
         build_mar(model_dir, tmp_path / "export", name, "1")
+
+
+def test_read_token_from_torchserve_key_file(tmp_path):
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"management": {"key": "m-key", "expiration time": "x"},
+                                    "inference": {"key": "i-key", "expiration time": "x"}, "API": {"key": "a-key"}}))
+    assert read_token(key_file) == "i-key"
+    assert read_token(key_file, "management") == "m-key" and read_token(key_file, "API") == "a-key"
+    with pytest.raises(KeyError, match="no 'nope' key"):
+        read_token(key_file, "nope")
+
+
+@pytest.mark.parametrize("text", ["client-token-0123456789abcdef", "client-token-0123456789abcdef\n",
+                                  "\n  client-token-0123456789abcdef  \r\nsecond-token-for-rotation\n",
+                                  "client-token-0123456789abcdef\r\n"],
+                         ids=["bare", "newline", "blank-line-then-two-tokens", "crlf"])
+def test_read_token_from_a_plain_text_secret_file(tmp_path, text):
+    """A Kubernetes Secret mounted as a file (the client token on Kubernetes): the first non-empty line."""
+    token_file = tmp_path / "token"
+    token_file.write_text(text)
+    assert read_token(token_file) == "client-token-0123456789abcdef"
+
+
+def test_read_token_plain_text_that_parses_as_json_is_still_a_token(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("12345678901234567890\n")  # a JSON number, not a key file
+    assert read_token(token_file) == "12345678901234567890"
+
+
+@pytest.mark.parametrize("text", ["", "\n", "  \n\t\n"], ids=["empty", "newline", "whitespace"])
+def test_read_token_empty_file_is_a_clear_error(tmp_path, text):
+    token_file = tmp_path / "token"
+    token_file.write_text(text)
+    with pytest.raises(ValueError, match=f"token file {re.escape(str(token_file))} is empty"):
+        read_token(token_file)
+
+
+def test_read_token_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_token(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("target", ["local", "kubernetes"])
+def test_deploy_component_passes_batching_and_workers_on(tmp_path, monkeypatch, target):
+    """serving.batch_size / max_batch_delay_ms / workers reach the step that builds the .mar, on both targets."""
+    from kfp.dsl import Artifact, Dataset, Metrics, Model
+
+    import components.deploy as deploy_mod
+    import components.k8s_deploy as k8s_mod
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        return {"endpoint": "http://x/predictions/digits", "model_version": "v", "token_file": "t",
+                "smoke_test_images": 1, "smoke_test_accuracy": 1.0, "smoke_test_latency_ms_mean": 1.0}
+
+    monkeypatch.setattr(deploy_mod, "deploy_local", fake)
+    monkeypatch.setattr(k8s_mod, "deploy_kubernetes", fake)
+    deploy_mod.deploy_component(
+        model=Model(name="model", uri=str(tmp_path / "m")), dataset=Dataset(name="dataset", uri=str(tmp_path / "d")),
+        serving_home=str(tmp_path / "home"), host="127.0.0.1", inference_port=1, management_port=2, metrics_port=3,
+        workers=3, model_name="digits", startup_timeout_s=1, batch_size=8, max_batch_delay_ms=7,
+        deployment=Artifact(name="deployment", uri=str(tmp_path / "out" / "deployment")),
+        metrics=Metrics(name="metrics", uri=str(tmp_path / "out" / "metrics")), deploy_target=target)
+    assert (seen["workers"], seen["batch_size"], seen["max_batch_delay_ms"]) == (3, 8, 7)
+
+
+def test_deploy_local_packs_the_given_batching_into_the_archive(gray_model, tmp_path, monkeypatch):
+    """deploy_local builds the .mar with non-default batching; what the server would load carries it."""
+    from components import deploy as deploy_mod
+
+    built = {}
+    real_build = build_mar
+
+    def build(*args, **kwargs):
+        built["mar"] = real_build(*args, **kwargs)
+        return built["mar"]
+
+    class StopHere(Exception):
+        pass
+
+    def start(self, mar, *args, **kwargs):
+        raise StopHere
+
+    monkeypatch.setattr("serving.archive.build_mar", build)
+    monkeypatch.setattr(LocalTorchServe, "start", start)
+    monkeypatch.setattr("components.data.load_splits", lambda d: type("S", (), {"test_y": [1], "test_x": [None]})())
+    with pytest.raises(StopHere):
+        deploy_mod.deploy_local(gray_model, tmp_path / "data", tmp_path / "home", workers=2, batch_size=8,
+                                max_batch_delay_ms=7)
+    with zipfile.ZipFile(built["mar"]) as z:
+        config = z.read(json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["configFile"]).decode()
+    import yaml
+
+    assert {k: yaml.safe_load(config)[k] for k in ("minWorkers", "batchSize", "maxBatchDelay")} == \
+        {"minWorkers": 2, "batchSize": 8, "maxBatchDelay": 7}
+
+
+def test_pipeline_wires_serving_batching_into_the_deploy_task():
+    """The compiled pipeline feeds the deploy task from the serving.* run parameters."""
+    from pipelines.pipeline import build_pipeline
+
+    spec = build_pipeline(retries=False).pipeline_spec
+    tasks = {}
+
+    def collect(component_spec):
+        for name, task in component_spec.dag.tasks.items():
+            tasks[name] = task
+            sub = spec.components[task.component_ref.name]
+            if sub.HasField("dag"):
+                collect(sub)
+
+    collect(spec.root)
+    params = tasks["deploy"].inputs.parameters
+    wired = {name: params[name].component_input_parameter for name in ("workers", "batch_size", "max_batch_delay_ms")}
+    assert all(wired.values()), wired
+    assert all(v.endswith(f"serving_{k}") for k, v in wired.items()), wired
 
 
 def test_stop_without_a_server_is_a_noop(tmp_path, capsys):

@@ -7,12 +7,15 @@ requests in the same batch. Every answer must be < 500, the good request must ge
 its label, and afterwards the same worker process must still be serving.
 
 Form bodies (``application/x-www-form-urlencoded``, ``multipart/form-data``) are the
-one exception, tested on their own: TorchServe's Java frontend decodes them itself,
-before the handler, and answers a broken one (``a=%zz``) with its own 500
-``ErrorDataDecoderException``. Nothing in the handler or the config can change that
-(TorchServe is archived upstream); the test pins it down to exactly that error and
-checks the server is unharmed. On Kubernetes the serving pods' auth proxy is the
-place to refuse form bodies before TorchServe sees them.
+one exception, so the main strategy never sends a form content type (``is_form``
+filters them out), and they are tested on their own: TorchServe's Java frontend
+decodes them itself, before the handler, and answers a broken one (``a=%zz``) with its
+own 500 ``ErrorDataDecoderException``. Nothing in the handler or the config can change
+that (TorchServe is archived upstream); the test pins it down to exactly that error and
+checks the server is unharmed. This is the local, proxy-less server (README "Serving"
+says so). On Kubernetes the serving pods' auth proxy refuses form bodies with a 415
+before TorchServe sees them (``serving.auth_proxy.is_form_content_type``;
+tests/test_auth_proxy.py).
 """
 
 from __future__ import annotations
@@ -117,8 +120,15 @@ def near_valid_json(draw) -> bytes:
     return json.dumps(body).encode()
 
 
+# Form content types are excluded here on purpose, not by accident: on the local server (no proxy) a form
+# body Netty cannot decode gets the Java frontend's 500 before the handler runs (see the module docstring);
+# test_form_bodies_get_at_most_the_frontends_decoder_error sends them and pins that one known 5xx down.
+NON_FORM_CONTENT_TYPES = st.sampled_from(CONTENT_TYPES) | header_values.filter(lambda t: not is_form(t))
+assert not any(is_form(t) for t in CONTENT_TYPES) and all(is_form(t) for t in FORM_TYPES)
+
+
 @st.composite
-def malformed_request(draw, content_types=st.sampled_from(CONTENT_TYPES) | header_values.filter(lambda t: not is_form(t))) -> dict:
+def malformed_request(draw, content_types=NON_FORM_CONTENT_TYPES) -> dict:
     body = draw(st.one_of(corrupted_image(), near_valid_json(), st.binary(max_size=300),
                           st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"RIFF",
                                            b"a=%zz", b"data=%89PNG", b"--xyz\r\nContent-Disposition: form-data; name=data\r\n\r\n"])))
