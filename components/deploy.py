@@ -170,6 +170,9 @@ def deploy_component(
     run_id: str = "",
     batch_size: int = 32,
     max_batch_delay_ms: int = 1,
+    request_log_dir: str = "",
+    request_log_max_mb: float = 16.0,
+    request_log_max_age_s: float = 3600.0,
 ) -> str:
     """Serve the released model (a local TorchServe, or the cluster's serving Deployment) and smoke-test it.
 
@@ -180,8 +183,9 @@ def deploy_component(
     ``deploy_target="kubernetes"``: publishes the .mar to the model store, server-side
     applies the release to the Deployment ``kfp-mlops-serving``, waits for the rollout,
     smoke-tests through the Service and rolls back to the previous revision when any of
-    that fails (components/k8s_deploy.py). The host, ports and serving_home parameters
-    are the local server's and are not used there.
+    that fails (components/k8s_deploy.py). The host, ports, serving_home and request_log_*
+    parameters are the local server's and are not used there (the serving pods' request log
+    is set in the manifests: kfp-mlops-storage).
 
     ``workers``, ``batch_size`` and ``max_batch_delay_ms`` go into the .mar's model config
     on both targets (TorchServe reads them from the archive when it loads the model).
@@ -208,6 +212,9 @@ def deploy_component(
         run_id: Kubernetes only: the pipeline run, written into the change-cause annotation that kubectl rollout history shows.
         batch_size: Dynamic batching: most requests TorchServe hands a worker at once (packed into the .mar; both targets).
         max_batch_delay_ms: Dynamic batching: milliseconds TorchServe waits to fill a batch, at least 1 (packed into the .mar; both targets).
+        request_log_dir: Local only: where the handler logs every request for monitoring, a directory or an s3:// prefix; empty = <serving_home>/requests. On Kubernetes the serving pods log to KFP_MLOPS_REQUEST_LOG_DIR of the kfp-mlops-storage ConfigMap.
+        request_log_max_mb: Local only: start a new request-log file at this many MiB.
+        request_log_max_age_s: Local only: start a new request-log file (uploaded then, for s3://) when the current one is this many seconds old.
 
     Returns:
         The prediction endpoint URL.
@@ -229,14 +236,20 @@ def deploy_component(
             record = deploy_kubernetes(model.path, dataset.path, namespace=namespace, model_name=model_name,
                                        model_store_uri=model_store_uri, image=serving_image, token_file=client_auth_file,
                                        run_id=run_id, rollout_timeout_s=rollout_timeout_s, workers=workers,
-                                       batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms)
+                                       batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                                  request_log_dir=request_log_dir or None,
+                                  request_log_max_bytes=int(request_log_max_mb * 2**20),
+                                  request_log_max_age_s=request_log_max_age_s)
         else:
             home = Path(serving_home)
             home = home if home.is_absolute() else Path.cwd() / home
             record = deploy_local(model.path, dataset.path, home, model_name=model_name, host=host,
                                   inference_port=inference_port, management_port=management_port,
                                   metrics_port=metrics_port, workers=workers, startup_timeout_s=startup_timeout_s,
-                                  batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms)
+                                  batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                                  request_log_dir=request_log_dir or None,
+                                  request_log_max_bytes=int(request_log_max_mb * 2**20),
+                                  request_log_max_age_s=request_log_max_age_s)
     os.makedirs(os.path.dirname(deployment.path) or ".", exist_ok=True)
     with open(deployment.path, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)

@@ -122,7 +122,7 @@ class ServingConfig:
     workers: int = doc(1, "TorchServe workers for the model (Python processes; measured best on 2 cores: 1, see README 'Serving').")
     batch_size: int = doc(32, "Dynamic batching: most requests TorchServe hands a worker at once.")
     max_batch_delay_ms: int = doc(1, "Dynamic batching: milliseconds TorchServe waits to fill a batch (a lone request waits this long); at least 1.")
-    request_log_dir: str = doc("", "Where the handler logs every request for monitoring: a directory or an s3:// prefix; empty = <home>/requests.")
+    request_log_dir: str = doc("", "Where the handler logs every request for monitoring: a directory or an s3:// prefix; empty = <home>/requests. Local serving (mlops serve, the deploy step); on Kubernetes: KFP_MLOPS_REQUEST_LOG_DIR in the kfp-mlops-storage ConfigMap.")
     request_log_max_mb: float = doc(16.0, "Start a new request-log file when the current one reaches this many MiB.")
     request_log_max_age_s: float = doc(3600.0, "Start a new request-log file when the current one is this many seconds old (uploaded then, for s3://).")
     model_name: str = doc("digits", "Name the model is served under: /predictions/<model_name>.")

@@ -102,3 +102,59 @@ def test_deploy_component_serves_then_a_failed_redeploy_stops_everything(tmp_pat
         assert not any(port_in_use("127.0.0.1", p) for p in ports.values())
     finally:
         LocalTorchServe(home).stop(quiet=True)
+
+
+def test_deploy_component_passes_the_request_log_settings_to_the_local_server(tmp_path, monkeypatch):
+    """serving.request_log_dir / _max_mb / _max_age_s reach the local server the deploy step starts."""
+    seen: list[dict] = []
+
+    def fake_deploy_local(model_dir, dataset_dir, home, **kwargs):
+        seen.append(kwargs)
+        return {"endpoint": "http://127.0.0.1:1/predictions/digits", "model_version": "v", "token_file": "t",
+                "smoke_test_images": 1, "smoke_test_accuracy": 1.0, "smoke_test_latency_ms_mean": 1.0}
+
+    monkeypatch.setattr("components.deploy.deploy_local", fake_deploy_local)
+    common = dict(model=Model(name="model", uri=str(tmp_path / "model")),
+                  dataset=Dataset(name="dataset", uri=str(tmp_path / "dataset")), serving_home=str(tmp_path / "serving"),
+                  host="127.0.0.1", inference_port=1, management_port=2, metrics_port=3, workers=1,
+                  model_name="digits", startup_timeout_s=1)
+    out = lambda: dict(deployment=Artifact(name="d", uri=str(tmp_path / "out" / "d")),  # noqa: E731
+                       metrics=Metrics(name="m", uri=str(tmp_path / "out" / "m")))
+    deploy_component(**common, **out(), request_log_dir="s3://bucket/request-logs", request_log_max_mb=2.5,
+                     request_log_max_age_s=60.0)
+    deploy_component(**common, **out())
+    changed, default = seen
+    assert changed["request_log_dir"] == "s3://bucket/request-logs"
+    assert changed["request_log_max_bytes"] == int(2.5 * 2**20) and changed["request_log_max_age_s"] == 60.0
+    from pipelines.config import ServingConfig
+
+    assert default["request_log_dir"] is None, "empty = <serving_home>/requests"
+    assert default["request_log_max_bytes"] == int(ServingConfig().request_log_max_mb * 2**20)
+    assert default["request_log_max_age_s"] == ServingConfig().request_log_max_age_s
+
+
+def test_the_pipeline_wires_every_serving_setting_the_deploy_step_takes(tmp_path):
+    """A serving.* run parameter named like a deploy_component input reaches it (none silently ignored)."""
+    import inspect
+
+    import yaml
+
+    from pipelines.config import ClusterConfig, parameters
+    from pipelines.pipeline import compile_pipeline
+
+    compile_pipeline(str(tmp_path / "pipeline.yaml"), ClusterConfig())
+    spec = next(yaml.safe_load_all((tmp_path / "pipeline.yaml").read_text()))
+    tasks = {}
+
+    def walk(dag):
+        for name, task in dag.get("tasks", {}).items():
+            tasks[name] = task
+            walk(spec["components"][task["componentRef"]["name"]].get("dag", {}))
+
+    walk(spec["root"]["dag"])
+    inputs = tasks["deploy"]["inputs"]["parameters"]
+    takes = set(inspect.signature(deploy_component).parameters)
+    serving = [p for p in parameters(("serving",)) if p.name in takes]
+    assert {"request_log_dir", "request_log_max_mb", "request_log_max_age_s"} <= {p.name for p in serving}
+    for p in serving:
+        assert inputs.get(p.name) == {"componentInputParameter": f"pipelinechannel--{p.key}"}, f"{p.key} is not wired"

@@ -31,7 +31,8 @@ MANIFESTS = ROOT / "manifests"
 OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
 TARGETS = ["base"] + OVERLAYS
 UID = GID = 10001  # the Dockerfile's user; every pod runs as it
-NAMESPACES = {"base": "kfp-mlops", "dev": "kfp-mlops-dev", "prod": "kfp-mlops", "gpu": "kfp-mlops"}
+NAMESPACES = {"base": "kfp-mlops", "dev": "kfp-mlops-dev", "prod": "kfp-mlops", "gpu": "kfp-mlops",
+              "retrain": "kfp-mlops"}
 # Oldest Kubernetes minor the manifests promise to work with, and the newest schemas shipped.
 KUBERNETES_VERSIONS = ["1.29.0", "1.37.0"]
 # Every checkov skip must be one of these (each is justified in a comment next to it).
@@ -293,10 +294,23 @@ def _drop(obj, path):
         _drop(item, rest)
 
 
-def _normalised(obj: dict) -> dict:
+# The retrain overlay (components/retrain-on-drift) also adds these objects, and extends the monitor's
+# CronJob and NetworkPolicy at these paths; test_retrain_overlay_only_adds_to_the_monitor checks that
+# those changes only add to the base (flags, env, mounts, volumes, one egress rule).
+MONITOR_CONTAINER = ("spec", "jobTemplate", "spec", "template", "spec", "containers", "*")
+OVERLAY_ADDS = {"retrain": [("ConfigMap", "kfp-mlops-retrain-config"), ("RoleBinding", "kfp-mlops-monitor-pipelines")]}
+OVERLAY_PATCHABLE = {
+    "retrain": {"CronJob": [MONITOR_CONTAINER + ("args",), MONITOR_CONTAINER + ("env",),
+                            MONITOR_CONTAINER + ("volumeMounts",),
+                            ("spec", "jobTemplate", "spec", "template", "spec", "volumes")],
+                "NetworkPolicy": [("spec", "egress")]},
+}
+
+
+def _normalised(obj: dict, overlay: str | None = None) -> dict:
     obj = copy.deepcopy(obj)
     obj["metadata"].pop("namespace", None)
-    for path in PATCHABLE.get(obj["kind"], []):
+    for path in PATCHABLE.get(obj["kind"], []) + OVERLAY_PATCHABLE.get(overlay, {}).get(obj["kind"], []):
         _drop(obj, path)
     return obj
 
@@ -306,9 +320,13 @@ def test_overlay_only_patches_the_base(overlay):
     key = lambda o: (o["kind"], o["metadata"]["name"] if o["kind"] != "Namespace" else "")  # noqa: E731
     base = {key(o): o for o in render("base")}
     patched = {key(o): o for o in render(overlay)}
-    assert sorted(patched) == sorted(base), "an overlay adds or removes no object"
+    adds = OVERLAY_ADDS.get(overlay, [])
+    assert sorted(patched) == sorted([*base, *adds]), "an overlay adds or removes no object (beyond its allow-list)"
     for k, obj in patched.items():
-        assert _normalised(obj) == _normalised(base[k]), f"{overlay} changes {k} beyond namespace/replicas/resources/GPU placement"
+        if k in adds:
+            continue
+        assert _normalised(obj, overlay) == _normalised(base[k], overlay), \
+            f"{overlay} changes {k} beyond namespace/replicas/resources/GPU placement"
 
 
 def test_overlays_size_the_serving_pods_differently():
@@ -363,6 +381,10 @@ def test_rbac_is_exactly_the_allow_list(target):
     for name in ("kfp-mlops-serving", "kfp-mlops-monitor"):
         assert find(target, "ServiceAccount", name)["automountServiceAccountToken"] is False
     assert "secrets" not in json.dumps([o.get("rules") for o in objects if o["kind"] == "Role"])
+    # Bindings to ClusterRoles: only retrain-on-drift's (KFP's own edit role, in one namespace).
+    to_cluster_roles = sorted(o["metadata"]["name"] for o in objects
+                              if o["kind"] == "RoleBinding" and o["roleRef"]["kind"] == "ClusterRole")
+    assert to_cluster_roles == [n for k, n in OVERLAY_ADDS.get(target, []) if k == "RoleBinding"]
 
 
 # ---------------------------------------------------------------- serving wiring
@@ -531,6 +553,101 @@ def test_monitor_cronjob_runs_the_real_cli():
     assert parsed.log_dir == storage["KFP_MLOPS_REQUEST_LOG_DIR"] and parsed.reference == storage["KFP_MLOPS_REFERENCE"]
     rule = cronjob["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"][0]
     assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2], "drift (exit 2) fails the Job, no retry"
+    assert not parsed.retrain_on_drift, "retraining on drift is opt-in (overlays/retrain)"
+
+
+# ---------------------------------------------------------------- retrain on drift (opt-in)
+
+RETRAIN_TARGETS = [t for t in TARGETS if ("RoleBinding", "kfp-mlops-monitor-pipelines") in OVERLAY_ADDS.get(t, [])]
+
+
+def test_retrain_overlay_only_adds_to_the_monitor():
+    """The retrain overlay keeps every base flag, env var, mount, volume and egress rule of the monitor."""
+    assert RETRAIN_TARGETS == ["retrain"]
+    base, retrain = find("base", "CronJob", "kfp-mlops-monitor"), find("retrain", "CronJob", "kfp-mlops-monitor")
+    (old,), (new,) = pod_spec(base)["containers"], pod_spec(retrain)["containers"]
+    assert new["args"][: len(old["args"])] == old["args"], "the base flags come first, unchanged"
+    for field in ("env", "volumeMounts"):
+        assert new[field][: len(old[field])] == old[field]
+    assert pod_spec(retrain)["volumes"][: len(pod_spec(base)["volumes"])] == pod_spec(base)["volumes"]
+    assert retrain["spec"]["jobTemplate"]["spec"]["podFailurePolicy"] == base["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]
+    old_egress = find("base", "NetworkPolicy", "kfp-mlops-monitor")["spec"]["egress"]
+    new_egress = find("retrain", "NetworkPolicy", "kfp-mlops-monitor")["spec"]["egress"]
+    assert new_egress[: len(old_egress)] == old_egress and len(new_egress) == len(old_egress) + 1
+
+
+@pytest.mark.parametrize("target", RETRAIN_TARGETS)
+def test_retrain_overlay_lets_the_monitor_start_runs_on_kfp(target):
+    """--retrain-on-drift against KFP's in-cluster API with the run's config, a KFP-audience token,
+    egress to the API, and the RoleBinding multi-user KFP checks; exit codes as in the base."""
+    from urllib.parse import urlsplit
+
+    from pipelines import cluster, config
+    from pipelines.cli import build_parser
+
+    cronjob = find(target, "CronJob", "kfp-mlops-monitor")
+    spec = pod_spec(cronjob)
+    (container,) = spec["containers"]
+    storage = find(target, "ConfigMap", "kfp-mlops-storage")["data"]
+    parsed = build_parser().parse_args([re.sub(r"\$\((\w+)\)", lambda m: storage[m.group(1)], a) for a in container["args"]])
+    assert parsed.command == "monitor" and parsed.json and parsed.last == "1h" and parsed.settle == "1h"
+    assert parsed.retrain_on_drift is True and not parsed.retrain_wait
+    assert parsed.kfp_host == cluster.IN_CLUSTER_HOST == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+
+    # The run's config: a key of a ConfigMap, mounted read-only; it loads as a Config.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+
+    def mount_of(path: str) -> dict:
+        (mount,) = [m for m in mounts.values() if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        return mount
+
+    config_mount = mount_of(parsed.config)
+    assert config_mount["readOnly"] is True
+    config_map = find(target, "ConfigMap", volumes[config_mount["name"]]["configMap"]["name"])
+    cfg = config.from_dict(yaml.safe_load(config_map["data"][Path(parsed.config).name]))
+    assert cfg.serving.deploy_target == "kubernetes" and cfg.serving.model_store_uri.startswith("s3://")
+    find(target, "ServiceAccount", cfg.cluster.service_account)  # the runs' identity exists here
+
+    # The token: projected for KFP's audience, read-only, where KF_PIPELINES_SA_TOKEN_PATH says.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    token_path = env["KF_PIPELINES_SA_TOKEN_PATH"]
+    assert token_path == cluster.IN_CLUSTER_TOKEN_FILES[0], "KFP's default path, also found without the variable"
+    token_mount = mount_of(token_path)
+    assert token_mount["readOnly"] is True
+    (source,) = volumes[token_mount["name"]]["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert token["audience"] == "pipelines.kubeflow.org"
+    assert f"{token_mount['mountPath']}/{token['path']}" == token_path
+    assert 600 <= token["expirationSeconds"] <= 86400  # the kubelet refreshes it at 80% of its life
+    assert spec["automountServiceAccountToken"] is False, "no Kubernetes API token: the KFP token is all it gets"
+    assert find(target, "ServiceAccount", spec["serviceAccountName"])["automountServiceAccountToken"] is False
+
+    # Egress to the API the host names: service ml-pipeline in namespace kubeflow, port 8888.
+    url = urlsplit(parsed.kfp_host)
+    service, namespace = url.hostname.split(".")[:2]
+    policy = find(target, "NetworkPolicy", "kfp-mlops-monitor")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= cronjob["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"].items()
+    api_rules = [r for r in policy["egress"] if {"port": url.port, "protocol": "TCP"} in r["ports"]]
+    assert api_rules == [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                                  "podSelector": {"matchLabels": {"app": service}}}],
+                          "ports": [{"port": 8888, "protocol": "TCP"}]}]
+
+    # RBAC: KFP's edit role for the monitor's ServiceAccount, in the namespace the runs go into.
+    binding = find(target, "RoleBinding", "kfp-mlops-monitor-pipelines")
+    assert binding["metadata"]["namespace"] == cfg.cluster.namespace
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": "kubeflow-pipelines-edit"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": spec["serviceAccountName"],
+                                    "namespace": NAMESPACES[target]}]
+
+    # Exit codes: drift (2, the retrain already started or recorded) fails the Job at once; a retrain
+    # that did not start exits 1, which is retried (same window, nothing claimed), then fails the Job.
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    (rule,) = job["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]
+    assert job["backoffLimit"] >= 1
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid", "one monitor at a time: retrain.json is claimed locally"
 
 
 # ---------------------------------------------------------------- image, lock, Makefile

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -155,6 +156,106 @@ def test_retrain_on_drift_starts_one_cluster_run_per_window_with_the_reason(drif
     assert (verdict_dir / "verdict.json").read_bytes() == first_bytes
     code, _, _ = run_cli([*args, "--out", str(out)])  # without the flag, the window's retrain stays in its verdict
     assert (verdict_dir / "verdict.json").read_bytes() == first_bytes
+
+
+def render_overlay(name: str) -> list[dict]:
+    import shutil
+    import subprocess
+
+    import yaml
+
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl is needed to render the manifests (`kubectl kustomize`), see tests/test_manifests.py")
+    path = ROOT / "manifests" / "overlays" / name
+    result = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def test_the_retrain_cronjob_starts_one_run_from_its_pod(drifted_log, kfp_api, monkeypatch, tmp_path):
+    """`mlops monitor` exactly as the retrain overlay's CronJob runs it (its args, env, mounted config and
+    token), as a pod would: KUBERNETES_SERVICE_HOST set, the KFP token in a file, against a multi-user KFP.
+    The pod's paths are mapped into tmp_path, the s3:// settings to the local drifted hour."""
+    import functools
+
+    from components import monitor as monitor_mod
+    from pipelines.cluster import IN_CLUSTER_HOST
+
+    root, _ = drifted_log
+    objects = render_overlay("retrain")
+    one = lambda kind, name: next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)  # noqa: E731
+    cronjob = one("CronJob", "kfp-mlops-monitor")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    # The pod's files, here: each mounted ConfigMap key and the projected token under tmp_path.
+    pod_files: dict[str, Path] = {}
+    for mount in container["volumeMounts"]:
+        local = tmp_path / "pod" / mount["mountPath"].strip("/")
+        volume = volumes[mount["name"]]
+        if "emptyDir" in volume:  # /tmp: the working directory, below
+            continue
+        if "configMap" in volume:
+            local.mkdir(parents=True)
+            for key, text in one("ConfigMap", volume["configMap"]["name"])["data"].items():
+                (local / key).write_text(text)
+        elif "projected" in volume:
+            local.mkdir(parents=True)
+            (source,) = volume["projected"]["sources"]
+            assert source["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
+            (local / source["serviceAccountToken"]["path"]).write_text("wrong-token\n")
+        pod_files[mount["mountPath"].rstrip("/") + "/"] = local
+
+    def local(value: str) -> str:
+        for prefix, path in pod_files.items():
+            if value.startswith(prefix):
+                return str(path / value[len(prefix):])
+        return value
+
+    # Env and args as Kubernetes expands them; the object store's paths become the local drifted hour.
+    storage = {**one("ConfigMap", "kfp-mlops-storage")["data"],
+               "KFP_MLOPS_REQUEST_LOG_DIR": str(root / "requests"), "KFP_MLOPS_REFERENCE": str(root / "reference.csv")}
+    argv = [local(re.sub(r"\$\((\w+)\)", lambda m: storage[m.group(1)], a)) for a in container["args"]]
+    assert argv[argv.index("--kfp-host") + 1] == IN_CLUSTER_HOST
+    argv[argv.index("--kfp-host") + 1] = kfp_api.url  # the in-cluster service, here
+    for key in ("KFP_TOKEN", "KUBECONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    for e in container["env"]:
+        if "value" in e and e["name"] != "HOME":
+            monkeypatch.setenv(e["name"], local(e["value"]))
+    token_file = Path(os.environ["KF_PIPELINES_SA_TOKEN_PATH"])
+    assert token_file.is_file(), "KF_PIPELINES_SA_TOKEN_PATH points into the token volume"
+    monkeypatch.chdir(tmp_path)  # the pod's workingDir (/tmp, an emptyDir)
+    # --last 1h --settle 1h, run at 12:17: the drifted hour 10:00-11:00.
+    monkeypatch.setattr(monitor_mod, "last_window", functools.partial(monitor_mod.last_window, now="2026-01-01T12:17:00Z"))
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    fails_the_job = set(job["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"])
+
+    # A token KFP rejects: drift, but no run; exit 1, which the Job retries (backoffLimit), nothing claimed.
+    code, stdout, err = run_cli(argv)
+    assert code == 1 and code not in fails_the_job and job["backoffLimit"] >= 1
+    assert "drift detected but the retrain did not start" in err, err
+    assert json.loads(stdout.splitlines()[-1])["drift_detected"] is True and not kfp_api.calls("POST", "/runs")
+
+    token_file.write_text(TOKEN + "\n")  # the kubelet rotated in a good one: the retry starts the run
+    code, stdout, err = run_cli(argv)
+    verdict = json.loads(stdout.splitlines()[-1])
+    assert code == 2 and code in fails_the_job, err  # drift: the Job fails at once, after the run started
+    (run,) = [r.body for r in kfp_api.calls("POST", "/runs")]
+    assert verdict["retrain"]["run_id"] in kfp_api.runs and verdict["retrain"]["host"] == kfp_api.url
+    assert {r.authorization for r in kfp_api.requests} <= {f"Bearer {TOKEN}", "Bearer wrong-token"}
+    # The run goes where the config (the mounted ConfigMap) says, the namespace of the monitor's RoleBinding.
+    binding = one("RoleBinding", "kfp-mlops-monitor-pipelines")
+    (experiment,) = kfp_api.experiments.values()
+    assert experiment["namespace"] == binding["metadata"]["namespace"] == "kfp-mlops"
+    assert run["service_account"] == "kfp-mlops-pipeline"
+    assert run["runtime_config"]["parameters"]["serving_deploy_target"] == "kubernetes"
+    assert "drift in" in run["description"]
+
+    code, stdout, _ = run_cli(argv)  # the same window again (a rerun of the Job): no second run
+    assert code == 2 and len(kfp_api.calls("POST", "/runs")) == 1 and "already started for this window" in stdout
 
 
 def test_no_retrain_without_drift(drifted_log, tmp_path, monkeypatch):
