@@ -182,17 +182,31 @@ class AugmentPolicy:
     erase_prob: float = 0.0  # chance of blanking one random rectangle
     erase_max_side: float = 0.0  # its largest side as a fraction of the image side
     hflip_prob: float = 0.0  # horizontal flips: only for photos, never digits
+    elastic_alpha: float = 0.0  # elastic distortion: largest displacement as a fraction of the image side
+    elastic_grid: int = 3  # control points per side of the smooth random displacement field
+    stroke_jitter: float = 0.0  # thicken or thin strokes: blend of up to this much dilation / erosion
 
 
 NO_AUGMENTATION = AugmentPolicy()
 
 
 def pretrain_policy(channels: int) -> AugmentPolicy:
-    """Strong views for contrastive learning. Flips only for RGB: a flipped digit is another digit."""
+    """Strong views for contrastive learning. Flips only for RGB: a flipped digit is another digit.
+
+    Grayscale (handwriting) also gets elastic distortion and stroke-width
+    jitter: the ways one writer's digit differs from another's. Together with
+    60 pretraining epochs (``PretrainConfig.epochs``; 20 before) they lifted
+    few-label digits accuracy after fine-tuning, mean over seeds 0-2: 5% of
+    the labels 0.908 -> 0.932, 10% 0.947 -> 0.956 (at 20 epochs they did not
+    help; 120 epochs added nothing). See ``benchmarks/label_efficiency.py``.
+    """
+    grayscale = channels == 1
     return AugmentPolicy(
         max_rotate_deg=15.0, max_translate=0.12, min_scale=0.9, max_scale=1.25,
         noise_sigma=0.08, erase_prob=0.5, erase_max_side=0.5,
         hflip_prob=0.5 if channels == 3 else 0.0,
+        elastic_alpha=0.12 if grayscale else 0.0,
+        stroke_jitter=0.5 if grayscale else 0.0,
     )
 
 
@@ -205,9 +219,30 @@ def finetune_policy(channels: int) -> AugmentPolicy:
     )
 
 
+def elastic_displacement(batch: int, size: int, g: torch.Generator, alpha: float, grid: int) -> torch.Tensor:
+    """A smooth random displacement field [B, size, size, 2] in ``affine_grid`` coordinates.
+
+    Uniform random offsets on a ``grid`` x ``grid`` lattice, upsampled bicubically:
+    the classic elastic distortion of handwriting (Simard et al., 2003), each
+    pixel moving by at most about ``alpha`` of the image side.
+    """
+    coarse = _rand((batch, 2, grid, grid), g) * 2 - 1
+    field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)
+    return field.permute(0, 2, 3, 1) * 2 * alpha  # a fraction f of the side is 2 * f in [-1, 1] coordinates
+
+
+def random_stroke_width(x: torch.Tensor, g: torch.Generator, amount: float) -> torch.Tensor:
+    """Thicken (dilate) or thin (erode) the strokes of each image by a random blend in [-amount, amount]."""
+    t = (_rand((x.shape[0], 1, 1, 1), g) * 2 - 1) * amount
+    thick = F.max_pool2d(x, 3, stride=1, padding=1)
+    thin = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    return torch.where(t > 0, x + t * (thick - x), x - t * (thin - x))
+
+
 def random_affine(x: torch.Tensor, g: torch.Generator, max_rotate_deg: float, max_translate: float,
-                  min_scale: float, max_scale: float) -> torch.Tensor:
-    """Random rotation, translation and zoom (crop-resize) in one resampling."""
+                  min_scale: float, max_scale: float, elastic_alpha: float = 0.0,
+                  elastic_grid: int = 3) -> torch.Tensor:
+    """Random rotation, translation, zoom (crop-resize) and optional elastic distortion in one resampling."""
     b = x.shape[0]
     angle = (_rand((b,), g) * 2 - 1) * math.radians(max_rotate_deg)
     scale = min_scale + _rand((b,), g) * (max_scale - min_scale)
@@ -220,6 +255,8 @@ def random_affine(x: torch.Tensor, g: torch.Generator, max_rotate_deg: float, ma
         torch.stack([sin, cos, shift[:, 1]], dim=1),
     ], dim=1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if elastic_alpha > 0:
+        grid = grid + elastic_displacement(b, x.shape[-1], g, elastic_alpha, elastic_grid)
     # Digits have a black background, so zero padding is exact; photos look better reflected.
     padding = "zeros" if x.shape[1] == 1 else "reflection"
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
@@ -256,8 +293,12 @@ def augment(x: torch.Tensor, g: torch.Generator, policy: AugmentPolicy) -> torch
         return x
     if policy.hflip_prob > 0 and x.shape[1] == 1:
         raise ValueError("horizontal flips are not allowed for grayscale digits (a flipped digit is another digit)")
-    if policy.max_rotate_deg or policy.max_translate or policy.min_scale != 1 or policy.max_scale != 1:
-        x = random_affine(x, g, policy.max_rotate_deg, policy.max_translate, policy.min_scale, policy.max_scale)
+    if (policy.max_rotate_deg or policy.max_translate or policy.min_scale != 1 or policy.max_scale != 1
+            or policy.elastic_alpha > 0):
+        x = random_affine(x, g, policy.max_rotate_deg, policy.max_translate, policy.min_scale, policy.max_scale,
+                          policy.elastic_alpha, policy.elastic_grid)
+    if policy.stroke_jitter > 0:
+        x = random_stroke_width(x, g, policy.stroke_jitter)
     if policy.hflip_prob > 0:
         x = random_hflip(x, g, policy.hflip_prob)
     if policy.noise_sigma > 0:
@@ -793,7 +834,8 @@ def build_finetune(encoder: Encoder, num_classes: int, data: FinetuneData, *, ep
     """The model (a copy of ``encoder`` + a fresh head), the optimizer over what trains, the schedule, the batches.
 
     Both learning rates warm up and decay along a cosine; the encoder's
-    schedule starts when it starts training (after ``probe_epochs``).
+    schedule starts when it starts training (after ``probe_epochs``, capped at
+    ``epochs - 1`` so that the encoder always gets at least one epoch).
     """
     model = Classifier(encoder.spec, num_classes=num_classes)
     model.encoder.load_state_dict(encoder.state_dict())

@@ -42,7 +42,7 @@ class DataConfig:
 @dataclass
 class PretrainConfig:
     objective: str = doc("contrastive", "Self-supervised objective: 'contrastive' (SimCLR NT-Xent) or 'masked' (masked-image reconstruction).")
-    epochs: int = doc(20, "Pretraining epochs over the unlabeled images (pool plus train, labels unused).")
+    epochs: int = doc(60, "Pretraining epochs over the unlabeled images (pool plus train, labels unused).")
     batch_size: int = doc(128, "Pretraining batch size; contrastive learning sees 2x this many views.")
     learning_rate: float = doc(0.001, "AdamW learning rate for pretraining.")
     temperature: float = doc(0.2, "NT-Xent temperature (contrastive objective only).")
@@ -68,8 +68,8 @@ class FinetuneConfig:
     label_fraction: float = doc(1.0, "Share of the labeled train split used for fine-tuning (few-label experiments).")
     mode: str = doc("full", "'full' (everything trains), 'partial' (head + the last unfreeze_blocks encoder stages) or 'linear_probe' (head only, encoder frozen).")
     unfreeze_blocks: int = doc(1, "Encoder stages that train in 'partial' mode, counted from the output.")
-    encoder_lr_scale: float = doc(0.1, "Encoder learning rate as a multiple of the head's (keeps what pretraining learned).")
-    probe_epochs: int = doc(0, "Linear probe, then fine-tune: epochs that train the head alone before the encoder joins (full/partial modes).")
+    encoder_lr_scale: float = doc(0.3, "Encoder learning rate as a multiple of the head's (keeps what pretraining learned).")
+    probe_epochs: int = doc(10, "Linear probe, then fine-tune: epochs that train the head alone before the encoder joins (full/partial modes).")
     min_epoch_samples: int = doc(512, "An epoch draws at least this many labeled samples (a small labeled set is reshuffled and repeated), so few-label runs still take enough optimizer steps.")
     compile: bool = doc(False, "Compile the classifier with torch.compile.")
     checkpoint_root: str = doc("", "Durable checkpoint root (s3:// prefix or a mounted volume) so a retried pod resumes; empty = the local temp dir.")

@@ -122,6 +122,46 @@ def test_digits_are_never_flipped():
         augment(x, torch.Generator(), AugmentPolicy(hflip_prob=0.5))
 
 
+def test_elastic_distortion_moves_ink_locally_and_is_seeded():
+    from components.training import elastic_displacement
+
+    field = elastic_displacement(16, 8, torch.Generator().manual_seed(0), alpha=0.1, grid=3)
+    assert field.shape == (16, 8, 8, 2)
+    assert 0 < field.abs().max() <= 2 * 0.1 * 1.3  # bicubic may overshoot the lattice values a little
+    assert (field[:, 1:] - field[:, :-1]).abs().max() < field.abs().max()  # smooth: neighbours move together
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 2:6, 3:5] = 1.0
+    policy = AugmentPolicy(elastic_alpha=0.12)
+    out = augment(x, torch.Generator().manual_seed(1), policy)
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(1), policy))
+    assert not torch.allclose(out, x) and out.min() >= 0 and out.max() <= 1
+    # A distortion, not a wipe-out: the ink stays roughly where and as much as it was.
+    ink = out.sum(dim=(1, 2, 3))
+    assert torch.all(ink > 0.4 * 8) and abs(ink.mean().item() - 8) < 0.15 * 8
+    assert torch.equal(augment(x, torch.Generator().manual_seed(1), AugmentPolicy(elastic_alpha=0.0)), x)
+
+
+def test_handwriting_views_are_distorted_elastically_and_photos_are_not():
+    """The pretraining recipe: digits get elastic + stroke-width views (they lift few-label accuracy)."""
+    assert pretrain_policy(1).elastic_alpha > 0 and pretrain_policy(1).stroke_jitter > 0
+    assert pretrain_policy(3).elastic_alpha == 0 and pretrain_policy(3).stroke_jitter == 0
+    assert finetune_policy(1).elastic_alpha == 0  # fine-tuning keeps its light policy (both benchmark arms)
+
+
+def test_stroke_jitter_thickens_some_digits_and_thins_others():
+    from components.training import random_stroke_width
+
+    x = torch.zeros(256, 1, 8, 8)
+    x[:, :, 1:7, 3:5] = 1.0  # a 2-pixel-wide bar
+    out = random_stroke_width(x, torch.Generator().manual_seed(0), 0.5)
+    ink, before = out.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3))
+    assert (ink > before).any() and (ink < before).any()
+    assert out.min() >= 0 and out.max() <= 1
+    # At most half-way to full dilation / erosion.
+    thick = torch.nn.functional.max_pool2d(x, 3, 1, 1).sum(dim=(1, 2, 3))
+    assert torch.all(ink <= before + 0.5 * (thick - before) + 1e-5)
+
+
 def test_photos_may_be_flipped():
     assert pretrain_policy(3).hflip_prob > 0
     x = torch.rand(64, 3, 8, 8)
@@ -263,7 +303,8 @@ def test_pretrain_then_finetune_write_artifacts_that_load_back(tmp_path, dataset
 
     # The artifact predicts exactly what the in-memory model predicts (same seed, same weights).
     from pipelines.config import FinetuneConfig
-    same_settings = {k: getattr(FinetuneConfig(), k) for k in ("min_epoch_samples", "probe_epochs")}
+    same_settings = {k: getattr(FinetuneConfig(), k)
+                     for k in ("min_epoch_samples", "probe_epochs", "encoder_lr_scale")}
     in_memory, _ = finetune_classifier(encoder, load_splits(dataset_dir), **TINY_FINETUNE, **same_settings, log=QUIET)
     assert torch.equal(predict_logits(model, splits.test_x).argmax(1), predict_logits(in_memory, splits.test_x).argmax(1))
     assert torch.allclose(predict_logits(model, splits.test_x), predict_logits(in_memory, splits.test_x))
