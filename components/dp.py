@@ -19,6 +19,16 @@ the number of noised parameters and digits has only ~800 training images:
   (measured best on digits, see ``benchmarks/dp_overhead.py``);
 * ``projection``: the projection and the head; ``head``: a linear probe; ``all``: every weight.
 
+Before DP training starts, the embedding is standardised (``standardize``): the mean
+and standard deviation of each embedding coordinate over *reference images* — the
+validation split, never the train split — are folded into the projection layer, so
+the head starts on zero-mean, unit-variance features (Tramer & Boneh 2021: DP
+learning needs well-conditioned features). The model keeps its architecture, and
+since no train image is touched this costs no privacy of the train split, like model
+selection on the validation split. On digits at epsilon 8 it lifted a DP linear probe
+(``head``, earlier encoder) from 0.945 to 0.955 test accuracy, and the default recipe
+a little: 0.961 (lr 0.5, raw embedding) -> 0.967 on seeds 0-2 (0.962 over seeds 0-5).
+
 This module does not fork the training loop: ``DPFinetune`` is a ``customize``
 hook for ``components.training.finetune_classifier`` that swaps in the per-sample
 gradient model (``GradSampleModule``), the noisy optimizer (``DPOptimizer``), the
@@ -56,11 +66,12 @@ class DPSettings:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     batch_size: int = 256  # expected (Poisson) batch size
-    learning_rate: float = 0.5  # SGD with momentum 0.9
+    learning_rate: float = 0.25  # SGD with momentum 0.9
     trainable: str = "normalization"
     epochs: int = 30  # the noise is calibrated for this many epochs
     accountant: str = "rdp"  # Renyi DP (Mironov 2017): fast; "prv" (Gopi et al. 2021) is tighter but ~3x slower
     augment: bool = False  # the fine-tune augmentation policy inside DP training (per-example, so allowed)
+    standardize: bool = True  # standardise the embedding with the reference (validation) images' statistics
 
 
 def validate_dp_settings(settings: DPSettings, n_train: int) -> None:
@@ -137,6 +148,31 @@ def set_dp_trainable(model: nn.Module, trainable: str) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@torch.no_grad()
+def standardize_embedding(model: nn.Module, images: Any, eps: float = 1e-6) -> dict[str, float]:
+    """Fold ``(z - mean) / std`` of the embeddings of ``images`` into ``model.encoder.project``.
+
+    Afterwards the embeddings of ``images`` have zero mean and unit standard deviation per
+    coordinate; the architecture is unchanged (a plain ``Linear`` with new weights). Pass
+    images outside the DP guarantee (the validation split): the statistics then cost no
+    privacy of the train split. Returns a summary of what was folded in.
+    """
+    if images is None or len(images) < 2:
+        raise ValueError("standardising the embedding needs at least 2 reference images (the validation split)")
+    project = model.encoder.project
+    device = project.weight.device
+    was_training = model.training
+    model.eval()
+    x = torch.as_tensor(images, dtype=torch.float32)
+    z = torch.cat([model.encoder(x[i:i + 512].to(device)) for i in range(0, len(x), 512)]).double()
+    mean, std = z.mean(0), z.std(0).clamp_min(eps)
+    project.weight.copy_((project.weight.double() / std[:, None]).to(project.weight.dtype))
+    project.bias.copy_(((project.bias.double() - mean) / std).to(project.bias.dtype))
+    model.train(was_training)
+    return {"reference_images": int(len(x)), "mean_abs_shift": float(mean.abs().mean()),
+            "mean_std": float(std.mean())}
+
+
 # ---------------------------------------------------------------------------
 # Sampling and accounting
 # ---------------------------------------------------------------------------
@@ -195,12 +231,21 @@ class DPFinetune:
     ``finetune_classifier(..., epochs=settings.epochs, customize=dp)``, then ``dp.report(len(history))``.
     ``n_train`` is the number of labeled images fine-tuning uses (after ``label_fraction``).
     ``then`` is an optional second customize hook applied after this one (e.g. robust training).
+    ``reference_images``: the images whose embedding statistics ``settings.standardize``
+    folds into the projection — the validation split, never the train split. Without
+    them the embedding stays as it is (logged; the report says ``standardized_embedding: false``).
     """
 
     def __init__(self, settings: DPSettings, n_train: int, seed: int,
-                 log: Callable[[str], None] = print, then: Callable | None = None):
+                 log: Callable[[str], None] = print, then: Callable | None = None,
+                 reference_images: Any = None):
         validate_dp_settings(settings, n_train)
+        if settings.standardize and reference_images is not None and len(reference_images) < 2:
+            raise ValueError(f"standardising the embedding needs at least 2 reference images (the validation "
+                             f"split), got {len(reference_images)}")
         self.settings, self.n_train, self.seed, self.log, self.then = settings, n_train, seed, log, then
+        self.reference_images = reference_images
+        self.standardized: dict[str, float] | None = None
         self.epochs = settings.epochs
         self.sample_rate, self.steps_per_epoch = sample_rate_and_steps(n_train, settings.batch_size)
         self.noise_multiplier = noise_multiplier_for(settings.target_epsilon, settings.delta, self.sample_rate,
@@ -223,6 +268,10 @@ class DPFinetune:
         model, self.replaced_layers = make_dp_compatible(parts.model)
         if self.replaced_layers:
             self.log(f"finetune (DP): replaced layers DP-SGD cannot train: {self.replaced_layers}")
+        if s.standardize and self.reference_images is not None:  # validation statistics: no train image touched
+            self.standardized = standardize_embedding(model, self.reference_images)
+        elif s.standardize:
+            self.log("finetune (DP): no reference images given: the embedding is not standardised")
         params = set_dp_trainable(model, s.trainable)
         self.n_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.SGD(params, lr=s.learning_rate, momentum=0.9)
@@ -244,7 +293,9 @@ class DPFinetune:
         self.log(f"finetune (DP-SGD): target epsilon {s.target_epsilon} delta {s.delta:g}, noise multiplier "
                  f"{self.noise_multiplier:.3f}, clip {s.max_grad_norm}, Poisson rate {self.sample_rate:.3f} "
                  f"(expected batch {s.batch_size}) x {self.steps_per_epoch} steps/epoch, trains {s.trainable} "
-                 f"({self.n_trainable} parameters)")
+                 f"({self.n_trainable} parameters)"
+                 + (f", embedding standardised with {self.standardized['reference_images']} validation images"
+                    if self.standardized else ""))
         return self.then(parts) if self.then is not None else parts
 
     def report(self, epochs_run: int) -> dict[str, Any]:
@@ -268,6 +319,7 @@ class DPFinetune:
             "accountant": s.accountant,
             "poisson_sampling": True,
             "augment": s.augment,
+            "standardized_embedding": self.standardized is not None,  # with validation-split statistics
             "replaced_layers": self.replaced_layers,
             "secure_mode": False,
             "scope": "fine-tuning on the labeled train images; the pretrained encoder is outside the guarantee",

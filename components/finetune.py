@@ -82,7 +82,8 @@ def finetune(dataset_dir: str | Path, encoder_dir: str | Path, out_dir: str | Pa
 
         from components.dp import DPFinetune
 
-        dp_run = DPFinetune(dp, len(subsample_labels(splits.train_y, label_fraction, seed)), seed, log=log)
+        dp_run = DPFinetune(dp, len(subsample_labels(splits.train_y, label_fraction, seed)), seed, log=log,
+                            reference_images=splits.val_x)  # standardise the embedding with val statistics
         hyper["dp"] = asdict(dp)
     if robust is not None:
         from dataclasses import asdict
@@ -156,9 +157,9 @@ def finetune_component(
     metrics: Output[Metrics],
     mode: str = "full",
     unfreeze_blocks: int = 1,
-    encoder_lr_scale: float = 0.1,
+    encoder_lr_scale: float = 0.3,
     min_epoch_samples: int = 512,
-    probe_epochs: int = 0,
+    probe_epochs: int = 10,
     compile: bool = False,
     checkpoint_root: str = "",
     checkpoint_every_steps: int = 0,
@@ -170,7 +171,7 @@ def finetune_component(
     dp_delta: float = 1e-5,
     dp_max_grad_norm: float = 1.0,
     dp_batch_size: int = 256,
-    dp_learning_rate: float = 0.5,
+    dp_learning_rate: float = 0.25,
     dp_epochs: int = 30,
     dp_trainable: str = "normalization",
 ):

@@ -82,9 +82,9 @@ class FinetuneConfig:
     dp_delta: float = doc(1e-5, "Differential privacy: target delta; must be below 1/(number of training images).")
     dp_max_grad_norm: float = doc(1.0, "Differential privacy: per-example gradient clipping norm.")
     dp_batch_size: int = doc(256, "Differential privacy: expected batch size of the Poisson sampling (DP-SGD wants large batches).")
-    dp_learning_rate: float = doc(0.5, "Differential privacy: SGD (momentum 0.9) learning rate.")
+    dp_learning_rate: float = doc(0.25, "Differential privacy: SGD (momentum 0.9) learning rate.")
     dp_epochs: int = doc(30, "Differential privacy: epochs the noise is calibrated for (early stopping may end sooner and spend less).")
-    dp_trainable: str = doc("normalization", "Differential privacy: what trains: 'normalization' (GroupNorm scales/shifts + projection + head), 'projection' (projection + head), 'head' or 'all'.")
+    dp_trainable: str = doc("normalization", "Differential privacy: what trains: 'normalization' (GroupNorm scales/shifts + projection + head), 'projection' (projection + head), 'head' or 'all'. The embedding is first standardised with validation-split statistics.")
 
 
 @dataclass

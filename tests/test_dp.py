@@ -18,6 +18,7 @@ from components.dp import (
     sample_rate_and_steps,
     set_dp_trainable,
     spent_epsilon,
+    standardize_embedding,
     validate_dp_settings,
 )
 from components.models import Classifier, Encoder, EncoderSpec, load_classifier, save_encoder
@@ -169,6 +170,7 @@ def test_dp_finetune_spends_at_most_the_target_and_records_it(dp_model, splits):
     assert 3.5 < dp["epsilon"] <= 4.0 + 0.02  # every planned epoch ran: (nearly) the whole budget
     assert summary["dp_epsilon"] == dp["epsilon"]
     assert dp["delta"] == 1e-4 and dp["poisson_sampling"] is True and dp["trainable"] == "all"
+    assert dp["standardized_embedding"] is True  # finetune() hands the validation images to the hook
     assert dp["sample_rate"] == pytest.approx(64 / 400) and dp["steps"] == 4 * int(400 / 64)
     assert dp["noise_multiplier"] > 0.5 and dp["replaced_layers"] == []
     assert dp["n_trainable_parameters"] == sum(p.numel() for p in Classifier(SPEC, 10).parameters())
@@ -195,10 +197,86 @@ def test_dp_finetune_leaves_the_frozen_layers_untouched(dirs, splits):
     from components.training import finetune_classifier
 
     encoder, _ = load_encoder(dirs / "encoder")
-    dp = DPFinetune(DPSettings(target_epsilon=8.0, delta=1e-4, batch_size=64, epochs=1, trainable="projection"),
+    dp = DPFinetune(DPSettings(target_epsilon=8.0, delta=1e-4, batch_size=64, epochs=1, trainable="projection",
+                               standardize=False),
                     len(splits.train_y), seed=0, log=lambda line: None)
     model, history = finetune_classifier(encoder, splits, 1, 64, 0.01, 5, 1.0, 0, log=lambda line: None, customize=dp)
     for name, value in encoder.state_dict().items():
         changed = not torch.equal(model.encoder.state_dict()[name], value)
         assert changed == name.startswith("project."), name
     assert 7.5 < dp.report(len(history))["epsilon"] <= 8.0 + 0.02  # the one planned epoch ran: the whole budget
+
+
+# --- the default recipe: a standardised embedding ---
+
+def test_dp_defaults_are_the_measured_recipe_and_match_the_pipeline_config():
+    from pipelines.config import FinetuneConfig
+
+    s, c = DPSettings(target_epsilon=8.0), FinetuneConfig()
+    assert (s.trainable, s.standardize, s.augment, s.learning_rate) == ("normalization", True, False, 0.25)
+    assert (c.dp_delta, c.dp_max_grad_norm, c.dp_batch_size, c.dp_learning_rate, c.dp_epochs, c.dp_trainable) == \
+        (s.delta, s.max_grad_norm, s.batch_size, s.learning_rate, s.epochs, s.trainable)
+
+
+def test_standardize_embedding_folds_the_reference_statistics_into_the_projection(splits):
+    torch.manual_seed(0)
+    model = Classifier(SPEC, 10).eval()
+    x_ref, x_other = torch.as_tensor(splits.val_x), torch.as_tensor(splits.test_x)
+    with torch.no_grad():
+        z_ref, z_other = model.encoder(x_ref), model.encoder(x_other)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    summary = standardize_embedding(model, splits.val_x)
+    assert summary["reference_images"] == len(splits.val_x)
+    with torch.no_grad():
+        s_ref, s_other = model.encoder(x_ref), model.encoder(x_other)
+    assert s_ref.mean(0).abs().max() < 1e-4 and (s_ref.std(0) - 1).abs().max() < 1e-3
+    mean, std = z_ref.mean(0), z_ref.std(0)
+    torch.testing.assert_close(s_other, (z_other - mean) / std, atol=1e-4, rtol=1e-4)  # one affine map for all images
+    assert isinstance(model.encoder.project, nn.Linear) and not model.training
+    for name, value in model.state_dict().items():  # only the projection changed
+        assert torch.equal(value, before[name]) != name.startswith("encoder.project."), name
+    with pytest.raises(ValueError, match="at least 2 reference images"):
+        standardize_embedding(model, splits.val_x[:1])
+
+
+def test_standardisation_without_reference_images_is_logged_and_reported(splits):
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="at least 2 reference images"):
+        DPFinetune(DPSettings(target_epsilon=8.0), 400, seed=0, reference_images=splits.val_x[:1])
+    lines = []
+    dp = DPFinetune(DPSettings(target_epsilon=8.0, delta=1e-4, epochs=1), 400, seed=0, log=lines.append)
+    model = Classifier(SPEC, 10)
+    before = model.encoder.project.weight.clone()
+    parts = SimpleNamespace(model=model, forward=model, optimizer=None, scheduler=None, batches=None, policy=None)
+    dp(parts)
+    assert torch.equal(model.encoder.project.weight, before)
+    assert any("not standardised" in line for line in lines)
+    assert dp.report(1)["standardized_embedding"] is False
+
+
+def test_a_dp_linear_probe_learns_far_more_on_the_standardised_embedding(dirs, splits):
+    from components.models import load_encoder
+    from components.robustness import accuracy
+    from components.training import finetune_classifier
+
+    encoder, _ = load_encoder(dirs / "encoder")
+    results = {}
+    for standardize in (True, False):
+        settings = DPSettings(target_epsilon=8.0, delta=1e-4, batch_size=64, epochs=8, learning_rate=0.5,
+                              trainable="head", standardize=standardize)
+        dp = DPFinetune(settings, len(splits.train_y), seed=0, log=lambda line: None, reference_images=splits.val_x)
+        model, history = finetune_classifier(encoder, splits, settings.epochs, 64, 0.01, 100, 1.0, 0,
+                                             log=lambda line: None, customize=dp)
+        results[standardize] = accuracy(model, splits.test_x, splits.test_y)
+        record = dp.report(len(history))
+        assert record["epsilon"] <= 8.0 + 0.02 and record["standardized_embedding"] is standardize
+        assert record["n_trainable_parameters"] == SPEC.embed_dim * 10 + 10  # the head alone
+        for name, value in encoder.state_dict().items():  # the encoder is frozen; the fold moves the projection
+            changed = not torch.equal(model.encoder.state_dict()[name], value)
+            assert changed == (standardize and name.startswith("project.")), name
+        if standardize:  # the frozen projection still standardises the validation embedding after training
+            with torch.no_grad():
+                z = model.encoder(torch.as_tensor(splits.val_x))
+            assert z.mean(0).abs().max() < 1e-4 and (z.std(0) - 1).abs().max() < 1e-3
+    assert results[True] > results[False] + 0.05, results  # why it is the default: well-conditioned features
