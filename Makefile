@@ -13,6 +13,9 @@ IMAGE ?= ghcr.io/kfp-mlops/kfp-mlops:0.1.0
 # checkov pins old boto3/packaging, so it lives in a venv of its own; tests/test_manifests.py calls its binary.
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+# Test files run in parallel, whole files per worker (their module fixtures train models once).
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install run test test-fast compile image image-cuda lock checkov manifests clean
 
@@ -37,10 +40,10 @@ run: install
 	$(VENV)/bin/mlops run
 
 test: install checkov
-	$(VENV)/bin/pytest -q
+	$(PYTEST)
 
 test-fast: install checkov
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 compile: install
 	$(VENV)/bin/mlops compile -o pipeline.yaml

@@ -236,10 +236,7 @@ def deploy_component(
             record = deploy_kubernetes(model.path, dataset.path, namespace=namespace, model_name=model_name,
                                        model_store_uri=model_store_uri, image=serving_image, token_file=client_auth_file,
                                        run_id=run_id, rollout_timeout_s=rollout_timeout_s, workers=workers,
-                                       batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
-                                  request_log_dir=request_log_dir or None,
-                                  request_log_max_bytes=int(request_log_max_mb * 2**20),
-                                  request_log_max_age_s=request_log_max_age_s)
+                                       batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms)
         else:
             home = Path(serving_home)
             home = home if home.is_absolute() else Path.cwd() / home

@@ -942,7 +942,7 @@ def test_replay_sends_pngs_with_the_token(tmp_path, held_out):
         assert serving.rejected == 1  # stopped at the first failure
     with pytest.raises(ValueError, match=">= 0"):
         replay("http://127.0.0.1:9", serving.token_file, held_out[:2], limit=-1)
-    with pytest.raises(FileNotFoundError, match="key file"):
+    with pytest.raises(FileNotFoundError, match="token file .* not found"):
         replay("http://127.0.0.1:9", tmp_path / "missing.json", held_out[:2])
 
 
