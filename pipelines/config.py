@@ -63,7 +63,7 @@ class PretrainConfig:
 class FinetuneConfig:
     epochs: int = doc(40, "Maximum fine-tuning epochs; early stopping usually ends sooner.")
     batch_size: int = doc(64, "Fine-tuning batch size.")
-    learning_rate: float = doc(0.005, "AdamW learning rate for the classification head (the encoder's is encoder_lr_scale times it).")
+    learning_rate: float = doc(0.002, "AdamW learning rate for the classification head (the encoder's is encoder_lr_scale times it).")
     patience: int = doc(10, "Stop after this many epochs without a better validation loss.")
     label_fraction: float = doc(1.0, "Share of the labeled train split used for fine-tuning (few-label experiments).")
     mode: str = doc("full", "'full' (everything trains), 'partial' (head + the last unfreeze_blocks encoder stages) or 'linear_probe' (head only, encoder frozen).")
