@@ -7,10 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-from components.data import Splits, load_splits, save_splits
+from components.data import Splits, load_splits
 from components.finetune import finetune, weights_hash
 from components.models import ENCODER_FILE, METADATA_FILE, WEIGHTS_FILE, Encoder, EncoderSpec, load_classifier, load_encoder
 from components.pretrain import pretrain
@@ -33,30 +31,6 @@ from components.training import (
 
 TINY = EncoderSpec(in_channels=1, image_size=8, width=8, embed_dim=16)  # fast enough for unit tests
 QUIET = lambda line: None  # noqa: E731
-
-
-def digits_splits(seed: int = 0, test: float = 0.2, val: float = 0.15, pool: float = 0.2) -> Splits:
-    """The digits split the way ingest makes it (shuffled, stratified), without depending on ingest."""
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target.astype(np.int64)
-    n = len(y)
-    rest_x, test_x, rest_y, test_y = train_test_split(x, y, test_size=round(test * n), stratify=y, random_state=seed)
-    rest_x, val_x, rest_y, val_y = train_test_split(rest_x, rest_y, test_size=round(val * n), stratify=rest_y, random_state=seed)
-    train_x, pool_x, train_y, _ = train_test_split(rest_x, rest_y, test_size=round(pool * n), stratify=rest_y, random_state=seed)
-    return Splits(train_x, train_y, val_x, val_y, test_x, test_y, pool_x, [str(d) for d in range(10)])
-
-
-@pytest.fixture(scope="module")
-def splits() -> Splits:
-    return digits_splits()
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory, splits):
-    out = tmp_path_factory.mktemp("digits")
-    save_splits(splits, out)
-    return out
 
 
 # --- objectives --------------------------------------------------------------------------------
