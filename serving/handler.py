@@ -59,7 +59,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import signal
 import time

@@ -152,14 +152,21 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; a zombie (exited, not yet reaped) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if not os.path.isdir("/proc/self"):
+        return True  # no /proc (macOS): the signal said it exists
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False  # gone since the signal
+    return "zombie" not in next((line for line in status.splitlines() if line.startswith("State:")), "")
 
 
 class RotatingJsonl:
@@ -412,7 +419,7 @@ class RequestLogger:
             return
         for path in sorted(self.local_dir.glob("requests-*.jsonl")):
             match = FILE_PATTERN.fullmatch(path.name)
-            if match and match["host"] == _host_tag() and not _pid_alive(int(match["pid"])):
+            if match and match["host"] == _host_tag() and not pid_alive(int(match["pid"])):
                 self._pending_uploads.append(path)
 
     def _upload_pending(self, force: bool = False) -> None:

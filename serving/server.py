@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import requests
 
 from components.models import atomic_write_json
-from serving.request_log import MAX_AGE_ENV, MAX_BYTES_ENV, REQUEST_LOG_ENV
+from serving.request_log import MAX_AGE_ENV, MAX_BYTES_ENV, REQUEST_LOG_ENV, pid_alive
 
 CONFIG_TEMPLATE = Path(__file__).with_name("config.properties")
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")  # TorchServe's own logs, trimmed (see the file)
@@ -197,7 +197,7 @@ def _is_torchserve(pid: int | None, home: Path | None = None) -> bool:
         cwd = os.readlink(f"/proc/{pid}/cwd") if home is not None else None
     except OSError:
         return False
-    return JAVA_MAIN_CLASS.encode() in cmdline and _alive(pid) and (home is None or cwd == str(home))
+    return JAVA_MAIN_CLASS.encode() in cmdline and pid_alive(pid) and (home is None or cwd == str(home))
 
 
 def _children(pid: int) -> list[int]:
@@ -219,19 +219,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return "zombie" not in next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
-    except (OSError, StopIteration):
-        return False
-
-
 def _terminate(pids: list[int], timeout_s: float) -> None:
     """SIGTERM, wait, then SIGKILL whatever is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -241,9 +228,9 @@ def _terminate(pids: list[int], timeout_s: float) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
             time.sleep(0.2)
-        pids = [p for p in pids if _alive(p)]
+        pids = [p for p in pids if pid_alive(p)]
         if not pids:
             return
 
@@ -491,7 +478,7 @@ class LocalTorchServe:
             return {"stopped": False, "home": str(self.home)}
         workers = _children(pid)  # collected first: once the frontend is gone they are orphans
         _terminate([pid], timeout_s=30)
-        _terminate([w for w in workers if _alive(w)], timeout_s=10)
+        _terminate([w for w in workers if pid_alive(w)], timeout_s=10)
         self.key_file.unlink(missing_ok=True)  # its keys died with the server
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         atomic_write_json(self.state_file, {**state, "pid": None, "stopped_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
