@@ -51,3 +51,14 @@ def no_cluster_environment(monkeypatch):
     for name in ("KUBERNETES_SERVICE_HOST", "KFP_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH", "KUBECONFIG",
                  "KF_PIPELINES_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def kfp_api():
+    """The KFP API stand-in (tests/kfp_api_server.py) on loopback; its token is "good-token"."""
+    from kfp_api_server import FakeKfpApi
+
+    server = FakeKfpApi(token="good-token").start()
+    yield server
+    server.stop()
+    assert not server.errors, f"the fake KFP API hit internal errors: {server.errors}"

@@ -45,14 +45,6 @@ def compile_once_per_cluster_config(monkeypatch):
     monkeypatch.setattr(cluster, "compile_to", compile_to)
 
 
-@pytest.fixture
-def kfp_api():
-    server = FakeKfpApi(token=TOKEN).start()
-    yield server
-    server.stop()
-    assert not server.errors, f"the fake KFP API hit internal errors: {server.errors}"
-
-
 def _cli(kfp_api, *args):
     return main([args[0], "--host", kfp_api.url, "--token", TOKEN, *args[1:]])
 

@@ -113,16 +113,6 @@ def drifted_log(tmp_path_factory) -> tuple[Path, list[str]]:
     return root, args
 
 
-@pytest.fixture
-def kfp_api():
-    from kfp_api_server import FakeKfpApi
-
-    server = FakeKfpApi(token=TOKEN).start()
-    yield server
-    server.stop()
-    assert not server.errors, f"the fake KFP API hit internal errors: {server.errors}"
-
-
 def test_retrain_on_drift_starts_one_cluster_run_per_window_with_the_reason(drifted_log, kfp_api, monkeypatch,
                                                                              tmp_path):
     root, args = drifted_log
