@@ -9,9 +9,12 @@ and answers 401 otherwise. Every test checks both sides: what the client got, an
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -30,7 +33,7 @@ class FakeTorchServe(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, key_file: Path):
-        self.key_file, self.seen, self.status = key_file, [], 200
+        self.key_file, self.seen, self.status, self.delay_s = key_file, [], 200, 0.0
         super().__init__(("127.0.0.1", 0), _UpstreamHandler)
 
 
@@ -43,6 +46,7 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
 
     def _handle(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        time.sleep(self.server.delay_s)
         key = json.loads(self.server.key_file.read_text())["inference"]["key"]
         self.server.seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body})
         if self.headers.get("Authorization") != f"Bearer {key}":
@@ -292,3 +296,123 @@ def test_the_proxy_refuses_to_start_without_a_usable_token(tmp_path, token_text,
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+# -- HTTP framing: the proxy parses requests itself (asyncio streams), so it refuses what it cannot frame.
+
+def _raw(url: str, data: bytes, read_until_close: bool = True) -> bytes:
+    """Send raw bytes on a fresh connection; everything the proxy answers until it closes (or 2 s pass)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(data)
+        sock.settimeout(2)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                if not read_until_close:
+                    break
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+AUTH_LINE = f"Authorization: Bearer {TOKEN}\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status, message",
+    [
+        (b"GARBAGE\r\n\r\n", 400, "bad request line"),
+        (b"GET /ping HTTP/2.0\r\n\r\n", 400, "bad request line"),
+        (b"GET /ping HTTP/1.1\r\nno colon here\r\n\r\n", 400, "bad header line"),
+        (b"GET /ping HTTP/1.1\r\nX-A: 1\r\n folded: value\r\n\r\n", 400, "bad header line"),
+        (b"GET /ping HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n", 431, "at most 100"),
+        (b"GET /ping HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, "request head over"),
+        # Two different lengths would let the proxy and TorchServe disagree on where a request ends.
+        (b"POST /predictions/digits HTTP/1.1\r\n" + AUTH_LINE + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+         400, "invalid Content-Length"),
+        (b"POST /predictions/digits HTTP/1.1\r\n" + AUTH_LINE + b"Content-Length: -1\r\n\r\n", 400, "invalid Content-Length"),
+        (b"POST /predictions/digits HTTP/1.1\r\n" + AUTH_LINE + b"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
+         411, "Content-Length"),
+    ],
+)
+def test_requests_it_cannot_frame_get_a_4xx_and_the_connection_closed(pod, request_bytes, status, message):
+    url, upstream, _ = pod
+    answer = _raw(url, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+    assert b"Connection: close" in head
+    assert message in json.loads(body)["message"]
+    assert upstream.seen == []
+
+
+def test_repeated_equal_content_lengths_and_expect_100_continue_are_served(pod):
+    url, upstream, _ = pod
+    answer = _raw(url, b"POST /predictions/digits HTTP/1.1\r\n" + AUTH_LINE +
+                  b"Content-Length: 3\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"bytes": 3' in answer
+    # Expect: 100-continue: the interim answer comes only after the token and the size were checked.
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /predictions/digits HTTP/1.1\r\n" + AUTH_LINE + b"Content-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"abcd")
+        assert b'"bytes": 4' in sock.recv(65536)
+    refused = _raw(url, b"POST /predictions/digits HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in refused
+    assert [s["headers"].get("Expect") for s in upstream.seen] == [None, None]  # hop-by-hop: not forwarded
+
+
+def test_http_1_0_and_connection_close_end_the_connection_after_the_answer(pod):
+    url, _, _ = pod
+    for request in (b"GET /ping HTTP/1.0\r\n" + AUTH_LINE + b"\r\n",
+                    b"GET /ping HTTP/1.1\r\n" + AUTH_LINE + b"Connection: close\r\n\r\n"):
+        answer = _raw(url, request)  # returns only because the proxy closed the connection
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
+    kept = _raw(url, b"GET /ping HTTP/1.0\r\n" + AUTH_LINE + b"Connection: keep-alive\r\n\r\n", read_until_close=False)
+    assert kept.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in kept
+
+
+def test_concurrent_clients_each_get_their_own_answers(pod):
+    """One upstream connection per client connection: answers never cross between clients."""
+    url, upstream, _ = pod
+
+    def client(n: int) -> list[int]:
+        with requests.Session() as session:
+            return [session.post(f"{url}/predictions/digits", data=b"x" * (n * 40 + i), headers=_auth(),
+                                 timeout=10).json()["bytes"] for i in range(25)]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(client, range(16)))
+    assert results == [[n * 40 + i for i in range(25)] for n in range(16)]
+    assert len(upstream.seen) == 16 * 25
+
+
+def test_clients_that_vanish_mid_request_leave_no_traceback_and_the_proxy_serving(pod, capfd):
+    url, _, _ = pod
+    host, port = url.removeprefix("http://").split(":")
+    for partial in (b"POST /predictions/digits HTTP/1.1\r\n" + AUTH_LINE + b"Content-Length: 100\r\n\r\nonly-part",
+                    b"GET /ping HTTP/1.1\r\n" + AUTH_LINE):  # mid-body, mid-head
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock.sendall(partial)
+        sock.close()
+    for _ in range(20):  # ask and hang up before the answer arrives
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
+        sock.sendall(b"GET /ping HTTP/1.1\r\n" + AUTH_LINE + b"\r\n")
+        sock.close()
+    assert requests.get(f"{url}/ping", headers=_auth(), timeout=5).status_code == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_shutdown_lets_a_request_in_flight_finish(pod):
+    url, upstream, paths = pod
+    upstream.delay_s = 0.5
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(requests.get, f"{url}/ping", headers=_auth(), timeout=5)
+        time.sleep(0.2)  # the request is at the upstream now
+        paths["proxy"].shutdown()
+        assert pending.result().status_code == 200
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/ping", headers=_auth(), timeout=2)
