@@ -231,6 +231,47 @@ class PeerServer:
                 self.process.wait(5)
 
 
+class ProxyFront:
+    """The serving pods' auth proxy (``serving/auth_proxy.py``) in front of a running TorchServe, as in a pod."""
+
+    CLIENT_TOKEN = "bench-client-token-0123456789"
+
+    def __init__(self, upstream: str, key_file: str, work: Path):
+        from serving.server import free_port
+
+        token_file = work / "client-token"
+        token_file.write_text(self.CLIENT_TOKEN + "\n")
+        self.port, self.token = free_port(), self.CLIENT_TOKEN
+        self.url = f"http://127.0.0.1:{self.port}/predictions/{MODEL_NAME}"
+        cmd = [sys.executable, "-m", "serving.auth_proxy", "--listen", f"127.0.0.1:{self.port}", "--upstream", upstream,
+               "--key-file", key_file, "--token-file", str(token_file)]
+        self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, start_new_session=True)
+        import requests
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the auth proxy did not come up within 30 s")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
 # ----------------------------------------------------------------------------- load generation
 
 WRK_SCRIPT = """
@@ -338,15 +379,18 @@ def process_tree_cpu_s(pid: int) -> dict[str, float]:
 
 
 def measure(name: str, url: str, pid: int, body_file: Path, token: str, concurrency: int, duration_s: float,
-            warmup_s: float, tool: str) -> dict[str, Any]:
+            warmup_s: float, tool: str, proxy_pid: int | None = None) -> dict[str, Any]:
     run_load(url, body_file, token, concurrency, warmup_s, tool)  # warm the JIT, caches, connections
     before = process_tree_cpu_s(pid)
+    proxy_before = process_tree_cpu_s(proxy_pid)["frontend"] if proxy_pid else 0.0
     result = run_load(url, body_file, token, concurrency, duration_s, tool)
     after = process_tree_cpu_s(pid)
+    proxy_after = process_tree_cpu_s(proxy_pid)["frontend"] if proxy_pid else 0.0
     n = max(1, result["requests"])
     result.update(server=name, concurrency=concurrency,
                   cpu_ms_frontend=1000 * (after["frontend"] - before["frontend"]) / n,
                   cpu_ms_workers=1000 * (after["workers"] - before["workers"]) / n,
+                  cpu_ms_proxy=1000 * (proxy_after - proxy_before) / n,
                   cpu_ms_loadgen=1000 * result["loadgen_cpu_s"] / n)
     return result
 
@@ -585,13 +629,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     """One line per run; CPU ms/request: the server's main process (TorchServe: the Java frontend; the peer:
     uvicorn's supervisor), its Python worker processes, and the load generator."""
     head = (f"{'server':<40} {'conc':>4} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99/p50':>7} {'errors':>6}"
-            f" | CPU ms/request: {'main':>6} {'workers':>7} {'load gen':>8}")
+            f" | CPU ms/request: {'main':>6} {'workers':>7} {'proxy':>6} {'load gen':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['server']:<40} {r['concurrency']:>4} {r['req_per_s']:>7.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
             f"{r['p99_ms'] / max(r['p50_ms'], 1e-9):>7.1f} {r['non_2xx'] + r['socket_errors']:>6}"
-            f" | {'':>15} {r['cpu_ms_frontend']:>6.3f} {r['cpu_ms_workers']:>7.3f} {r['cpu_ms_loadgen']:>8.3f}"
+            f" | {'':>15} {r['cpu_ms_frontend']:>6.3f} {r['cpu_ms_workers']:>7.3f} {r.get('cpu_ms_proxy', 0.0):>6.3f}"
+            f" {r['cpu_ms_loadgen']:>8.3f}"
         )
     return "\n".join(lines)
 
@@ -600,6 +645,7 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
     return {"req_per_s": round(row["req_per_s"], 1), "p50_ms": round(row["p50_ms"], 3), "p99_ms": round(row["p99_ms"], 3),
             "errors": row["non_2xx"] + row["socket_errors"], "cpu_ms_per_request": {
                 "main": round(row["cpu_ms_frontend"], 3), "workers": round(row["cpu_ms_workers"], 3),
+                "proxy": round(row.get("cpu_ms_proxy", 0.0), 3),
                 "load_generator": round(row["cpu_ms_loadgen"], 3)}}
 
 
@@ -629,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-probe", type=float, default=2.0,
                         help="seconds of the idle-machine noise probe before each round (default 2)")
     parser.add_argument("--load-gen", choices=["auto", "wrk", "python"], default="auto")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["peer", "nolog", "defaults", "inprocess", "attribution"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["peer", "nolog", "defaults", "proxied", "inprocess", "attribution"],
                         help="leave parts out (for quick tuning runs)")
     parser.add_argument("--_load", help=argparse.SUPPRESS)
     parser.add_argument("--_peer", help=argparse.SUPPRESS)
@@ -713,7 +759,16 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.update(saved_env)
             targets[name] = {"url": record["endpoint"], "pid": record["pid"], "metrics": record["metrics_endpoint"],
                              "token": json.loads(Path(record["token_file"]).read_text())["inference"]["key"],
-                             "label": server_label, "access_log": server.logs / "access_log.log"}
+                             "label": server_label, "access_log": server.logs / "access_log.log",
+                             "key_file": record["token_file"]}
+        if "proxied" not in args.skip:
+            # The Kubernetes path: clients reach TorchServe only through each pod's auth proxy
+            # (manifests/base/serving-deployment.yaml). Same TorchServe as "ours", proxy in front.
+            ours = targets["ours"]
+            front = ProxyFront(ours["url"].split("/predictions/")[0], str(ours["key_file"]), work)
+            servers.append(front)
+            targets["ours-proxied"] = {"url": front.url, "pid": ours["pid"], "token": front.token, "proxy_pid": front.pid,
+                                       "label": label + ", behind auth proxy"}
         if "peer" not in args.skip:
             peer = PeerServer(work / "model", "peer-token", args.peer_workers, work / "peer-requests")
             servers.append(peer)
@@ -722,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def run(name: str, c: int) -> None:
             t = targets[name]
-            row = measure(t["label"], t["url"], t["pid"], body_file, t["token"], c, args.duration, args.warmup, tool)
+            row = measure(t["label"], t["url"], t["pid"], body_file, t["token"], c, args.duration, args.warmup, tool,
+                          t.get("proxy_pid"))
             runs.setdefault((name, c), []).append(row)
             print(table([row]).splitlines()[-1], flush=True)
 
@@ -743,21 +799,21 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             noise_rounds.append(machine_noise(args.noise_probe))
             print(noise_line(noise_rounds[-1]), flush=True)
-            for name in ("ours", *variants, "ours-nolog", "defaults", "peer"):
+            for name in ("ours", *variants, "ours-proxied", "ours-nolog", "defaults", "peer"):
                 if name in targets:
                     run(name, top)
         after = prometheus_sums(targets["ours"]["metrics"])
         if "attribution" not in args.skip:
             attribution = attribute_tail(targets["ours"], body_file, top, args.duration, tool)
         for server in servers:
-            server.stop() if isinstance(server, PeerServer) else server.stop(quiet=True)
+            server.stop() if isinstance(server, (PeerServer, ProxyFront)) else server.stop(quiet=True)
         servers.clear()
         ceiling = {} if "inprocess" in args.skip else in_process(work / "model", png)
         log_lines = sum(len(f.read_text().splitlines()) for f in (work / "requests").glob("*.jsonl"))
     finally:
         for server in servers:
             try:
-                server.stop() if isinstance(server, PeerServer) else server.stop(quiet=True)
+                server.stop() if isinstance(server, (PeerServer, ProxyFront)) else server.stop(quiet=True)
             except Exception as err:  # noqa: BLE001 - keep stopping the others
                 print(f"[bench] could not stop {server}: {err}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
@@ -766,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = sorted(runs.get((name, c), []), key=lambda r: r["req_per_s"])
         return rows[len(rows) // 2] if rows else None  # the median run (upper median for an even count)
 
-    summary_rows = [r for c in sorted(args.concurrency) for name in ("ours", *variants, "ours-nolog", "defaults", "peer")
+    summary_rows = [r for c in sorted(args.concurrency) for name in ("ours", *variants, "ours-proxied", "ours-nolog", "defaults", "peer")
                     if (r := median_row(name, c)) is not None]
     print(f"\nmedians ({args.rounds} interleaved rounds at concurrency {top}, {args.duration:.0f} s each; "
           f"load generator: {tool}, one process):")
@@ -831,6 +887,14 @@ def main(argv: list[str] | None = None) -> int:
         result["peer_p99_over_p50"] = round(peer_top["p99_ms"] / max(peer_top["p50_ms"], 1e-9), 2)
         result["peer"] = {str(c): _summary(r) for c in sorted(args.concurrency) if (r := median_row("peer", c))}
         result["peer_rounds_c_top"] = [round(r["req_per_s"], 1) for r in runs[("peer", top)]]
+    if "ours-proxied" in targets:
+        proxied = median_row("ours-proxied", top)
+        result[f"throughput_c{top}_proxied"] = round(proxied["req_per_s"], 1)
+        result["p99_over_p50_proxied"] = round(proxied["p99_ms"] / max(proxied["p50_ms"], 1e-9), 2)
+        result["proxied"] = {str(top): _summary(proxied)}
+        result["proxied_rounds_c_top"] = [round(r["req_per_s"], 1) for r in runs[("ours-proxied", top)]]
+        if "peer" in targets:
+            result["ratio_vs_peer_proxied"] = round(proxied["req_per_s"] / max(median_row("peer", top)["req_per_s"], 1e-9), 2)
     if "defaults" in targets:
         plain = median_row("defaults", top)
         result[f"torchserve_defaults_throughput_c{top}"] = round(plain["req_per_s"], 1)
