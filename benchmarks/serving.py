@@ -181,7 +181,26 @@ def serve_peer(port: int, workers: int) -> None:
         os.waitpid(child, 0)
 
 
-class PeerServer:
+class _ServerProcess:
+    """A server the benchmark started in a session of its own (``self.process``); stopped with its children."""
+
+    process: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+
+class PeerServer(_ServerProcess):
     """The FastAPI peer (``create_peer_app``) under uvicorn, ``workers`` processes, on a free loopback port."""
 
     def __init__(self, model_dir: Path, token: str, workers: int, log_dir: Path | None):
@@ -217,21 +236,9 @@ class PeerServer:
             time.sleep(0.3)
         raise TimeoutError("the FastAPI peer did not answer within 60 s")
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
 
 
-class ProxyFront:
+class ProxyFront(_ServerProcess):
     """The serving pods' auth proxy (``serving/auth_proxy.py``) in front of a running TorchServe, as in a pod."""
 
     CLIENT_TOKEN = "bench-client-token-0123456789"
@@ -258,18 +265,6 @@ class ProxyFront:
         self.stop()
         raise RuntimeError("the auth proxy did not come up within 30 s")
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
 
 
 # ----------------------------------------------------------------------------- load generation
@@ -806,14 +801,14 @@ def main(argv: list[str] | None = None) -> int:
         if "attribution" not in args.skip:
             attribution = attribute_tail(targets["ours"], body_file, top, args.duration, tool)
         for server in servers:
-            server.stop() if isinstance(server, (PeerServer, ProxyFront)) else server.stop(quiet=True)
+            server.stop() if isinstance(server, _ServerProcess) else server.stop(quiet=True)
         servers.clear()
         ceiling = {} if "inprocess" in args.skip else in_process(work / "model", png)
         log_lines = sum(len(f.read_text().splitlines()) for f in (work / "requests").glob("*.jsonl"))
     finally:
         for server in servers:
             try:
-                server.stop() if isinstance(server, (PeerServer, ProxyFront)) else server.stop(quiet=True)
+                server.stop() if isinstance(server, _ServerProcess) else server.stop(quiet=True)
             except Exception as err:  # noqa: BLE001 - keep stopping the others
                 print(f"[bench] could not stop {server}: {err}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
