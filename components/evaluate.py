@@ -312,7 +312,7 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, out_dir: str | Path
     import torch
 
     from components.data import load_splits
-    from components.models import atomic_write_json, load_classifier
+    from components.models import load_classifier
     from components.training import pick_device, predict_logits
 
     splits = load_splits(dataset_dir)
@@ -337,11 +337,18 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, out_dir: str | Path
         "model_version": str(meta.get("model_version", "unknown")),
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / RESULT_FILE, result)
-        (out / REPORT_FILE).write_text(render_report_html(result), encoding="utf-8")
+        write_result(result, out_dir)
     return result
+
+
+def write_result(result: dict[str, Any], out_dir: str | Path) -> None:
+    """The result as JSON (written atomically) and the HTML report next to it."""
+    from components.models import atomic_write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RESULT_FILE, result)
+    (out / REPORT_FILE).write_text(render_report_html(result), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------
@@ -415,7 +422,6 @@ def evaluate_and_gate(dataset_dir: str | Path, model_dir: str | Path, min_test_a
 
     from components.champion import ChampionNotComparable, check_comparable, resolve_champion
     from components.data import load_splits
-    from components.models import atomic_write_json
 
     if not -1.0 <= max_regression <= 1.0:
         raise ValueError(f"max_regression must be in [-1, 1] (an accuracy difference), got {max_regression}")
@@ -438,10 +444,7 @@ def evaluate_and_gate(dataset_dir: str | Path, model_dir: str | Path, min_test_a
                 check = compare_with_champion(result, champion, max_regression, found.info())
     result["gate"] = release_gate(result, min_test_accuracy, check)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / RESULT_FILE, result)
-        (out / REPORT_FILE).write_text(render_report_html(result), encoding="utf-8")
+        write_result(result, out_dir)
     return result
 
 
