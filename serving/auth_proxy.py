@@ -185,10 +185,10 @@ class _Request:
     target: str
     version: str
     headers: list[tuple[str, str]]  # in arrival order, names as sent
+    fields: dict[str, list[str]]  # lower-case name -> values in arrival order
 
     def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [value for key, value in self.headers if key.lower() == name]
+        return self.fields.get(name.lower(), [])
 
     def get(self, name: str) -> str | None:
         values = self.get_all(name)
@@ -213,17 +213,20 @@ def parse_request_head(head: bytes) -> _Request:
     parts = lines[0].split(" ") if lines else []
     if len(parts) != 3 or not _TOKEN_CHARS.fullmatch(parts[0]) or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
         raise BadRequestHead(400, f"bad request line {(lines[0] if lines else '')[:100]!r}: expected 'METHOD /path HTTP/1.1'")
-    headers = []
+    headers: list[tuple[str, str]] = []
+    fields: dict[str, list[str]] = {}
     for line in lines[1:]:
         if not line:
             continue
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN_CHARS.fullmatch(name):  # also refuses obsolete line folding (a leading space)
             raise BadRequestHead(400, f"bad header line {line[:100]!r}")
-        headers.append((name, value.strip(" \t")))
+        value = value.strip(" \t")
+        headers.append((name, value))
+        fields.setdefault(name.lower(), []).append(value)
     if len(headers) > MAX_HEADERS:
         raise BadRequestHead(431, f"{len(headers)} header fields; at most {MAX_HEADERS} are accepted")
-    return _Request(parts[0], parts[1], parts[2], headers)
+    return _Request(parts[0], parts[1], parts[2], headers, fields)
 
 
 def _no_delay(writer: asyncio.StreamWriter) -> None:
@@ -245,11 +248,17 @@ class _Upstream:
         self.host, self.port = host, port
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.timed_out = False
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
+
+    def abort_slow_answer(self) -> None:
+        """Called by the proxy's watchdog: the answer took too long; the waiting exchange raises TimeoutError."""
+        self.timed_out = True
+        self.close()
 
     async def exchange(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
                        timeout_s: float) -> tuple[int, str, list[tuple[str, str]], bytes]:
@@ -258,16 +267,19 @@ class _Upstream:
         head = "".join([f"{method} {target} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n",
                         *(f"{name}: {value}\r\n" for name, value in headers),
                         f"Content-Length: {len(body)}\r\n\r\n"]).encode("latin-1")
+        self.timed_out = False
         for attempt in (1, 2):
             reused = self._writer is not None
             try:
-                async with asyncio.timeout(timeout_s):
-                    if self._writer is None:
+                if self._writer is None:
+                    async with asyncio.timeout(timeout_s):  # once per client connection, not per request
                         self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-                        _no_delay(self._writer)
-                    return await self._once(head + body)
+                    _no_delay(self._writer)
+                return await self._once(head + body)
             except (ConnectionError, asyncio.IncompleteReadError) as err:
                 self.close()
+                if self.timed_out:
+                    raise TimeoutError(f"no answer within {timeout_s:g} s") from None
                 if reused and attempt == 1:
                     continue  # TorchServe had closed the idle connection: once more on a fresh one
                 raise _UpstreamClosed(f"connection closed ({type(err).__name__})") from None
@@ -311,6 +323,18 @@ class _Upstream:
         return int(code), reason, headers, data
 
 
+class _Clock:
+    """What the proxy's watchdog knows of one client connection: what it waits for, and since when."""
+
+    __slots__ = ("phase", "since", "writer", "upstream")
+
+    def __init__(self, writer: asyncio.StreamWriter, upstream: _Upstream):
+        self.phase, self.since, self.writer, self.upstream = "busy", 0.0, writer, upstream
+
+    def waiting(self, phase: str) -> None:  # "client" (a request or its body), "upstream" (TorchServe) or "busy"
+        self.phase, self.since = phase, time.monotonic()
+
+
 class _Reply(Exception):
     """An answer from the proxy itself (refusals, errors), raised from deep in a request's handling."""
 
@@ -343,6 +367,7 @@ class AuthProxyServer:
         self._stop: asyncio.Event | None = None
         self._finished = threading.Event()
         self._busy = 0  # requests being answered (graceful stop waits for them)
+        self._clocks: set[_Clock] = set()
 
     # -- lifecycle (socketserver's names, so callers and tests treat it like one)
     def serve_forever(self, poll_interval: float = 0.5) -> None:  # poll_interval: socketserver's; unused
@@ -372,9 +397,11 @@ class AuthProxyServer:
         connections: set[asyncio.Task] = set()
         self._connections = connections
         server = await asyncio.start_server(self._connection, sock=self.socket, limit=MAX_HEAD_BYTES)
+        watchdog = asyncio.create_task(self._watchdog())
         try:
             await self._stop.wait()
         finally:
+            watchdog.cancel()
             server.close()  # no new connections
             deadline = time.monotonic() + self._grace_s
             while self._busy and time.monotonic() < deadline:
@@ -384,26 +411,46 @@ class AuthProxyServer:
             await asyncio.gather(*connections, return_exceptions=True)
             self._loop = None
 
+    async def _watchdog(self) -> None:
+        """Time-outs for every connection from one loop: cheaper than a timer per read on the request path.
+
+        A client idle (or sending a body) longer than ``idle_timeout_s`` is disconnected; an answer from
+        TorchServe that takes longer than ``upstream_timeout_s`` is given up (the client gets a 502).
+        """
+        config = self.config
+        period = min(1.0, config.idle_timeout_s / 4, config.upstream_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for clock in list(self._clocks):
+                if clock.phase == "client" and now - clock.since > config.idle_timeout_s:
+                    clock.writer.close()
+                elif clock.phase == "upstream" and now - clock.since > config.upstream_timeout_s:
+                    clock.upstream.abort_slow_answer()
+
     # -- one client connection: requests one after the other (HTTP/1.1 keep-alive)
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._connections.add(task)
         _no_delay(writer)
         upstream = _Upstream(self.upstream_host, self.upstream_port)
+        clock = _Clock(writer, upstream)
+        self._clocks.add(clock)
         try:
             while not self._stop.is_set():
+                clock.waiting("client")
                 try:
-                    async with asyncio.timeout(self.config.idle_timeout_s):  # no extra task, unlike wait_for
-                        head = await reader.readuntil(b"\r\n\r\n")
+                    head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.LimitOverrunError:
                     writer.write(self._response(431, f"request head over {MAX_HEAD_BYTES} bytes", close=True,
                                                 what="a request"))
                     break
-                except (asyncio.IncompleteReadError, TimeoutError):
-                    break  # the client closed the connection, or left it idle
+                except asyncio.IncompleteReadError:
+                    break  # the client closed the connection, or the watchdog did (idle too long)
+                clock.waiting("busy")
                 self._busy += 1
                 try:
-                    keep_open = await self._request(head, reader, writer, upstream)
+                    keep_open = await self._request(head, reader, writer, clock)
                 finally:
                     self._busy -= 1
                 await writer.drain()
@@ -415,9 +462,10 @@ class AuthProxyServer:
             upstream.close()
             writer.close()
             self._connections.discard(task)
+            self._clocks.discard(clock)
 
     async def _request(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       upstream: _Upstream) -> bool:
+                       clock: _Clock) -> bool:
         """Answer one request; whether the connection may carry another."""
         try:
             request = parse_request_head(head)
@@ -427,7 +475,7 @@ class AuthProxyServer:
         keep_alive = request.keep_alive
         head_only = request.method == "HEAD"
         try:
-            status, reason, headers, data = await self._answer(request, reader, writer, upstream)
+            status, reason, headers, data = await self._answer(request, reader, writer, clock)
         except _Reply as reply:
             keep_alive = keep_alive and not reply.close
             writer.write(self._response(reply.status, reply.message, reply.headers, close=not keep_alive,
@@ -442,8 +490,8 @@ class AuthProxyServer:
         return keep_alive
 
     async def _answer(self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      upstream: _Upstream) -> tuple[int, str, list[tuple[str, str]], bytes]:
-        config = self.config
+                      clock: _Clock) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        config, upstream = self.config, clock.upstream
         if request.method == "GET" and request.target == "/healthz":
             raise _Reply(200, "auth proxy up")
         path = urlsplit(request.target).path
@@ -472,8 +520,9 @@ class AuthProxyServer:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # checks passed: now the client may send the body
         body = b""
         if length:
-            async with asyncio.timeout(config.idle_timeout_s):
-                body = await reader.readexactly(length)
+            clock.waiting("client")  # a client that stops sending mid-body is cut off like an idle one
+            body = await reader.readexactly(length)
+            clock.waiting("busy")
         if request.method == "POST" and any(is_form_content_type(v) for v in request.get_all("Content-Type")):
             # Authenticated and within the size limit: the body was read past, so the connection stays usable.
             raise _Reply(415, "form bodies (application/x-www-form-urlencoded, multipart/form-data) are not accepted: "
@@ -487,6 +536,7 @@ class AuthProxyServer:
             if name.lower() not in _NOT_FORWARDED:
                 forwarded[name.lower()] = (name, value)
         headers = list(forwarded.values())
+        clock.waiting("upstream")
         try:
             answer = await upstream.exchange(request.method, request.target, headers + [("Authorization", f"Bearer {key}")],
                                              body, config.upstream_timeout_s)
@@ -502,6 +552,8 @@ class AuthProxyServer:
             upstream.close()
             raise _Reply(502, f"TorchServe did not answer on loopback ({type(err).__name__}: {err}); "
                               "the pod is restarting it or it is overloaded") from None
+        finally:
+            clock.waiting("busy")
         return answer
 
     @staticmethod

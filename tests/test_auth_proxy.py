@@ -416,3 +416,26 @@ def test_shutdown_lets_a_request_in_flight_finish(pod):
         assert pending.result().status_code == 200
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/ping", headers=_auth(), timeout=2)
+
+
+def test_the_watchdog_cuts_idle_clients_and_gives_up_on_a_slow_torchserve(pod):
+    url, upstream, paths = pod
+    proxy = AuthProxyServer(("127.0.0.1", 0), ProxyConfig(
+        upstream=f"http://127.0.0.1:{upstream.server_port}", key_file=str(paths["key_file"]),
+        token_file=str(paths["token_file"]), idle_timeout_s=0.4, upstream_timeout_s=0.4))
+    _serve(proxy)
+    try:
+        front = f"http://127.0.0.1:{proxy.server_port}"
+        started = time.monotonic()
+        assert _raw(front, b"") == b""  # says nothing: closed by the proxy, not by _raw's 2 s wait
+        assert _raw(front, b"POST /predictions/digits HTTP/1.1\r\n" + AUTH_LINE + b"Content-Length: 9\r\n\r\nhalf") == b""
+        assert time.monotonic() - started < 3.5
+        upstream.delay_s = 1.5  # TorchServe stuck on a batch
+        answer = requests.get(f"{front}/ping", headers=_auth(), timeout=5)
+        assert answer.status_code == 502 and "TimeoutError" in answer.json()["message"]
+        upstream.delay_s = 0.0
+        time.sleep(1.2)  # the stuck exchange ends upstream; the next request gets a fresh connection
+        assert requests.get(f"{front}/ping", headers=_auth(), timeout=5).status_code == 200
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
