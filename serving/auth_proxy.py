@@ -31,8 +31,8 @@ lets in could call the model. So each serving pod runs this proxy next to TorchS
 Tokens are compared as SHA-256 digests with ``hmac.compare_digest`` (constant time)
 and never logged. Standard library only (the image's Python; no extra dependency,
 starts in ~50 ms): one asyncio event loop on one thread, each client connection with a
-keep-alive connection of its own to TorchServe (README "Serving, measured": ~2.8× less
-CPU per request than the first version's thread per connection)::
+keep-alive connection of its own to TorchServe (README "Serving, measured": a fifth of the
+CPU per request of the first version, a thread per connection)::
 
     python -m serving.auth_proxy --listen 0.0.0.0:8080 --upstream http://127.0.0.1:8079 \\
         --key-file /var/run/torchserve/key_file.json --token-file /etc/kfp-mlops/serving-token/token
@@ -348,7 +348,8 @@ class AuthProxyServer:
 
     One thread and no locks: the first version (``ThreadingHTTPServer``, a thread per connection,
     ``http.client`` upstream) took 0.77-0.85 ms of CPU per request at 32 connections against
-    0.27-0.28 ms for this one, in the same interleaved runs (README "Serving, measured"). The listening
+    0.27-0.28 ms on asyncio, in the same interleaved runs; time-outs from one watchdog instead of a
+    timer per read took another quarter off (README "Serving, measured"). The listening
     socket is bound here, so a taken port fails at construction; ``serve_forever`` /
     ``shutdown`` / ``server_close`` behave as ``socketserver``'s.
     """
