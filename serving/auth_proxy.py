@@ -31,7 +31,7 @@ lets in could call the model. So each serving pod runs this proxy next to TorchS
 Tokens are compared as SHA-256 digests with ``hmac.compare_digest`` (constant time)
 and never logged. Standard library only (the image's Python; no extra dependency,
 starts in ~50 ms): one asyncio event loop on one thread, each client connection with a
-keep-alive connection of its own to TorchServe (README "Serving, measured": a fifth of the
+keep-alive connection of its own to TorchServe (README "Serving, measured": about a quarter of the
 CPU per request of the first version, a thread per connection)::
 
     python -m serving.auth_proxy --listen 0.0.0.0:8080 --upstream http://127.0.0.1:8079 \\
