@@ -324,14 +324,15 @@ class _Upstream:
 
 
 class _Clock:
-    """What the proxy's watchdog knows of one client connection: what it waits for, and since when."""
+    """One client connection as the watchdog and a graceful stop see it: what it waits for, since when."""
 
-    __slots__ = ("phase", "since", "writer", "upstream")
+    __slots__ = ("phase", "since", "writer", "upstream", "task")
 
-    def __init__(self, writer: asyncio.StreamWriter, upstream: _Upstream):
-        self.phase, self.since, self.writer, self.upstream = "busy", 0.0, writer, upstream
+    def __init__(self, writer: asyncio.StreamWriter, upstream: _Upstream, task: asyncio.Task):
+        self.phase, self.since, self.writer, self.upstream, self.task = "client", time.monotonic(), writer, upstream, task
 
-    def waiting(self, phase: str) -> None:  # "client" (a request or its body), "upstream" (TorchServe) or "busy"
+    def waiting(self, phase: str) -> None:
+        """``client`` (the next request), ``body`` (the rest of one), ``upstream`` (TorchServe) or ``busy``."""
         self.phase, self.since = phase, time.monotonic()
 
 
@@ -367,8 +368,7 @@ class AuthProxyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._finished = threading.Event()
-        self._busy = 0  # requests being answered (graceful stop waits for them)
-        self._clocks: set[_Clock] = set()
+        self._clocks: set[_Clock] = set()  # one per open client connection
 
     # -- lifecycle (socketserver's names, so callers and tests treat it like one)
     def serve_forever(self, poll_interval: float = 0.5) -> None:  # poll_interval: socketserver's; unused
@@ -395,8 +395,6 @@ class AuthProxyServer:
 
     async def _serve(self) -> None:
         self._loop, self._stop, self._grace_s = asyncio.get_running_loop(), asyncio.Event(), 10.0
-        connections: set[asyncio.Task] = set()
-        self._connections = connections
         server = await asyncio.start_server(self._connection, sock=self.socket, limit=MAX_HEAD_BYTES)
         watchdog = asyncio.create_task(self._watchdog())
         try:
@@ -405,11 +403,12 @@ class AuthProxyServer:
             watchdog.cancel()
             server.close()  # no new connections
             deadline = time.monotonic() + self._grace_s
-            while self._busy and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            for task in list(connections):
+            while any(c.phase != "client" for c in self._clocks) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # requests in flight finish; idle connections are not waited for
+            tasks = [c.task for c in self._clocks]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*connections, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._loop = None
 
     async def _watchdog(self) -> None:
@@ -424,18 +423,16 @@ class AuthProxyServer:
             await asyncio.sleep(period)
             now = time.monotonic()
             for clock in list(self._clocks):
-                if clock.phase == "client" and now - clock.since > config.idle_timeout_s:
+                if clock.phase in ("client", "body") and now - clock.since > config.idle_timeout_s:
                     clock.writer.close()
                 elif clock.phase == "upstream" and now - clock.since > config.upstream_timeout_s:
                     clock.upstream.abort_slow_answer()
 
     # -- one client connection: requests one after the other (HTTP/1.1 keep-alive)
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._connections.add(task)
         _no_delay(writer)
         upstream = _Upstream(self.upstream_host, self.upstream_port)
-        clock = _Clock(writer, upstream)
+        clock = _Clock(writer, upstream, asyncio.current_task())
         self._clocks.add(clock)
         try:
             while not self._stop.is_set():
@@ -449,11 +446,7 @@ class AuthProxyServer:
                 except asyncio.IncompleteReadError:
                     break  # the client closed the connection, or the watchdog did (idle too long)
                 clock.waiting("busy")
-                self._busy += 1
-                try:
-                    keep_open = await self._request(head, reader, writer, clock)
-                finally:
-                    self._busy -= 1
+                keep_open = await self._request(head, reader, writer, clock)
                 await writer.drain()
                 if not keep_open:
                     break
@@ -462,7 +455,6 @@ class AuthProxyServer:
         finally:
             upstream.close()
             writer.close()
-            self._connections.discard(task)
             self._clocks.discard(clock)
 
     async def _request(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -521,7 +513,7 @@ class AuthProxyServer:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # checks passed: now the client may send the body
         body = b""
         if length:
-            clock.waiting("client")  # a client that stops sending mid-body is cut off like an idle one
+            clock.waiting("body")  # a client that stops sending mid-body is cut off like an idle one
             body = await reader.readexactly(length)
             clock.waiting("busy")
         if request.method == "POST" and any(is_form_content_type(v) for v in request.get_all("Content-Type")):
