@@ -685,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
                              spec["duration_s"])
         Path(spec["out"]).write_text(json.dumps(result))
         return 0
+    if args.rounds < 1 or args.duration <= 0:
+        parser.error("--rounds must be at least 1 and --duration positive")
     base_settings = {"workers": args.workers, "batch_size": args.batch_size, "max_batch_delay_ms": args.max_batch_delay_ms,
                      "netty_threads": args.netty_threads, "netty_client_threads": args.netty_client_threads,
                      "job_queue_size": args.job_queue_size, "vmargs": args.vmargs, "env": {}}
