@@ -367,34 +367,40 @@ class AuthProxyServer:
         self.server_port = self.socket.getsockname()[1]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._finished = threading.Event()
+        self._running, self._finished, self._shutdown_requested = threading.Event(), threading.Event(), threading.Event()
+        self._grace_s = 10.0
         self._clocks: set[_Clock] = set()  # one per open client connection
 
     # -- lifecycle (socketserver's names, so callers and tests treat it like one)
     def serve_forever(self, poll_interval: float = 0.5) -> None:  # poll_interval: socketserver's; unused
         self._finished.clear()
+        self._running.set()
         try:
             asyncio.run(self._serve())
         finally:
+            self._running.clear()
             self._finished.set()
 
     def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``grace_s``), return when serve_forever has."""
-        loop, stop = self._loop, self._stop
-        if loop is None or stop is None:
-            return
         self._grace_s = grace_s
-        try:
-            loop.call_soon_threadsafe(stop.set)
-        except RuntimeError:
-            return  # the loop has already ended
-        self._finished.wait()
+        self._shutdown_requested.set()  # seen by a serve_forever that has not set up its loop yet
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                return  # the loop has already ended
+        if self._running.is_set():
+            self._finished.wait()
 
     def server_close(self) -> None:
         self.socket.close()
 
     async def _serve(self) -> None:
-        self._loop, self._stop, self._grace_s = asyncio.get_running_loop(), asyncio.Event(), 10.0
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        if self._shutdown_requested.is_set():
+            self._stop.set()
         server = await asyncio.start_server(self._connection, sock=self.socket, limit=MAX_HEAD_BYTES)
         watchdog = asyncio.create_task(self._watchdog())
         try:

@@ -439,3 +439,15 @@ def test_the_watchdog_cuts_idle_clients_and_gives_up_on_a_slow_torchserve(pod):
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+def test_a_shutdown_right_after_start_still_stops_it(pod):
+    url, upstream, paths = pod
+    proxy = AuthProxyServer(("127.0.0.1", 0), ProxyConfig(
+        upstream=f"http://127.0.0.1:{upstream.server_port}", key_file=str(paths["key_file"]),
+        token_file=str(paths["token_file"])))
+    thread = _serve(proxy)
+    proxy.shutdown()  # possibly before serve_forever has set up its event loop (SIGTERM during start-up)
+    thread.join(5)
+    assert not thread.is_alive()
+    proxy.server_close()
