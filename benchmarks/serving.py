@@ -607,18 +607,26 @@ def attribute_tail(target: dict[str, Any], body_file: Path, concurrency: int, du
 
 
 def attribution_lines(a: dict[str, float], concurrency: int) -> str:
-    ratio = lambda p99, p50: p99 / max(p50, 1e-9)  # noqa: E731
     return (f"tail attribution, one more run at concurrency {concurrency} with a stall probe (latency as TorchServe's "
             f"access log records it, whole ms):\n"
             f"  all {a['requests']} requests: p50 {a['p50_ms']:.0f} ms, p99 {a['p99_ms']:.0f} ms (p99/p50 "
-            f"{ratio(a['p99_ms'], a['p50_ms']):.1f}; the client saw {a['client_p50_ms']:.1f} / {a['client_p99_ms']:.1f} ms)\n"
+            f"{_ratio(a['p99_ms'], a['p50_ms']):.1f}; the client saw {a['client_p50_ms']:.1f} / {a['client_p99_ms']:.1f} ms)\n"
             f"  the {a['outside_stalls_pct']:.1f} % not in flight while the host slowed the CPU "
             f"({a['probe_slow_samples']} of {a['probe_samples']} probe samples): p50 {a['outside_stalls_p50_ms']:.0f} ms, "
-            f"p99 {a['outside_stalls_p99_ms']:.0f} ms (p99/p50 {ratio(a['outside_stalls_p99_ms'], a['outside_stalls_p50_ms']):.1f})\n"
+            f"p99 {a['outside_stalls_p99_ms']:.0f} ms (p99/p50 {_ratio(a['outside_stalls_p99_ms'], a['outside_stalls_p50_ms']):.1f})\n"
             f"  control, the same windows 0.37 s later: {a['control_kept_pct']:.1f} % kept, p99 {a['control_p99_ms']:.0f} ms")
 
 
 # ----------------------------------------------------------------------------- report
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return round(numerator / max(denominator, 1e-9), 2)
+
+
+def tail_ratio(row: dict[str, Any]) -> float:
+    """p99 / p50 of one load run."""
+    return _ratio(row["p99_ms"], row["p50_ms"])
+
 
 def table(rows: list[dict[str, Any]]) -> str:
     """One line per run; CPU ms/request: the server's main process (TorchServe: the Java frontend; the peer:
@@ -629,7 +637,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"{r['server']:<40} {r['concurrency']:>4} {r['req_per_s']:>7.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-            f"{r['p99_ms'] / max(r['p50_ms'], 1e-9):>7.1f} {r['non_2xx'] + r['socket_errors']:>6}"
+            f"{tail_ratio(r):>7.1f} {r['non_2xx'] + r['socket_errors']:>6}"
             f" | {'':>15} {r['cpu_ms_frontend']:>6.3f} {r['cpu_ms_workers']:>7.3f} {r.get('cpu_ms_proxy', 0.0):>6.3f}"
             f" {r['cpu_ms_loadgen']:>8.3f}"
         )
@@ -847,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         f"throughput_c{top}": round(ours_top["req_per_s"], 1),
         f"p50_ms_c{top}": round(ours_top["p50_ms"], 3),
         f"p99_ms_c{top}": round(ours_top["p99_ms"], 3),
-        "p99_over_p50": round(ours_top["p99_ms"] / max(ours_top["p50_ms"], 1e-9), 2),
+        "p99_over_p50": tail_ratio(ours_top),
         "load_generator": tool,
         "settings": {**base_settings, "peer_workers": args.peer_workers, "duration_s": args.duration, "rounds": args.rounds},
         "ours": {str(c): _summary(r) for c in sorted(args.concurrency) if (r := median_row("ours", c))},
@@ -857,12 +865,12 @@ def main(argv: list[str] | None = None) -> int:
         "request_log_lines": log_lines,
         "machine_noise": {**noise, "rounds_slowed_pct": [round(r["slowed_pct"], 2) for r in noise_rounds],
                           "rounds_stalls_per_s": [round(r["stalls_per_s"], 2) for r in noise_rounds]},
-        "ours_rounds_p99_over_p50": [round(r["p99_ms"] / max(r["p50_ms"], 1e-9), 2) for r in runs[("ours", top)]],
+        "ours_rounds_p99_over_p50": [tail_ratio(r) for r in runs[("ours", top)]],
     }
     if attribution:
         result["tail_attribution"] = {k: round(v, 2) for k, v in attribution.items()}
-        result["server_p99_over_p50_outside_host_stalls"] = round(
-            attribution["outside_stalls_p99_ms"] / max(attribution["outside_stalls_p50_ms"], 1e-9), 2)
+        result["server_p99_over_p50_outside_host_stalls"] = _ratio(attribution["outside_stalls_p99_ms"],
+                                                                   attribution["outside_stalls_p50_ms"])
     if variants:
         ours_rounds = runs[("ours", top)]
         result["variants"] = {}
@@ -871,27 +879,27 @@ def main(argv: list[str] | None = None) -> int:
             row = median_row(vname, top)
             result["variants"][vname[8:]] = {
                 "settings": {k: v for k, v in settings.items() if v != base_settings[k]}, **_summary(row),
-                "p99_over_p50": round(row["p99_ms"] / max(row["p50_ms"], 1e-9), 2),
+                "p99_over_p50": tail_ratio(row),
                 # round by round against the shipped server measured just before it
-                "rounds_p99_over_p50": [round(r["p99_ms"] / max(r["p50_ms"], 1e-9), 2) for r in rows],
-                "shipped_rounds_p99_over_p50": [round(r["p99_ms"] / max(r["p50_ms"], 1e-9), 2) for r in ours_rounds],
+                "rounds_p99_over_p50": [tail_ratio(r) for r in rows],
+                "shipped_rounds_p99_over_p50": [tail_ratio(r) for r in ours_rounds],
                 "rounds_req_per_s": [round(r["req_per_s"], 1) for r in rows],
             }
     if "peer" in targets:
         peer_top = median_row("peer", top)
         result[f"peer_throughput_c{top}"] = round(peer_top["req_per_s"], 1)
-        result["ratio_vs_peer"] = round(ours_top["req_per_s"] / max(peer_top["req_per_s"], 1e-9), 2)
-        result["peer_p99_over_p50"] = round(peer_top["p99_ms"] / max(peer_top["p50_ms"], 1e-9), 2)
+        result["ratio_vs_peer"] = _ratio(ours_top["req_per_s"], peer_top["req_per_s"])
+        result["peer_p99_over_p50"] = tail_ratio(peer_top)
         result["peer"] = {str(c): _summary(r) for c in sorted(args.concurrency) if (r := median_row("peer", c))}
         result["peer_rounds_c_top"] = [round(r["req_per_s"], 1) for r in runs[("peer", top)]]
     if "ours-proxied" in targets:
         proxied = median_row("ours-proxied", top)
         result[f"throughput_c{top}_proxied"] = round(proxied["req_per_s"], 1)
-        result["p99_over_p50_proxied"] = round(proxied["p99_ms"] / max(proxied["p50_ms"], 1e-9), 2)
+        result["p99_over_p50_proxied"] = tail_ratio(proxied)
         result["proxied"] = {str(top): _summary(proxied)}
         result["proxied_rounds_c_top"] = [round(r["req_per_s"], 1) for r in runs[("ours-proxied", top)]]
         if "peer" in targets:
-            result["ratio_vs_peer_proxied"] = round(proxied["req_per_s"] / max(median_row("peer", top)["req_per_s"], 1e-9), 2)
+            result["ratio_vs_peer_proxied"] = _ratio(proxied["req_per_s"], median_row("peer", top)["req_per_s"])
     if "defaults" in targets:
         plain = median_row("defaults", top)
         result[f"torchserve_defaults_throughput_c{top}"] = round(plain["req_per_s"], 1)

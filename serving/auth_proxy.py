@@ -480,12 +480,8 @@ class AuthProxyServer:
             writer.write(self._response(reply.status, reply.message, reply.headers, close=not keep_alive,
                                         head_only=head_only, what=f"{request.method} {request.target.split('?')[0][:200]}"))
             return keep_alive
-        lines = [f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER_NAME}\r\nDate: {_http_date()}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers if name.lower() not in _NOT_RELAYED]
-        if not keep_alive:
-            lines.append("Connection: close\r\n")
-        lines.append(f"Content-Length: {len(data)}\r\n\r\n")
-        writer.write("".join(lines).encode("latin-1") + (b"" if head_only else data))
+        relayed = [(name, value) for name, value in headers if name.lower() not in _NOT_RELAYED]
+        writer.write(_encode_response(status, reason, relayed, data, close=not keep_alive, head_only=head_only))
         return keep_alive
 
     async def _answer(self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -532,8 +528,8 @@ class AuthProxyServer:
             raise _Reply(503, "TorchServe has not written its key file yet (still starting)", {"Retry-After": "5"})
         forwarded = {}
         for name, value in request.headers:  # the last of repeated fields, as TorchServe would take it
-            if name.lower() not in _NOT_FORWARDED:
-                forwarded[name.lower()] = (name, value)
+            if (lowered := name.lower()) not in _NOT_FORWARDED:
+                forwarded[lowered] = (name, value)
         headers = list(forwarded.values())
         clock.waiting("upstream")
         try:
@@ -560,14 +556,21 @@ class AuthProxyServer:
                   head_only: bool = False, what: str = "") -> bytes:
         if status >= 400:  # only failures; never headers (they hold tokens)
             print(f"[auth-proxy] {what} -> {status}: {message[:120]}", flush=True)
-        body = json.dumps({"code": status, "type": http.client.responses.get(status, ""), "message": message}).encode()
-        lines = [f"HTTP/1.1 {status} {http.client.responses.get(status, '')}\r\nServer: {SERVER_NAME}\r\n"
-                 f"Date: {_http_date()}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in (headers or {}).items()]
-        if close:  # tell the client, so it does not send its next request on this connection
-            lines.append("Connection: close\r\n")
-        lines.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-        return "".join(lines).encode("latin-1") + (b"" if head_only else body)
+        reason = http.client.responses.get(status, "")
+        body = json.dumps({"code": status, "type": reason, "message": message}).encode()
+        fields = [*(headers or {}).items(), ("Content-Type", "application/json")]
+        return _encode_response(status, reason, fields, body, close=close, head_only=head_only)
+
+
+def _encode_response(status: int, reason: str, fields: list[tuple[str, str]], body: bytes, close: bool,
+                     head_only: bool) -> bytes:
+    """One HTTP/1.1 response in one buffer (one write): the proxy's Server and Date, ``fields``, the length."""
+    lines = [f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER_NAME}\r\nDate: {_http_date()}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in fields]
+    if close:  # tell the client, so it does not send its next request on this connection
+        lines.append("Connection: close\r\n")
+    lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+    return "".join(lines).encode("latin-1") + (b"" if head_only else body)
 
 
 _date_cache: tuple[int, str] = (0, "")
