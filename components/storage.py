@@ -1,8 +1,11 @@
 """Storage: one API for local paths and ``s3://bucket/key`` URIs.
 
 Every function takes either a local path or an S3 URI and behaves the same for
-both: writes become visible all at once (local: temp file + rename; S3: a PUT
-or a completed multipart upload is atomic), reads never leave a partial file.
+both: writes become visible all at once (local: temp file, fsync, rename, fsync
+of the directory, see ``atomic_write_file``; S3: a PUT or a completed multipart
+upload is atomic), reads never leave a partial file. Uploads of a directory
+(``put_dir``, ``publish``) refuse symbolic links and special files, so nothing
+outside the directory (a credentials file a link points to) is ever uploaded.
 
 Plain functions (they build a :class:`Storage` from the environment on each call;
 the boto3 client is cached):
@@ -20,15 +23,22 @@ the boto3 client is cached):
       manifests/<version>.json          file list with sizes and sha256; version = sha256 of this JSON
       latest                            pointer {"version", "manifest", "published_at", "previous"}
 
-  ``publish`` uploads every file, then the manifest, and only then moves ``latest``,
+  ``publish`` stores every file, then the manifest, and only then moves ``latest``.
+  An object already stored is checked, not trusted: on S3 by the sha256 the server
+  kept at upload (HEAD with ``ChecksumMode``), else by reading it back and hashing;
+  locally by hashing the file. One that does not match is stored again, so
+  publishing the same files repairs a damaged release. ``latest`` moves
   with a conditional write (``IfMatch`` the pointer's ETag as read before the upload
   began, or ``IfNoneMatch="*"`` for the first release). A server that answers
   ``NotImplemented`` gets a compare-then-write instead (re-read, compare, write: a
   small race window, see ``S3_CONDITIONAL_WRITES``). A pointer moved by someone
   else meanwhile raises :class:`PointerConflictError`; the new version stays complete
-  and fetchable by its id. ``fetch`` resolves pointer -> manifest -> files, checks
-  every size and sha256, and renames the finished directory into place: a corrupt
-  or missing object raises and leaves no partial directory.
+  and fetchable by its id. A damaged pointer (not a valid pointer JSON, e.g. torn by a
+  crash) makes ``fetch`` raise :class:`PointerDamagedError`; ``publish`` replaces it,
+  with the same conditional write against its ETag. ``fetch`` resolves pointer ->
+  manifest -> files, checks every size and sha256, and renames the finished
+  directory into place: a corrupt or missing object raises and leaves no partial
+  directory.
 
 Configuration comes from the environment (never from parameters, so no secret
 reaches a pipeline parameter or a log line):
@@ -45,26 +55,33 @@ reaches a pipeline parameter or a log line):
   ``on`` (never fall back) or ``off`` (always compare-then-write).
 * ``AWS_REQUEST_CHECKSUM_CALCULATION``: default ``when_required``; newer botocore's
   default (CRC trailers on every upload) breaks many S3-compatible servers, and
-  ``fetch`` verifies sha256 end to end anyway.
+  ``fetch`` verifies sha256 end to end anyway. ``publish`` sends the sha256 it
+  computed as a plain ``x-amz-checksum-sha256`` header (no trailer) on objects below
+  the multipart threshold, so the server checks the body and keeps the checksum.
 * Credentials: the standard AWS chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
   / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, web identity, instance metadata).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 import threading
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Mapping
+from typing import BinaryIO, Callable, Iterator, Mapping
 
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's smallest allowed multipart part (except the last)
@@ -73,6 +90,7 @@ MANIFESTS_DIR = "manifests"
 POINTER_NAME = "latest"
 MANIFEST_FORMAT = "kfp-mlops/manifest-v1"
 _HASH_CHUNK = 1 * MiB
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 # ---------------------------------------------------------------------------
 # Errors: each says what is wrong and what to check.
@@ -105,6 +123,14 @@ class ChecksumMismatchError(StorageError):
 
 class PointerConflictError(StorageError):
     """The ``latest`` pointer moved while publishing (another publisher)."""
+
+
+class PointerDamagedError(StorageError):
+    """The ``latest`` pointer is not a valid pointer (torn by a crash or a full disk, or overwritten)."""
+
+
+class UnsafeSourceError(StorageError):
+    """What was to be uploaded holds a symbolic link or a special file."""
 
 
 class InvalidURIError(ValueError):
@@ -252,47 +278,147 @@ def _client_for(settings: S3Settings):
 
 
 # ---------------------------------------------------------------------------
-# Local helpers: temp file in the target directory + rename = atomic.
+# Local helpers: temp file in the target directory, fsync, rename, fsync the directory.
 # ---------------------------------------------------------------------------
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return _hash_stream(f)[1]
+
+
+def _hash_stream(stream: BinaryIO) -> tuple[int, str]:
+    """(size, sha256 hex) of what is left to read in ``stream``."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := stream.read(_HASH_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def _temp_sibling(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
-def _atomic_write_local(dest: Path, data: bytes) -> None:
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (the entry lives in the directory, not in the file)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # a directory that cannot be opened cannot be synced; the rename itself is still atomic
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some filesystems (network, FUSE) cannot sync a directory at all; any other error is real.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write_file(dest: str | Path, write: Callable[[Path], object]) -> Path:
+    """Create or replace ``dest`` all at once and durably.
+
+    ``write(temp_path)`` fills a temporary sibling, which is fsynced and renamed over
+    ``dest``; then the directory is fsynced so the rename survives a crash. If anything
+    fails, ``dest`` keeps its old content and the temporary file is removed.
+    """
+    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(dest)
     try:
-        tmp.write_bytes(data)
-        tmp.replace(dest)
-    finally:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(dest.parent)
+    return dest
+
+
+def _atomic_write_local(dest: Path, data: bytes) -> None:
+    atomic_write_file(dest, lambda tmp: tmp.write_bytes(data))
 
 
 def _atomic_copy_local(src: Path, dest: Path) -> None:
     if not src.is_file():
         raise ObjectNotFoundError(f"cannot read {src}: no such file")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(dest)
-    try:
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_file(dest, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _copy_stream_to(stream: BinaryIO, tmp: Path) -> None:
+    with open(tmp, "wb") as out:
+        shutil.copyfileobj(stream, out, _HASH_CHUNK)
 
 
 def _files_under(root: Path) -> list[tuple[str, Path]]:
     """(relative posix path, path) of every file below ``root``, sorted."""
     return sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+
+
+def _regular_files(source: Path, action: str) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of every file of ``source`` (a file or a directory), sorted.
+
+    Refuses symbolic links and special files anywhere, ``source`` included: what a link
+    points to (a credentials file, a directory outside) must never be uploaded.
+    """
+    if source.is_symlink():
+        raise UnsafeSourceError(
+            f"cannot {action} {source}: it is a symbolic link (to {os.readlink(source)}); "
+            "links are never followed, so give the path of the real file or directory"
+        )
+    if source.is_file():
+        return [(source.name, source)]
+    if source.exists() and not source.is_dir():
+        raise UnsafeSourceError(f"cannot {action} {source}: it is not a regular file (a pipe, socket or device)")
+    if not source.is_dir():
+        raise ObjectNotFoundError(f"cannot {action} {source}: no such file or directory")
+
+    def unreadable(error: OSError) -> None:
+        raise StorageError(f"cannot {action} {source}: {error}; every file must be readable") from error
+
+    files = []
+    for directory, dirnames, filenames in os.walk(source, onerror=unreadable):
+        for name in sorted(dirnames + filenames):
+            path = Path(directory, name)
+            rel = path.relative_to(source).as_posix()
+            if path.is_symlink():
+                raise UnsafeSourceError(
+                    f"cannot {action} {source}: {rel} is a symbolic link (to {os.readlink(path)}); links are "
+                    "never followed, so nothing outside the directory is uploaded: replace the link by a copy "
+                    "of what it points to, or remove it"
+                )
+            if name in filenames:
+                if not path.is_file():
+                    raise UnsafeSourceError(f"cannot {action} {source}: {rel} is not a regular file "
+                                            "(a pipe, socket or device); remove it")
+                files.append((rel, path))
+    return sorted(files)
+
+
+@contextlib.contextmanager
+def _open_regular_file(path: Path, source: Path) -> Iterator[BinaryIO]:
+    """Open ``path`` for reading, refusing a symbolic link swapped in after the directory was listed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeSourceError(f"cannot publish {source}: {path} became a symbolic link; "
+                                    "links are never followed") from None
+        raise ObjectNotFoundError(f"cannot publish {source}: cannot read {path} ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise UnsafeSourceError(f"cannot publish {source}: {path} is not a regular file")
+        yield f
 
 
 def _now() -> str:
@@ -446,14 +572,9 @@ class Storage:
             _atomic_copy_local(Path(uri), dest)
             return dest
         bucket, key = split_s3(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_sibling(dest)
-        try:
-            with self._errors(uri, "download"):
-                self.client.download_file(bucket, key, str(tmp), Config=self._transfer_config())
-            tmp.replace(dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._errors(uri, "download"):
+            atomic_write_file(dest, lambda tmp: self.client.download_file(
+                bucket, key, str(tmp), Config=self._transfer_config()))
         return dest
 
     def read_bytes(self, uri: str) -> bytes:
@@ -519,11 +640,15 @@ class Storage:
     # -- prefixes -----------------------------------------------------------
 
     def put_dir(self, local_dir: str | Path, uri_prefix: str) -> list[str]:
-        """Copy every file below ``local_dir`` to ``uri_prefix/<relative path>``; returns the URIs."""
+        """Copy every file below ``local_dir`` to ``uri_prefix/<relative path>``; returns the URIs.
+
+        A symbolic link or special file anywhere below ``local_dir`` is refused before anything is copied.
+        """
         root = Path(local_dir)
+        files = _regular_files(root, "upload")
         if not root.is_dir():
             raise ObjectNotFoundError(f"cannot upload {root}: not a directory")
-        return [self.put_file(path, join(uri_prefix, rel)) for rel, path in _files_under(root)]
+        return [self.put_file(path, join(uri_prefix, rel)) for rel, path in files]
 
     def get_dir(self, uri_prefix: str, local_dir: str | Path) -> list[Path]:
         """Copy every object below ``uri_prefix/`` to ``local_dir/<relative key>``; returns the paths.
@@ -555,28 +680,28 @@ class Storage:
     def publish(self, source: str | Path, base_uri: str) -> dict:
         """Publish a file or directory under ``base_uri``; move ``latest`` only once all is stored.
 
-        Returns the manifest plus ``version`` (sha256 of the manifest JSON) and ``uri``.
-        Raises :class:`PointerConflictError` if ``latest`` moved during the upload.
+        Every object already stored is verified against its sha256 and rewritten if it does
+        not match, so publishing the same files again repairs a damaged release. Symbolic
+        links and special files are refused (:class:`UnsafeSourceError`) before anything
+        is uploaded. Returns the manifest plus ``version`` (sha256 of the manifest JSON) and
+        ``uri``. Raises :class:`PointerConflictError` if ``latest`` moved during the upload.
         """
         source = Path(source)
-        if source.is_file():
-            kind, files = "file", [(source.name, source)]
-        elif source.is_dir():
-            kind, files = "dir", _files_under(source)
-        else:
-            raise ObjectNotFoundError(f"cannot publish {source}: no such file or directory")
+        files = _regular_files(source, "publish")
         if not files:
             raise StorageError(f"cannot publish {source}: the directory holds no files")
+        kind = "dir" if source.is_dir() else "file"
 
         # Read the pointer first: the final conditional write fails if anyone moves it meanwhile.
-        previous, expected_etag = self._read_pointer(base_uri)
+        previous, expected_etag = self._read_pointer(base_uri, replacing=True)
         entries = []
         for rel, path in files:
-            size, digest = path.stat().st_size, sha256_file(path)
-            entries.append({"path": rel, "size": size, "sha256": digest})
-            target = join(base_uri, object_key(digest))
-            if not self._has_object_of_size(target, size):  # content-addressed: same key, same bytes
-                self.put_file(path, target)
+            # One open file for hashing and uploading: the bytes stored are the bytes hashed.
+            with _open_regular_file(path, source) as stream:
+                size, digest = _hash_stream(stream)
+                entries.append({"path": rel, "size": size, "sha256": digest})
+                stream.seek(0)
+                self._store_verified(stream, size, digest, join(base_uri, object_key(digest)))
         manifest = {
             "format": MANIFEST_FORMAT,
             "kind": kind,
@@ -587,8 +712,7 @@ class Storage:
         body = _manifest_bytes(manifest)
         version = hashlib.sha256(body).hexdigest()
         manifest_uri = join(base_uri, MANIFESTS_DIR, f"{version}.json")
-        if not self.exists(manifest_uri):
-            self.write_bytes(manifest_uri, body)
+        self._store_verified(io.BytesIO(body), len(body), version, manifest_uri)
         pointer = {
             "version": version,
             "manifest": f"{MANIFESTS_DIR}/{version}.json",
@@ -617,7 +741,8 @@ class Storage:
         except ObjectNotFoundError:
             raise ObjectNotFoundError(f"version {version} is not published at {base_uri} ({manifest_uri} is missing)") from None
         if hashlib.sha256(body).hexdigest() != version:
-            raise ChecksumMismatchError(f"manifest {manifest_uri} is corrupt: its sha256 is not its version id {version}")
+            raise ChecksumMismatchError(f"manifest {manifest_uri} is corrupt: its sha256 is not its version id {version}; "
+                                        "publish the same files again to repair it")
         manifest = json.loads(body)
         if manifest.get("format") != MANIFEST_FORMAT:
             raise StorageError(f"{manifest_uri} is not a {MANIFEST_FORMAT} manifest (format {manifest.get('format')!r})")
@@ -629,18 +754,23 @@ class Storage:
             for entry in manifest["files"]:
                 rel = _safe_relative(entry["path"], f"manifest {manifest_uri}")
                 object_uri = join(base_uri, object_key(entry["sha256"]))
-                target = self.get_file(object_uri, staging / rel)
+                try:
+                    target = self.get_file(object_uri, staging / rel)
+                except ObjectNotFoundError:
+                    raise ObjectNotFoundError(f"{object_uri} ({entry['path']} of version {version}) is missing "
+                                              "from the store; publish the same files again to repair it") from None
                 size, digest = target.stat().st_size, sha256_file(target)
                 if (size, digest) != (entry["size"], entry["sha256"]):
                     raise ChecksumMismatchError(
                         f"{object_uri} ({entry['path']} of version {version}) is corrupt: expected "
                         f"{entry['size']} bytes with sha256 {entry['sha256']}, got {size} bytes with sha256 {digest}; "
-                        "the stored copy is damaged: publish the release again"
+                        "the stored copy is damaged: publish the same files again to repair it"
                     )
             _swap_into_place(staging, dest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        _fsync_directory(dest.parent)
         return {**manifest, "version": version, "uri": str(base_uri)}
 
     def read_pointer(self, base_uri: str) -> dict | None:
@@ -700,44 +830,124 @@ class Storage:
                     raise
                 raise translated from e
         # Compare-then-write: a small race window remains between the read and the write.
-        _, current = self._read_pointer(base_uri)
+        _, current = self._read_pointer(base_uri, replacing=True)
         if current != expected_etag:
             raise conflict
         self.write_bytes(uri, body)
 
-    def _read_pointer(self, base_uri: str) -> tuple[dict | None, str | None]:
+    def _read_pointer(self, base_uri: str, replacing: bool = False) -> tuple[dict | None, str | None]:
+        """(pointer, tag for the conditional write); (None, None) when there is none.
+
+        A damaged pointer raises :class:`PointerDamagedError`, unless ``replacing``: then it
+        reads as (None, its tag), so a publish replaces it only if nobody else did first.
+        """
         uri = join(base_uri, POINTER_NAME)
         if not is_s3(uri):
             path = Path(uri)
             if not path.is_file():
                 return None, None
             data = path.read_bytes()
-            return json.loads(data), hashlib.sha256(data).hexdigest()
-        bucket, key = split_s3(uri)
-        try:
-            with self._errors(uri, "read"):
-                response = self.client.get_object(Bucket=bucket, Key=key)
-                return json.loads(response["Body"].read()), response["ETag"]
-        except ObjectNotFoundError:
-            return None, None
+            tag = hashlib.sha256(data).hexdigest()
+        else:
+            bucket, key = split_s3(uri)
+            try:
+                with self._errors(uri, "read"):
+                    response = self.client.get_object(Bucket=bucket, Key=key)
+                    data, tag = response["Body"].read(), response["ETag"]
+            except ObjectNotFoundError:
+                return None, None
+        problem = _pointer_problem(data)
+        if problem is None:
+            return json.loads(data), tag
+        if not replacing:
+            raise PointerDamagedError(
+                f"{uri} is damaged: {problem} (a crash or a full disk while it was written, or something else "
+                f"wrote it). Publish a release again to replace it, or fetch a version by its id: the published "
+                f"versions are the file names under {join(base_uri, MANIFESTS_DIR)}"
+            )
+        print(f"storage: {uri} is damaged ({problem}); this publish replaces it", flush=True)
+        return None, tag
 
-    def _has_object_of_size(self, uri: str, size: int) -> bool:
+    def _store_verified(self, stream: BinaryIO, size: int, sha256_hex: str, uri: str) -> None:
+        """Store ``stream`` at ``uri`` unless an intact copy (same size and sha256) is already there."""
+        state = self._stored_state(uri, size, sha256_hex)
+        if state == "intact":
+            return
+        if state == "damaged":
+            print(f"storage: {uri} does not match its sha256 {sha256_hex}; storing it again", flush=True)
         if not is_s3(uri):
-            path = Path(uri)
-            return path.is_file() and path.stat().st_size == size
+            atomic_write_file(uri, lambda tmp: _copy_stream_to(stream, tmp))
+            return
+        bucket, key = split_s3(uri)
+        with self._errors(uri, "upload to"):
+            if size < self.settings.multipart_threshold:
+                # The server checks the body against this sha256 and keeps it, so a later
+                # publish verifies the object with a HEAD instead of reading it back.
+                self.client.put_object(Bucket=bucket, Key=key, Body=stream, ChecksumAlgorithm="SHA256",
+                                       ChecksumSHA256=_sha256_base64(sha256_hex))
+            else:
+                self.client.upload_fileobj(stream, bucket, key, Config=self._transfer_config())
+
+    def _stored_state(self, uri: str, size: int, sha256_hex: str) -> str:
+        """``"intact"``, ``"damaged"`` (other bytes) or ``"missing"``: what is stored at ``uri``."""
+        if not is_s3(uri):
+            try:
+                # A link in the store is never trusted (nor followed): it reads as damaged and is replaced.
+                fd = os.open(uri, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except FileNotFoundError:
+                return "missing"
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return "damaged"
+                raise
+            with os.fdopen(fd, "rb") as stored:
+                if not stat.S_ISREG(os.fstat(stored.fileno()).st_mode):
+                    return "damaged"
+                return "intact" if _hash_stream(stored) == (size, sha256_hex) else "damaged"
+
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
         try:
-            with self._errors(uri, "look up"):
+            with self._errors(uri, "verify"):
                 try:
-                    return self.client.head_object(Bucket=bucket, Key=key)["ContentLength"] == size
+                    head = self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
                 except ClientError as e:
                     if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                        return False
+                        return "missing"
                     raise
+                if head["ContentLength"] != size:
+                    return "damaged"
+                stored = head.get("ChecksumSHA256")
+                if stored and "-" not in stored:  # a whole-object sha256, not a multipart composite
+                    return "intact" if stored == _sha256_base64(sha256_hex) else "damaged"
+                # No sha256 kept by the server (a multipart upload, or written without one): read and hash.
+                body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+                try:
+                    return "intact" if _hash_stream(body) == (size, sha256_hex) else "damaged"
+                finally:
+                    body.close()
         except ObjectNotFoundError:
-            return False
+            return "missing"
+
+
+def _sha256_base64(sha256_hex: str) -> str:
+    """The sha256 as S3 writes it (``x-amz-checksum-sha256``: base64 of the raw digest)."""
+    return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+
+
+def _pointer_problem(data: bytes) -> str | None:
+    """What makes ``data`` an invalid ``latest`` pointer, or None if it is a valid one."""
+    if not data.strip():
+        return "it is empty"
+    try:
+        pointer = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"it is not valid JSON ({e})"
+    version = pointer.get("version") if isinstance(pointer, dict) else None
+    if not isinstance(version, str) or not _SHA256_HEX.fullmatch(version):
+        return "it names no version (a sha256 in hex)"
+    return None
 
 
 def object_key(sha256_hex: str) -> str:

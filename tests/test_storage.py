@@ -5,10 +5,14 @@ and ingest from s3://."""
 
 from __future__ import annotations
 
+import base64
+import errno
 import hashlib
+import io
 import json
 import os
 import re
+import stat
 import uuid
 from pathlib import Path
 
@@ -26,9 +30,11 @@ from components.storage import (
     InvalidURIError,
     ObjectNotFoundError,
     PointerConflictError,
+    PointerDamagedError,
     S3Settings,
     Storage,
     StorageAuthError,
+    UnsafeSourceError,
 )
 from s3server import FailingProxy, MotoServer, s3_env
 
@@ -361,6 +367,301 @@ def test_corruption_is_detected_on_fetch_and_leaves_nothing_behind(base, tmp_pat
         s.fetch(base, tmp_path / "serving")
     assert _tree(tmp_path / "serving") == {"served.txt": b"the version being served"}  # untouched
     assert _temp_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("corrupt", [c[1] for c in CORRUPTIONS], ids=[c[0] for c in CORRUPTIONS])
+def test_publishing_the_same_files_again_repairs_a_damaged_release(base, tmp_path, corrupt, capsys):
+    s = Storage()
+    src = _write_tree(tmp_path / "model", FILES)
+    manifest = s.publish(src, base)
+    corrupt(s, base, manifest)
+    with pytest.raises(storage.StorageError, match="publish the same files again to repair it"):
+        s.fetch(base, tmp_path / "serving")
+
+    assert s.publish(src, base)["version"] == manifest["version"]
+    assert s.fetch(base, tmp_path / "serving")["version"] == manifest["version"]
+    assert _tree(tmp_path / "serving") == FILES
+    if corrupt is not _delete_content:
+        assert "does not match its sha256" in capsys.readouterr().out  # the repair is reported
+
+
+def test_republish_verifies_s3_objects_by_their_stored_sha256(moto_server, bucket, tmp_path, monkeypatch):
+    big = np.random.default_rng(2).bytes(6 * MiB)  # above the 5 MiB multipart threshold: no whole-object sha256
+    src = _write_tree(tmp_path / "model", {**FILES, "big.bin": big})
+    base = f"s3://{bucket}/store"
+    with FailingProxy(moto_server.endpoint, lambda method, path, headers: None) as proxy:
+        monkeypatch.setenv("S3_ENDPOINT_URL", proxy.endpoint)
+        s = Storage()
+        manifest = s.publish(src, base)
+        digests = {e["path"]: e["sha256"] for e in manifest["files"]}
+        keys = {path: f"store/{storage.object_key(digest)}" for path, digest in digests.items()}
+        small_key, big_key = keys["model.safetensors"], keys["big.bin"]
+        head = s.client.head_object(Bucket=bucket, Key=small_key, ChecksumMode="ENABLED")
+        assert head["ChecksumSHA256"] == base64.b64encode(bytes.fromhex(digests["model.safetensors"])).decode()
+
+        # All intact: small objects are checked by a HEAD, only the multipart one is read back.
+        proxy.requests.clear()
+        s.publish(src, base)
+        object_gets = [path for method, path in proxy.requests if method == "GET" and "/objects/" in path]
+        assert object_gets == [f"/{bucket}/{big_key}"]
+        assert [path for method, path in proxy.requests if method == "PUT"] == [f"/{bucket}/store/latest"]
+
+        # Same-size damage the size cannot show: a small object rewritten with its own (other) checksum,
+        # and the multipart object with one byte flipped.
+        damaged = bytearray(FILES["model.safetensors"])
+        damaged[7] ^= 0x01
+        s.client.put_object(Bucket=bucket, Key=small_key, Body=bytes(damaged), ChecksumAlgorithm="SHA256")
+        damaged_big = bytearray(big)
+        damaged_big[-1] ^= 0x01
+        s.client.upload_fileobj(io.BytesIO(bytes(damaged_big)), bucket, big_key)
+        with pytest.raises(ChecksumMismatchError):
+            s.fetch(base, tmp_path / "serving")
+        s.publish(src, base)
+        s.fetch(base, tmp_path / "serving")
+        assert _tree(tmp_path / "serving") == _tree(src)
+
+
+TORN_POINTERS = [
+    ("cut short", lambda good: good[: len(good) // 2]),
+    ("empty", lambda good: b""),
+    ("zeros", lambda good: b"\0" * len(good)),  # what some filesystems leave after a crash
+    ("no version", lambda good: b'{"manifest": "manifests/x.json"}\n'),
+]
+
+
+@pytest.mark.parametrize("tear", [t[1] for t in TORN_POINTERS], ids=[t[0] for t in TORN_POINTERS])
+def test_damaged_pointer_fails_fetch_clearly_and_publish_replaces_it(base, tmp_path, tear, capsys):
+    s = Storage()
+    src = _write_tree(tmp_path / "model", {"w.bin": b"one"})
+    v1 = s.publish(src, base)
+    pointer_uri = storage.join(base, storage.POINTER_NAME)
+    s.write_bytes(pointer_uri, tear(s.read_bytes(pointer_uri)))
+
+    with pytest.raises(PointerDamagedError, match=re.escape(f"{pointer_uri} is damaged")) as raised:
+        s.fetch(base, tmp_path / "serving")
+    assert "Publish a release again to replace it, or fetch a version by its id" in str(raised.value)
+    assert not (tmp_path / "serving").exists() and _temp_leftovers(tmp_path) == []
+    with pytest.raises(PointerDamagedError):
+        s.read_pointer(base)
+    s.fetch(base, tmp_path / "by-id", version=v1["version"])  # the releases themselves are fine
+    assert _tree(tmp_path / "by-id") == {"w.bin": b"one"}
+
+    (src / "w.bin").write_bytes(b"two")
+    v2 = s.publish(src, base)
+    assert "is damaged" in capsys.readouterr().out
+    pointer = s.read_pointer(base)
+    assert pointer["version"] == v2["version"] and pointer["previous"] is None  # nothing known before it
+    s.fetch(base, tmp_path / "serving")
+    assert _tree(tmp_path / "serving") == {"w.bin": b"two"}
+
+
+@pytest.mark.parametrize("conditional", ["auto", "off"])
+def test_damaged_pointer_replaced_by_someone_else_is_still_a_conflict(base, tmp_path, monkeypatch, conditional):
+    monkeypatch.setenv("S3_CONDITIONAL_WRITES", conditional)
+    s = Storage()
+    src = _write_tree(tmp_path / "model", {"w.bin": b"one"})
+    v1 = s.publish(src, base)
+    pointer_uri = storage.join(base, storage.POINTER_NAME)
+    s.write_bytes(pointer_uri, b'{"version": "')
+    _, damaged_tag = s._read_pointer(base, replacing=True)  # what a slow publisher read when it started
+    (src / "w.bin").write_bytes(b"two")
+    v2 = s.publish(src, base)  # a faster publisher replaced the damaged pointer first
+    slow = {"version": v1["version"], "manifest": "x", "published_at": "x", "previous": None}
+    with pytest.raises(PointerConflictError, match="moved while publishing"):
+        s.update_pointer(base, slow, damaged_tag)
+    assert s.read_pointer(base)["version"] == v2["version"]
+
+
+# ---------------------------------------------------------------------------
+# Symbolic links are never followed on upload
+# ---------------------------------------------------------------------------
+
+
+SECRET = b"[default]\naws_secret_access_key = do-not-upload-me\n"
+
+
+def _link_in(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """A release with a link (or one that is a link); returns (what to publish, the link's name in the error)."""
+    credentials = tmp_path / "home" / ".aws" / "credentials"
+    credentials.parent.mkdir(parents=True)
+    credentials.write_bytes(SECRET)
+    release = _write_tree(tmp_path / "release", {"model.bin": b"weights", "config/settings.json": b"{}"})
+    if case == "link to a file outside":
+        (release / "config" / "credentials").symlink_to(credentials)
+        return release, "config/credentials"
+    if case == "link to a directory":
+        (release / "aws").symlink_to(credentials.parent, target_is_directory=True)
+        return release, "aws"
+    if case == "dangling link":
+        (release / "gone.bin").symlink_to(tmp_path / "nothing-here")
+        return release, "gone.bin"
+    if case == "release is a link":
+        (tmp_path / "release-link").symlink_to(credentials.parent, target_is_directory=True)
+        return tmp_path / "release-link", "release-link"
+    assert case == "single file is a link"
+    (tmp_path / "model.bin").symlink_to(credentials)
+    return tmp_path / "model.bin", "model.bin"
+
+
+LINK_CASES = ["link to a file outside", "link to a directory", "dangling link", "release is a link",
+              "single file is a link"]
+
+
+@pytest.mark.parametrize("case", LINK_CASES)
+def test_publish_and_put_dir_refuse_symbolic_links(base, tmp_path, case):
+    s = Storage()
+    source, link_name = _link_in(tmp_path, case)
+    with pytest.raises(UnsafeSourceError, match=re.escape(link_name) + r".*is a symbolic link"):
+        s.publish(source, base)
+    with pytest.raises(UnsafeSourceError, match=re.escape(link_name) + r".*is a symbolic link"):
+        s.put_dir(source, storage.join(base, "copy"))
+    assert s.list(base) == []  # nothing uploaded, the pointer included
+
+
+def test_publish_refuses_special_files_and_links_swapped_in_after_listing(tmp_path, monkeypatch):
+    s = Storage()
+    release = _write_tree(tmp_path / "release", {"model.bin": b"weights"})
+    os.mkfifo(release / "pipe")  # reading it would block the publish for ever
+    with pytest.raises(UnsafeSourceError, match="pipe is not a regular file"):
+        s.publish(release, tmp_path / "store")
+    (release / "pipe").unlink()
+
+    listing = storage._regular_files(release, "publish")
+    (release / "model.bin").unlink()
+    (release / "model.bin").symlink_to(_write_tree(tmp_path / "home", {"secret": SECRET}) / "secret")
+    monkeypatch.setattr(storage, "_regular_files", lambda source, action: listing)
+    with pytest.raises(UnsafeSourceError, match="became a symbolic link"):
+        s.publish(release, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_link_in_a_local_store_is_replaced_not_trusted(tmp_path):
+    s = Storage()
+    release = _write_tree(tmp_path / "release", {"model.bin": b"weights"})
+    manifest = s.publish(release, tmp_path / "store")
+    stored = tmp_path / "store" / storage.object_key(manifest["files"][0]["sha256"])
+    elsewhere = _write_tree(tmp_path / "elsewhere", {"model.bin": b"weights"}) / "model.bin"
+    stored.unlink()
+    stored.symlink_to(elsewhere)  # same bytes, but the store would depend on a file outside it
+    s.publish(release, tmp_path / "store")
+    assert not stored.is_symlink() and stored.read_bytes() == b"weights"
+    assert elsewhere.read_bytes() == b"weights"  # the link's target was not written through
+
+
+# ---------------------------------------------------------------------------
+# Local writes are atomic and durable
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fsyncs(monkeypatch) -> list[tuple[int, bool]]:
+    """Every os.fsync call as (inode, is a directory), in order; the calls still happen."""
+    calls = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        info = os.fstat(fd)
+        calls.append((info.st_ino, stat.S_ISDIR(info.st_mode)))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return calls
+
+
+def _assert_durable(calls: list[tuple[int, bool]], path: Path) -> None:
+    """The file was fsynced (a rename keeps the inode) and its directory after it."""
+    file_sync = (path.stat().st_ino, False)
+    assert file_sync in calls, f"{path} was not fsynced"
+    later = calls[calls.index(file_sync) + 1:]
+    assert (path.parent.stat().st_ino, True) in later, f"the directory of {path} was not fsynced after the rename"
+
+
+def _save_json(dest: Path, data: bytes) -> None:
+    from components.models import atomic_write_json
+
+    atomic_write_json(dest, {"data": data.decode()})
+
+
+def _save_safetensors(dest: Path, data: bytes) -> None:
+    import torch
+
+    from components.models import atomic_save_safetensors
+
+    atomic_save_safetensors({"w": torch.tensor(list(data), dtype=torch.uint8)}, dest)
+
+
+def _put_file(dest: Path, data: bytes) -> None:
+    source = dest.parent.parent / f"source-{uuid.uuid4().hex[:6]}"
+    source.write_bytes(data)
+    storage.put_file(source, dest)
+
+
+LOCAL_WRITES = [
+    ("write_bytes", lambda dest, data: storage.write_bytes(str(dest), data)),
+    ("put_file", _put_file),
+    ("atomic_write_json", _save_json),
+    ("atomic_save_safetensors", _save_safetensors),
+]
+
+
+@pytest.mark.parametrize("write", [w[1] for w in LOCAL_WRITES], ids=[w[0] for w in LOCAL_WRITES])
+def test_local_writes_fsync_the_file_and_the_directory(tmp_path, fsyncs, write):
+    dest = tmp_path / "out" / "file"
+    dest.parent.mkdir()
+    write(dest, b"old")
+    write(dest, b"new")
+    _assert_durable(fsyncs, dest)
+
+
+def test_downloads_publish_and_fetch_fsync_what_they_write(base, tmp_path, fsyncs):
+    s = Storage()
+    s.write_bytes(storage.join(base, "one/a.bin"), b"a")
+    got = s.get_file(storage.join(base, "one/a.bin"), tmp_path / "got" / "a.bin")
+    _assert_durable(fsyncs, got)
+
+    release = _write_tree(tmp_path / "release", FILES)
+    manifest = s.publish(release, base)
+    if not storage.is_s3(base):
+        _assert_durable(fsyncs, Path(base) / storage.POINTER_NAME)
+        _assert_durable(fsyncs, Path(base) / storage.MANIFESTS_DIR / f"{manifest['version']}.json")
+        for entry in manifest["files"]:
+            _assert_durable(fsyncs, Path(base) / storage.object_key(entry["sha256"]))
+    s.fetch(base, tmp_path / "serving")
+    for rel in FILES:
+        assert ((tmp_path / "serving" / rel).stat().st_ino, False) in fsyncs
+    assert (tmp_path.stat().st_ino, True) in fsyncs  # the rename of the fetched directory into place
+
+
+@pytest.mark.parametrize("write", [w[1] for w in LOCAL_WRITES], ids=[w[0] for w in LOCAL_WRITES])
+def test_a_failed_fsync_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch, write):
+    dest = tmp_path / "out" / "file"
+    dest.parent.mkdir()
+    write(dest, b"old")
+    old = dest.read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        write(dest, b"new")
+    assert dest.read_bytes() == old
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["file"]
+
+
+def test_a_write_that_fails_half_way_keeps_the_old_file(tmp_path):
+    dest = tmp_path / "out" / "weights.bin"
+    storage.atomic_write_file(dest, lambda tmp: tmp.write_bytes(b"old weights"))
+
+    def half_then_disk_full(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(b"new wei")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        storage.atomic_write_file(dest, half_then_disk_full)
+    assert dest.read_bytes() == b"old weights"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["weights.bin"]
 
 
 # ---------------------------------------------------------------------------
