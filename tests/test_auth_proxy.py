@@ -9,6 +9,7 @@ and answers 401 otherwise. Every test checks both sides: what the client got, an
 import http.client
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import requests
 from serving.auth_proxy import AuthProxyServer, ProxyConfig
 
 TOKEN = "client-token-0123456789abcdef"
+SOURCE_TOKEN = "source-token-0123456789abcdef"  # the pipeline's smoke test and replay: may set X-Request-Source
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,17 +84,20 @@ def _serve(server) -> threading.Thread:
 @pytest.fixture
 def pod(tmp_path):
     """(proxy URL, upstream, paths): the proxy and the fake TorchServe on loopback, as in one pod."""
-    key_file, token_file = tmp_path / "key_file.json", tmp_path / "token"
+    key_file, token_file, source_token_file = tmp_path / "key_file.json", tmp_path / "token", tmp_path / "source-token"
     _write_keys(key_file, "pod-key-1")
     token_file.write_text(TOKEN + "\n")
+    source_token_file.write_text(SOURCE_TOKEN + "\n")
     upstream = FakeTorchServe(key_file)
     _serve(upstream)
     proxy = AuthProxyServer(("127.0.0.1", 0), ProxyConfig(
         upstream=f"http://127.0.0.1:{upstream.server_port}", key_file=str(key_file), token_file=str(token_file),
-        max_request_bytes=4096))
-    proxy.tokens._file.check_every_s = proxy.pod_key._file.check_every_s = 0.0  # see file changes at once
+        source_token_file=str(source_token_file), max_request_bytes=4096))
+    for watched in (proxy.tokens, proxy.source_tokens, proxy.pod_key):
+        watched._file.check_every_s = 0.0  # see file changes at once
     _serve(proxy)
-    yield f"http://127.0.0.1:{proxy.server_port}", upstream, {"key_file": key_file, "token_file": token_file, "proxy": proxy}
+    yield f"http://127.0.0.1:{proxy.server_port}", upstream, {"key_file": key_file, "token_file": token_file,
+                                                              "source_token_file": source_token_file, "proxy": proxy}
     for server in (proxy, upstream):
         server.shutdown()
         server.server_close()
@@ -105,14 +110,15 @@ def _auth(token=TOKEN):
 def test_a_valid_token_reaches_torchserve_with_the_pod_key_not_the_client_token(pod):
     url, upstream, _ = pod
     answer = requests.post(f"{url}/predictions/digits", data=b"\x89PNG-bytes", timeout=5,
-                           headers={**_auth(), "Content-Type": "image/png", "X-Request-Source": "smoke-test"})
+                           headers={**_auth(), "Content-Type": "image/png", "X-Top-K": "3"})
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"path": "/predictions/digits", "bytes": 10, "label": "7"}
     assert answer.headers["x-request-id"] == "upstream-id"
     (seen,) = upstream.seen
     assert seen["headers"]["Authorization"] == "Bearer pod-key-1"
     assert TOKEN not in json.dumps(seen["headers"]), "the client token never reaches TorchServe"
-    assert seen["headers"]["X-Request-Source"] == "smoke-test" and seen["headers"]["Content-Type"] == "image/png"
+    assert seen["headers"]["X-Top-K"] == "3" and seen["headers"]["Content-Type"] == "image/png"
+    assert seen["headers"]["Host"] == f"127.0.0.1:{upstream.server_port}", "TorchServe's own address, not the client's"
     assert seen["body"] == b"\x89PNG-bytes"
     assert requests.get(f"{url}/ping", headers=_auth(), timeout=5).status_code == 200
 
@@ -196,6 +202,49 @@ def test_form_refusal_keeps_the_connection_in_order_and_other_types_pass(pod):
     assert answer.status_code == 401
 
 
+def test_only_source_tokens_may_tag_traffic_for_the_drift_monitor(pod):
+    """X-Request-Source marks the pipeline's own requests (smoke test, replay) in the request log: a client
+    token's is dropped, a source token's passes when it is a short plain name, and the file rotates."""
+    url, upstream, paths = pod
+    predict = f"{url}/predictions/digits"
+    tagged = {"X-Request-Source": "replay", "Content-Type": "image/png"}
+    assert requests.post(predict, data=b"x", headers={**_auth(), **tagged}, timeout=5).status_code == 200
+    assert "X-Request-Source" not in upstream.seen[-1]["headers"], "a client token cannot hide traffic from the monitor"
+    assert requests.post(predict, data=b"x", headers={**_auth(SOURCE_TOKEN), **tagged}, timeout=5).status_code == 200
+    assert upstream.seen[-1]["headers"]["X-Request-Source"] == "replay"
+    assert upstream.seen[-1]["headers"]["Authorization"] == "Bearer pod-key-1"
+    assert SOURCE_TOKEN not in json.dumps(upstream.seen[-1]["headers"])
+    assert requests.get(f"{url}/ping", headers=_auth(SOURCE_TOKEN), timeout=5).status_code == 200, "a client token too"
+    forwarded = len(upstream.seen)
+    for bad in ("Replay", "smoke_test", "replay test", "x" * 33, ""):
+        answer = requests.post(predict, data=b"x", headers={**_auth(SOURCE_TOKEN), "X-Request-Source": bad}, timeout=5)
+        assert answer.status_code == 400 and "X-Request-Source must be" in answer.json()["message"], (bad, answer.text)
+    assert len(upstream.seen) == forwarded
+
+    rotated = "rotated-source-token-0123456789"
+    paths["source_token_file"].write_text(rotated + "\n")
+    assert requests.get(f"{url}/ping", headers=_auth(SOURCE_TOKEN), timeout=5).status_code == 401
+    assert requests.post(predict, data=b"x", headers={**_auth(rotated), **tagged}, timeout=5).status_code == 200
+    assert upstream.seen[-1]["headers"]["X-Request-Source"] == "replay"
+
+
+def test_without_a_source_token_file_no_request_is_tagged(pod):
+    url, upstream, paths = pod
+    proxy = AuthProxyServer(("127.0.0.1", 0), ProxyConfig(upstream=f"http://127.0.0.1:{upstream.server_port}",
+                                                           key_file=str(paths["key_file"]),
+                                                           token_file=str(paths["token_file"])))
+    _serve(proxy)
+    try:
+        predict = f"http://127.0.0.1:{proxy.server_port}/predictions/digits"
+        headers = {"X-Request-Source": "smoke-test"}
+        assert requests.post(predict, data=b"x", headers={**_auth(SOURCE_TOKEN), **headers}, timeout=5).status_code == 401
+        assert requests.post(predict, data=b"x", headers={**_auth(), **headers}, timeout=5).status_code == 200
+        assert "X-Request-Source" not in upstream.seen[-1]["headers"]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
 def test_upstream_errors_are_relayed_and_a_dead_upstream_is_a_502(pod):
     url, upstream, _ = pod
     upstream.status = 400  # e.g. the handler refusing a corrupt image
@@ -262,6 +311,30 @@ def test_healthz_needs_no_token_and_tells_nothing(pod):
     assert upstream.seen == []
 
 
+def test_a_failure_inside_the_proxy_is_a_500_not_a_dropped_connection(pod, capfd):
+    url, upstream, paths = pod
+
+    def broken(force=False):
+        raise RuntimeError("a bug")
+
+    paths["proxy"].pod_key.get = broken
+    answer = requests.post(f"{url}/predictions/digits", data=b"x", headers=_auth(), timeout=5)
+    assert answer.status_code == 500 and "its log has the details" in answer.json()["message"]
+    assert answer.headers["Connection"] == "close"
+    assert "RuntimeError: a bug" in capfd.readouterr().err
+    assert requests.get(f"{url}/healthz", timeout=5).status_code == 200, "the proxy itself lives on"
+
+
+def test_the_connection_cap_fits_the_open_file_limit():
+    """A hard limit too low for --max-connections lowers the cap (and says so) rather than failing later."""
+    code = "from serving.auth_proxy import _connections_within_open_files as fit; print(fit(512), fit(10))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024)))
+    assert result.returncode == 0, result.stderr
+    assert "needs 1600 open files but the limit is 1024: serving at most 320 connections" in result.stdout
+    assert result.stdout.splitlines()[-1] == "320 10"
+
+
 def test_no_key_file_yet_is_a_503(tmp_path, pod):
     url, upstream, paths = pod
     proxy = AuthProxyServer(("127.0.0.1", 0), ProxyConfig(upstream=f"http://127.0.0.1:{upstream.server_port}",
@@ -298,7 +371,19 @@ def test_the_proxy_refuses_to_start_without_a_usable_token(tmp_path, token_text,
     assert message in result.stderr
 
 
-# -- HTTP framing: the proxy parses requests itself (asyncio streams), so it refuses what it cannot frame.
+def test_the_proxy_refuses_to_start_without_its_source_token_file(tmp_path):
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.auth_proxy", "--listen", "127.0.0.1:0", "--token-file", str(tmp_path / "token"),
+         "--source-token-file", str(tmp_path / "absent"), "--key-file", str(tmp_path / "key_file.json")],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "cannot read the source token file" in result.stderr
+
+
+# -- HTTP framing: llhttp parses, the proxy checks on top; what it cannot frame gets a 4xx (the full table is
+# tests/test_auth_proxy_smuggling.py).
 
 def _raw(url: str, data: bytes, read_until_close: bool = True) -> bytes:
     """Send raw bytes on a fresh connection; everything the proxy answers until it closes (or 2 s pass)."""
@@ -317,18 +402,23 @@ def _raw(url: str, data: bytes, read_until_close: bool = True) -> bytes:
     return b"".join(chunks)
 
 
-AUTH_LINE = f"Authorization: Bearer {TOKEN}\r\n".encode()
+HOST_LINE = b"Host: serving.example\r\n"  # HTTP/1.1 requires one
+AUTH_LINE = HOST_LINE + f"Authorization: Bearer {TOKEN}\r\n".encode()
 
 
 @pytest.mark.parametrize(
     "request_bytes, status, message",
     [
-        (b"GARBAGE\r\n\r\n", 400, "bad request line"),
-        (b"GET /ping HTTP/2.0\r\n\r\n", 400, "bad request line"),
-        (b"GET /ping HTTP/1.1\r\nno colon here\r\n\r\n", 400, "bad header line"),
-        (b"GET /ping HTTP/1.1\r\nX-A: 1\r\n folded: value\r\n\r\n", 400, "bad header line"),
-        (b"GET /ping HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n", 431, "at most 100"),
-        (b"GET /ping HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, "request head over"),
+        (b"GARBAGE\r\n\r\n", 400, "malformed request"),
+        (b"GET /ping HTTP/2.0\r\n" + HOST_LINE + b"\r\n", 505, "HTTP/2.0 is not supported"),
+        (b"GET /ping HTTP/1.1\r\n" + HOST_LINE + b"no colon here\r\n\r\n", 400, "malformed request"),
+        (b"GET /ping HTTP/1.1\r\n" + HOST_LINE + b"X-A: 1\r\n folded: value\r\n\r\n", 400, "malformed request"),
+        (b"GET /ping HTTP/1.1\r\n" + HOST_LINE + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+         431, "at most 100"),
+        (b"GET /ping HTTP/1.1\r\n" + HOST_LINE + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, "request head over"),
+        # Equal repeated lengths too: RFC 9110 8.6 lets a recipient refuse them, and llhttp does.
+        (b"POST /predictions/digits HTTP/1.1\r\n" + AUTH_LINE + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+         400, "invalid Content-Length"),
         # Two different lengths would let the proxy and TorchServe disagree on where a request ends.
         (b"POST /predictions/digits HTTP/1.1\r\n" + AUTH_LINE + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",
          400, "invalid Content-Length"),
@@ -347,10 +437,10 @@ def test_requests_it_cannot_frame_get_a_4xx_and_the_connection_closed(pod, reque
     assert upstream.seen == []
 
 
-def test_repeated_equal_content_lengths_and_expect_100_continue_are_served(pod):
+def test_expect_100_continue_is_answered_only_after_the_checks(pod):
     url, upstream, _ = pod
     answer = _raw(url, b"POST /predictions/digits HTTP/1.1\r\n" + AUTH_LINE +
-                  b"Content-Length: 3\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+                  b"Content-Length: 3\r\nConnection: close\r\n\r\nabc")
     assert answer.startswith(b"HTTP/1.1 200 ") and b'"bytes": 3' in answer
     # Expect: 100-continue: the interim answer comes only after the token and the size were checked.
     host, port = url.removeprefix("http://").split(":")
@@ -359,7 +449,7 @@ def test_repeated_equal_content_lengths_and_expect_100_continue_are_served(pod):
         assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(b"abcd")
         assert b'"bytes": 4' in sock.recv(65536)
-    refused = _raw(url, b"POST /predictions/digits HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    refused = _raw(url, b"POST /predictions/digits HTTP/1.1\r\n" + HOST_LINE + b"Content-Length: 4\r\nExpect: 100-continue\r\n\r\n")
     assert refused.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in refused
     assert [s["headers"].get("Expect") for s in upstream.seen] == [None, None]  # hop-by-hop: not forwarded
 
@@ -372,6 +462,7 @@ def test_http_1_0_and_connection_close_end_the_connection_after_the_answer(pod):
         assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
     kept = _raw(url, b"GET /ping HTTP/1.0\r\n" + AUTH_LINE + b"Connection: keep-alive\r\n\r\n", read_until_close=False)
     assert kept.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in kept
+    assert b"Connection: keep-alive" in kept, "an HTTP/1.0 client closes unless told the connection stays open"
 
 
 def test_concurrent_clients_each_get_their_own_answers(pod):
