@@ -63,10 +63,11 @@ FAST_LAYOUTS = (
 )
 # requests-<host>-<pid>-<UTC start>-<seq>.jsonl, as serving/request_log.py names its rotated files
 LOG_FILE_NAME = re.compile(r"requests-.+-\d+-(?P<stamp>\d{8}T\d{6}Z)-\d+\.jsonl")
-# A rotated file holds lines answered from shortly before its start until it is closed, at most
-# the writer's rotation age later (serving.request_log_max_age_s, $KFP_MLOPS_REQUEST_LOG_MAX_AGE_S;
-# default 1 h). Files that start more than that (plus slack for queued lines) before
-# the window, or FILE_START_SLACK after its end, cannot hold its requests: not read, nor downloaded.
+# A rotated file holds lines answered from shortly before its start (its name) until its last write
+# (its modification time: a local file's mtime, an object's upload time). Files last written more
+# than FILE_SPAN_SLACK before the window, or started FILE_START_SLACK after its end, cannot hold its
+# requests: not read, nor downloaded. Without a modification time, the writer's rotation age bounds
+# the file's span (serving.request_log_max_age_s, $KFP_MLOPS_REQUEST_LOG_MAX_AGE_S; default 1 h).
 MAX_AGE_ENV = "KFP_MLOPS_REQUEST_LOG_MAX_AGE_S"
 FILE_SPAN_SLACK = timedelta(minutes=10)
 FILE_START_SLACK = timedelta(minutes=10)
@@ -143,8 +144,9 @@ def list_log_files(log_dir: str | Path, since: datetime | None = None, until: da
     if location.startswith("s3://"):
         from components import storage
 
-        uris = [u for u in storage.list_uris(location.rstrip("/") + "/") if u.endswith(".jsonl")]
-        uris = [u for u in uris if _may_overlap(u.rsplit("/", 1)[-1], lo, hi, max_file_age_s)]
+        listed = storage.Storage().list_modified(location.rstrip("/") + "/")
+        uris = [u for u, modified in listed
+                if u.endswith(".jsonl") and _may_overlap(u.rsplit("/", 1)[-1], lo, hi, max_file_age_s, modified)]
         cache = Path(cache_dir) if cache_dir else Path(os.environ.get("TMPDIR", "/tmp")) / (
             "kfp-mlops-log-cache-" + hashlib.sha256(location.encode()).hexdigest()[:12])
         files = []
@@ -160,10 +162,19 @@ def list_log_files(log_dir: str | Path, since: datetime | None = None, until: da
             f"request log directory {path} does not exist: check 'request_log_dir' in the deployment "
             "record, and that the server has handled at least one request"
         )
-    return sorted(p for p in path.glob("*.jsonl") if _may_overlap(p.name, lo, hi, max_file_age_s))
+    return sorted(p for p in path.glob("*.jsonl")
+                  if _may_overlap(p.name, lo, hi, max_file_age_s, _modified(p)))
 
 
-def _may_overlap(name: str, lo: datetime | None, hi: datetime | None, max_file_age_s: float | None = None) -> bool:
+def _modified(path: Path) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    except OSError:
+        return None
+
+
+def _may_overlap(name: str, lo: datetime | None, hi: datetime | None, max_file_age_s: float | None = None,
+                 modified: datetime | None = None) -> bool:
     """Whether a log file can hold lines of [lo, hi); files not named by the rotating writer always can."""
     match = LOG_FILE_NAME.fullmatch(name)
     if match is None:
@@ -171,7 +182,11 @@ def _may_overlap(name: str, lo: datetime | None, hi: datetime | None, max_file_a
     start = datetime.strptime(match["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
     if hi is not None and start >= hi + FILE_START_SLACK:
         return False
-    return not (lo is not None and start < lo - _file_span(max_file_age_s))
+    if lo is None:
+        return True
+    if modified is not None:
+        return modified >= lo - FILE_SPAN_SLACK
+    return start >= lo - _file_span(max_file_age_s)
 
 
 def _file_span(max_file_age_s: float | None) -> timedelta:
