@@ -8,7 +8,10 @@ What runs, all on loopback, all stopped at the end (also on Ctrl-C or errors):
 1. A digits classifier trained here for a few seconds (sklearn digits, 8x8 grayscale).
 2. TorchServe with that model, tuned as shipped (``serving/archive.py`` defaults:
    workers, dynamic batching; ``serving/server.py``: frontend threads, JVM options,
-   quiet logs), request log ON, as ``mlops serve start`` runs it; a second one with
+   quiet logs), request log ON, as ``mlops serve start`` runs it, measured twice:
+   directly on its internal loopback port with its own key from ``key_file.json``
+   ("ours") and, as clients call it, through the auth proxy in front of it on the
+   public port with the client token ("ours-proxied"); a second TorchServe with
    the request log OFF, to show what logging costs; a third with TorchServe's own
    defaults (no batching, its log4j2 configuration, the JVM's defaults), to show what
    the tuning buys.
@@ -235,35 +238,6 @@ class PeerServer(_ServerProcess):
                 pass
             time.sleep(0.3)
         raise TimeoutError("the FastAPI peer did not answer within 60 s")
-
-
-
-class ProxyFront(_ServerProcess):
-    """The serving pods' auth proxy (``serving/auth_proxy.py``) in front of a running TorchServe, as in a pod."""
-
-    CLIENT_TOKEN = "bench-client-token-0123456789"
-
-    def __init__(self, upstream: str, key_file: str, work: Path):
-        from serving.server import free_port
-
-        token_file = work / "client-token"
-        token_file.write_text(self.CLIENT_TOKEN + "\n")
-        self.port, self.token = free_port(), self.CLIENT_TOKEN
-        self.url = f"http://127.0.0.1:{self.port}/predictions/{MODEL_NAME}"
-        cmd = [sys.executable, "-m", "serving.auth_proxy", "--listen", f"127.0.0.1:{self.port}", "--upstream", upstream,
-               "--key-file", key_file, "--token-file", str(token_file)]
-        self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, start_new_session=True)
-        import requests
-
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("the auth proxy did not come up within 30 s")
 
 
 
@@ -654,6 +628,7 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from serving import archive
+    from serving.client import read_token
     from serving.server import (DEFAULT_JOB_QUEUE_SIZE, DEFAULT_NETTY_CLIENT_THREADS, DEFAULT_NETTY_THREADS,
                                 DEFAULT_VMARGS, LocalTorchServe, free_port)
 
@@ -762,18 +737,17 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 os.environ.clear()
                 os.environ.update(saved_env)
-            targets[name] = {"url": record["endpoint"], "pid": record["pid"], "metrics": record["metrics_endpoint"],
-                             "token": json.loads(Path(record["token_file"]).read_text())["inference"]["key"],
-                             "label": server_label, "access_log": server.logs / "access_log.log",
-                             "key_file": record["token_file"]}
+            # Each server is measured directly: TorchServe's own loopback port, with its inference key.
+            targets[name] = {"url": record["torchserve_endpoint"], "pid": record["pid"],
+                             "metrics": record["metrics_endpoint"], "record": record,
+                             "token": read_token(record["key_file"], "inference"),
+                             "label": server_label, "access_log": server.logs / "access_log.log"}
         if "proxied" not in args.skip:
-            # The Kubernetes path: clients reach TorchServe only through each pod's auth proxy
-            # (manifests/base/serving-deployment.yaml). Same TorchServe as "ours", proxy in front.
-            ours = targets["ours"]
-            front = ProxyFront(ours["url"].split("/predictions/")[0], str(ours["key_file"]), work)
-            servers.append(front)
-            targets["ours-proxied"] = {"url": front.url, "pid": ours["pid"], "token": front.token, "proxy_pid": front.pid,
-                                       "label": label + ", behind auth proxy"}
+            # What clients call: the public endpoint, the auth proxy that LocalTorchServe (and each
+            # serving pod on Kubernetes) runs in front of TorchServe. Same TorchServe as "ours".
+            ours = targets["ours"]["record"]
+            targets["ours-proxied"] = {"url": ours["endpoint"], "pid": ours["pid"], "proxy_pid": ours["proxy_pid"],
+                                       "token": read_token(ours["token_file"]), "label": label + ", behind auth proxy"}
         if "peer" not in args.skip:
             peer = PeerServer(work / "model", "peer-token", args.peer_workers, work / "peer-requests")
             servers.append(peer)

@@ -30,17 +30,17 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def read_token(token_file: str | Path, kind: str = "inference") -> str:
-    """The bearer token in ``token_file``: TorchServe's ``key_file.json`` or a plain-text token file.
+    """The bearer token in ``token_file``: a plain-text token file or TorchServe's ``key_file.json``.
 
-    TorchServe's key file (the local server) is JSON: the ``kind`` key ('inference',
-    'management' or 'API') is returned. Anything that is not a JSON object (a Kubernetes
-    Secret mounted as a file: the token, optionally more lines for rotation) gives its
-    first non-empty line, stripped; ``kind`` does not apply there.
+    A plain-text file (the local server's ``token`` and ``source-token``, a Kubernetes Secret
+    mounted as a file: the token, optionally more lines for rotation) gives its first non-empty
+    line, stripped. TorchServe's own key file is JSON: the ``kind`` key ('inference',
+    'management' or 'API') is returned; only the auth proxy and health checks use it.
     """
     path = Path(token_file)
     if not path.is_file():
-        raise FileNotFoundError(f"token file {path} not found: is the server running (TorchServe's key_file.json: "
-                                "'mlops serve status'), or is the Secret mounted there (a plain-text token)?")
+        raise FileNotFoundError(f"token file {path} not found: has the server been started ('mlops serve status' "
+                                "shows its token file), or is the Secret mounted there?")
     text = path.read_text()
     try:
         keys = json.loads(text)

@@ -13,8 +13,9 @@ answers, explanations, the request log), and ``explain_handle`` /
 Accepted request bodies (``POST /predictions/<model>``):
 
 * PNG or JPEG bytes (``Content-Type: image/png`` or ``image/jpeg``; also
-  ``application/octet-stream``). Any size up to ``MAX_INPUT_PIXELS``; resized to
-  the model's input size, converted to its channels.
+  ``application/octet-stream``). Up to ``MAX_INPUT_PIXELS`` pixels (more is a 413,
+  refused from the image header, before decoding); resized to the model's input
+  size, converted to its channels.
 * JSON (``Content-Type: application/json``), one object per request:
   ``{"image": "<base64 of PNG/JPEG bytes>"}`` or
   ``{"pixels": <nested list>}`` with pixel values in [0, 1] (floats), shaped
@@ -42,17 +43,19 @@ of the target class's score with respect to each input pixel (max over
 channels), scaled so the largest is 1.
 
 Bad input never kills the worker and never answers 5xx: each bad request of a
-batch gets its own 4xx (400 bad body, 415 unsupported content type) with a
-message, and the good requests of the same batch are still answered.
+batch gets its own 4xx (400 bad body, 413 too many pixels, 415 unsupported
+content type) with a message, and the good requests of the same batch are still
+answered.
 
 The request log (``serving/request_log.py``) is written by a background
 thread when ``KFP_MLOPS_REQUEST_LOG_DIR`` is set (a directory or an ``s3://``
-prefix); the request path only queues references to arrays it already has.
+prefix); the request path only queues references to arrays it already has. On
+SIGTERM and at exit the worker writes, closes and uploads it before it ends; the
+pod flushes it earlier still, in its preStop hook (``docs/request-log.md``).
 """
 
 from __future__ import annotations
 
-import atexit
 import base64
 import binascii
 import io
@@ -60,8 +63,9 @@ import json
 import logging
 import math
 import re
-import signal
 import time
+import warnings
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +77,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 from components.models import METADATA_FILE, WEIGHTS_FILE, build_classifier
-from serving.request_log import REQUEST_LOG_ENV, LogBatch, RequestLogger
+from serving.request_log import REQUEST_LOG_ENV, LogBatch, RequestLogger, close_on_shutdown
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +87,10 @@ SOURCE_HEADER = "x-request-source"  # e.g. 'smoke-test' from the deploy step; lo
 DEFAULT_SOURCE = "client"
 DEFAULT_TOPK = 3
 ACCEPTED_FORMATS = ("PNG", "JPEG")  # fewer image parsers on the request path, less attack surface
-MAX_INPUT_PIXELS = 4096 * 4096  # refuse decompression bombs before decoding them
+# Refused from the header, before decoding: a small, very compressible PNG can declare billions of pixels, and
+# decoding one costs the worker memory and CPU for every pixel although the model only sees a few. One
+# megapixel is far above any model input here and bounds a decode to a few MiB.
+MAX_INPUT_PIXELS = 1024 * 1024
 MAX_JSON_VALUES = 3 * 1024 * 1024  # pixels in a JSON list; far above any model input here
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "application/octet-stream"}
 JSON_TYPES = {"application/json"}
@@ -106,15 +113,23 @@ def _safe_phrase(text: str) -> str:
     return re.sub(r"[^\x20-\x7e]", "?", text)[:200]
 
 
+def _too_many_pixels(image: str, size: int) -> PredictionException:
+    return bad_request(f"{image} is too large: the limit is {MAX_INPUT_PIXELS} pixels (e.g. 1024x1024); "
+                       f"the model takes {size}x{size}, so resize it before sending", 413)
+
+
 def decode_image(body: bytes, channels: int, size: int) -> np.ndarray:
-    """PNG/JPEG bytes -> float32 array ``[channels, size, size]`` in [0, 1]; bad input -> BadRequest(400)."""
+    """PNG/JPEG bytes -> float32 array ``[channels, size, size]`` in [0, 1]; bad input -> BadRequest (400, or 413
+    for more than ``MAX_INPUT_PIXELS`` pixels)."""
     if not body:
         raise bad_request("empty request body: send a PNG or JPEG image")
     try:
-        image = Image.open(io.BytesIO(body), formats=ACCEPTED_FORMATS)  # lazy: reads the header only
+        with warnings.catch_warnings():  # Pillow's own, laxer bomb warning: the check below refuses first
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(body), formats=ACCEPTED_FORMATS)  # lazy: reads the header only
         width, height = image.size
         if width * height > MAX_INPUT_PIXELS:
-            raise bad_request(f"image of {width}x{height} pixels is too large (limit {MAX_INPUT_PIXELS} pixels)")
+            raise _too_many_pixels(f"image of {width}x{height} pixels", size)
         image.load()
         if image.mode.startswith("I"):  # 16-bit grayscale PNG: convert() would clip it to white, so scale it
             image = Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8))
@@ -124,6 +139,8 @@ def decode_image(body: bytes, channels: int, size: int) -> np.ndarray:
         pixels = np.asarray(image, dtype=np.float32) / 255.0
     except BadRequest:
         raise
+    except Image.DecompressionBombError:  # so many pixels that Pillow refuses to open it at all
+        raise _too_many_pixels(f"image of more than {2 * Image.MAX_IMAGE_PIXELS} pixels", size) from None
     except UnidentifiedImageError:
         raise bad_request(f"request body ({len(body)} bytes) is not a PNG or JPEG image") from None
     except Exception as err:  # noqa: BLE001 - Pillow raises many types on hostile files; all are the client's problem
@@ -190,8 +207,7 @@ class ImageClassifierHandler(BaseHandler):
         )
         self.request_log = RequestLogger.from_env()
         if self.request_log is not None:
-            atexit.register(self.request_log.close, 5.0)
-            _exit_cleanly_on_sigterm()
+            close_on_shutdown(self.request_log)
         self._quiet_per_request_log_lines()
         # Per batch, filled by preprocess and read by postprocess (a worker runs one batch at a time).
         self._errors: dict[int, BadRequest] = {}
@@ -409,7 +425,7 @@ class ImageClassifierHandler(BaseHandler):
                                   saliency=np.round(saliency, 4).tolist())
         self._log(p, embeddings, now)
         for i, err in self._errors.items():
-            answers[i] = {"code": err.error_code, "type": "BadRequest" if err.error_code == 400 else "UnsupportedMediaType",
+            answers[i] = {"code": err.error_code, "type": HTTPStatus(err.error_code).phrase.replace(" ", ""),
                           "message": err.message}
             if self.context is not None:
                 self.context.set_response_status(err.error_code, _safe_phrase(err.message), idx=i)
@@ -452,11 +468,3 @@ class ImageClassifierHandler(BaseHandler):
             model_version=self.model_version,
         ))
 
-
-def _exit_cleanly_on_sigterm() -> None:
-    """TorchServe stops workers with SIGTERM: turn it into SystemExit so atexit flushes the request log."""
-    try:
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
-    except ValueError:  # not the main thread (e.g. a test runner): leave signals alone
-        pass

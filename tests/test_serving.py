@@ -1,8 +1,9 @@
 """Serving: the TorchServe handler, the request log, the config, the archive and a real TorchServe.
 
 Handler tests run the handler in-process with TorchServe's own Context. The
-integration tests (slow) start the real TorchServe once for the module, on
-free ports, with a classifier trained here for a few seconds on sklearn digits.
+integration tests (slow) start the real TorchServe behind its auth proxy once
+for the module, on free ports, with a classifier trained here for a few seconds
+on sklearn digits; the crash tests near the end restart it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -23,6 +26,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from conftest import settings_of
 import requests
 import torch
 from PIL import Image
@@ -36,7 +40,10 @@ from serving.archive import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS, DEFA
 from serving.client import encode_png, predict, read_token
 from serving.handler import REQUEST_LOG_ENV, ImageClassifierHandler
 from serving.request_log import LogBatch, RequestLogger, RotatingJsonl, build_records
-from serving.server import LocalTorchServe, archive_workers, free_port, port_in_use, render_config
+from serving.request_log import pid_alive
+from serving.server import (LocalTorchServe, _is_auth_proxy, _is_torchserve, archive_workers, free_port, port_in_use,
+                            render_config)
+from pipelines.config import ServingConfig
 
 DIGIT_NAMES = [str(i) for i in range(10)]
 PNG = {"content-type": "image/png"}
@@ -247,11 +254,54 @@ def test_bad_input_is_a_4xx_with_a_message(handler, row, content_type, code, mes
     assert 400 <= err.value.error_code < 500
 
 
-def test_decompression_bomb_is_refused_before_decoding(handler):
-    huge = png_bytes("1", (5000, 5000), 0)  # tiny file, 25 M pixels
-    with pytest.raises(PredictionException, match="too large") as err:
-        handler.preprocess([{"body": huge}])
-    assert err.value.error_code == 400
+def huge_png(width: int, height: int) -> bytes:
+    """A valid, all-black 1-bit PNG of width x height: a few KiB for any size (the rows are compressed as streamed)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte, then the packed bits
+    packer, parts = zlib.compressobj(9), []
+    for _ in range(0, height, 64):
+        parts.append(packer.compress(row * 64))
+    parts.append(packer.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def jpeg_of_size(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 0).save(buf, format="JPEG", quality=10)
+    return buf.getvalue()
+
+
+# Small files with absurd pixel counts: 4 and 400 megapixels (Pillow itself refuses to open the second).
+PIXEL_BOMBS = {"png-2000x2000": lambda: png_bytes("L", (2000, 2000), 0),
+               "png-20000x20000": lambda: huge_png(20000, 20000),
+               "jpeg-2000x2000": lambda: jpeg_of_size(2000, 2000),
+               "png-1x1048577": lambda: huge_png(1, 1024 * 1024 + 1)}
+
+
+@pytest.mark.parametrize("name", sorted(PIXEL_BOMBS))
+def test_too_many_pixels_is_a_413_before_decoding(handler, name, monkeypatch):
+    body = PIXEL_BOMBS[name]()
+    assert len(body) < 200_000, "the point: a small file"
+    decoded = mock.Mock(side_effect=AssertionError("decoded a refused image"))
+    monkeypatch.setattr(Image.Image, "load", decoded)
+    with pytest.raises(PredictionException, match="too large: the limit is 1048576 pixels") as err:
+        handler.preprocess([{"body": body}])
+    assert err.value.error_code == 413 and "8x8" in err.value.message
+    handler.context = make_context(Path("."), [{"body": PNG}])
+    answers = [json.loads(a) for a in handler.postprocess(handler.inference(handler.preprocess([{"body": body}])))]
+    assert answers[0]["code"] == 413 and answers[0]["type"] in ("RequestEntityTooLarge", "ContentTooLarge")
+    assert handler.context.get_response_status(0)[0] == 413
+
+
+def test_a_megapixel_image_is_still_accepted(handler):
+    batch = handler.preprocess([{"body": png_bytes("L", (1024, 1024), 255)}])
+    np.testing.assert_allclose(batch.numpy(), 1.0)
 
 
 def test_reason_phrase_is_safe_for_http(handler):
@@ -738,10 +788,12 @@ def test_deploy_component_passes_batching_and_workers_on(tmp_path, monkeypatch, 
     monkeypatch.setattr(k8s_mod, "deploy_kubernetes", fake)
     deploy_mod.deploy_component(
         model=Model(name="model", uri=str(tmp_path / "m")), dataset=Dataset(name="dataset", uri=str(tmp_path / "d")),
-        serving_home=str(tmp_path / "home"), host="127.0.0.1", inference_port=1, management_port=2, metrics_port=3,
-        workers=3, model_name="digits", startup_timeout_s=1, batch_size=8, max_batch_delay_ms=7,
+        cfg=settings_of(serving=ServingConfig(
+            home=str(tmp_path / "home"), host="127.0.0.1", inference_port=1, management_port=2, metrics_port=3,
+            workers=3, model_name="digits", startup_timeout_s=1, batch_size=8, max_batch_delay_ms=7,
+            deploy_target=target)),
         deployment=Artifact(name="deployment", uri=str(tmp_path / "out" / "deployment")),
-        metrics=Metrics(name="metrics", uri=str(tmp_path / "out" / "metrics")), deploy_target=target)
+        metrics=Metrics(name="metrics", uri=str(tmp_path / "out" / "metrics")))
     assert (seen["workers"], seen["batch_size"], seen["max_batch_delay_ms"]) == (3, 8, 7)
 
 
@@ -792,9 +844,63 @@ def test_pipeline_wires_serving_batching_into_the_deploy_task():
 
     collect(spec.root)
     params = tasks["deploy"].inputs.parameters
-    wired = {name: params[name].component_input_parameter for name in ("workers", "batch_size", "max_batch_delay_ms")}
+    wired = {name: params[f"serving_{name}"].component_input_parameter
+             for name in ("workers", "batch_size", "max_batch_delay_ms")}
     assert all(wired.values()), wired
     assert all(v.endswith(f"serving_{k}") for k, v in wired.items()), wired
+
+
+def test_token_files_are_private_random_and_kept(tmp_path):
+    from serving.server import ensure_token_file
+
+    path = ensure_token_file(tmp_path / "token")
+    token = path.read_text()
+    assert path.stat().st_mode & 0o777 == 0o600 and re.fullmatch(r"[A-Za-z0-9_-]{43}\n", token)
+    path.chmod(0o644)
+    assert ensure_token_file(path).read_text() == token and path.stat().st_mode & 0o777 == 0o600
+    assert ensure_token_file(tmp_path / "other").read_text() != token
+    path.write_text("\n")  # a token file left empty holds no token anyone could use: a new one
+    assert len(ensure_token_file(path).read_text().strip()) == 43
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_curl_example_reads_the_plain_token_file():
+    from serving.server import curl_example
+
+    line = curl_example({"token_file": "/srv/my home/token", "endpoint": "http://127.0.0.1:8080/predictions/digits"})
+    assert line == ('curl -H "Authorization: Bearer $(cat \'/srv/my home/token\')" -H "Content-Type: image/png" '
+                    "--data-binary @digit.png http://127.0.0.1:8080/predictions/digits")
+
+
+def _decoy(*args: str) -> subprocess.Popen:
+    """A process whose command line looks like an auth proxy's (a recycled pid, or another home's proxy)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m", "serving.auth_proxy", *args])
+
+
+def test_stop_kills_this_homes_proxy_and_never_a_stranger(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    ours = _decoy("--listen", "127.0.0.1:1", "--key-file", str(home / "key_file.json"))
+    strangers = [_decoy("--key-file", str(tmp_path / "elsewhere" / "key_file.json")), subprocess.Popen(["sleep", "120"])]
+    try:
+        for stranger in strangers:
+            (home / "state.json").write_text(json.dumps({"pid": stranger.pid, "proxy_pid": stranger.pid}))
+            assert LocalTorchServe(home).status()["running"] is False
+            assert LocalTorchServe(home).stop(quiet=True) == {"stopped": False, "home": str(home)}
+            assert stranger.poll() is None, "a process that is not this home's was signalled"
+        (home / "state.json").write_text(json.dumps({"pid": strangers[1].pid, "proxy_pid": ours.pid}))
+        status = LocalTorchServe(home).status()
+        assert status["running"] and status["proxy_running"] and not status["torchserve_running"]
+        assert "TorchServe is not running" in status["problem"]
+        assert LocalTorchServe(home).stop(quiet=True) == {"stopped": True, "pid": None, "proxy_pid": ours.pid,
+                                                          "home": str(home)}
+        assert ours.wait(10) == -signal.SIGTERM
+        assert strangers[1].poll() is None
+        assert json.loads((home / "state.json").read_text())["proxy_pid"] is None
+    finally:
+        for process in (ours, *strangers):
+            process.kill()
+            process.wait()
 
 
 def test_stop_without_a_server_is_a_noop(tmp_path, capsys):
@@ -820,21 +926,32 @@ def test_start_refuses_a_taken_port(tmp_path):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """One real TorchServe for the module, on free ports, serving a classifier trained just now."""
+    """One real TorchServe behind its auth proxy for the module, on free ports, serving a classifier trained just now.
+
+    ``token`` is the clients' token (the proxy's), ``source_token`` the pipeline's, ``keys`` TorchServe's own
+    key_file.json. Tests that restart the server call ``_restart``, which refreshes these.
+    """
     root = tmp_path_factory.mktemp("served")
     test_x, test_y = train_digits_classifier(root / "model")
+    (root / "model" / "reference_model.csv").write_text("feature\n0.5\n")  # what finetune leaves next to the weights
     mar = build_mar(root / "model", root / "export", "digits", "test-1", batch_size=4, max_batch_delay_ms=5)
     server = LocalTorchServe(root / "home")
-    ports = {"inference_port": free_port(), "management_port": free_port(), "metrics_port": free_port()}
+    start_args = dict(mar_path=mar, model_name="digits", request_log_dir=root / "requests", timeout_s=120,
+                      model_version="test-1", request_log_max_bytes=2048, model_dir=root / "model",
+                      dataset_dir=root / "dataset", inference_port=free_port(), management_port=free_port(),
+                      metrics_port=free_port())
+    served = {"server": server, "test_x": test_x, "test_y": test_y, "root": root, "start_args": start_args}
     try:
-        record = server.start(mar, "digits", request_log_dir=root / "requests", timeout_s=120,
-                              model_version="test-1", request_log_max_bytes=2048, **ports)
-        keys = json.loads(Path(record["token_file"]).read_text())
-        yield {"server": server, "record": record, "test_x": test_x, "test_y": test_y, "root": root, "keys": keys,
-               "token": keys["inference"]["key"]}
+        _started(served, server.start(**start_args))
+        yield served
     finally:
         server.stop(quiet=True)
-        assert not server.status()["running"], "TorchServe left running after the tests"
+        assert not server.status()["running"], "TorchServe or its proxy left running after the tests"
+
+
+def _started(served: dict, record: dict) -> None:
+    served.update(record=record, keys=json.loads(Path(record["key_file"]).read_text()),
+                  token=read_token(record["token_file"]), source_token=read_token(record["source_token_file"]))
 
 
 def _post(served, body: bytes | str, content_type: str = "image/png", path: str = "predictions", **headers):
@@ -843,7 +960,7 @@ def _post(served, body: bytes | str, content_type: str = "image/png", path: str 
                          headers={"Authorization": f"Bearer {served['token']}", "Content-Type": content_type, **headers})
 
 
-def _describe(served) -> dict:
+def _describe(served) -> dict:  # TorchServe's management API, on loopback, with its own management key
     url = f"{served['record']['management_endpoint']}/models/digits"
     return requests.get(url, headers={"Authorization": f"Bearer {served['keys']['management']['key']}"}, timeout=10).json()[0]
 
@@ -889,15 +1006,42 @@ def test_served_batching_and_workers_come_from_the_archive(served):
 
 @pytest.mark.slow
 def test_deployment_record_and_status(served):
-    record, server = served["record"], served["server"]
-    expected_keys = {"endpoint", "management_endpoint", "metrics_endpoint", "token_file", "request_log_dir",
-                     "model_name", "model_version", "home", "pid"}
+    record, server, root = served["record"], served["server"], served["root"]
+    expected_keys = {"endpoint", "management_endpoint", "metrics_endpoint", "token_file", "source_token_file",
+                     "request_log_dir", "model_name", "model_version", "model_dir", "dataset_dir", "model_reference",
+                     "home", "pid", "proxy_pid", "key_file", "torchserve_endpoint", "max_request_bytes"}
     assert expected_keys <= set(record)
     assert json.loads((Path(record["home"]) / "state.json").read_text()) == record
     assert record["endpoint"].startswith("http://127.0.0.1:") and record["endpoint"].endswith("/predictions/digits")
-    assert Path(record["token_file"]).is_file() and Path(record["token_file"]).stat().st_mode & 0o077 == 0
+    assert record["endpoint"] != record["torchserve_endpoint"], "clients get the proxy, not TorchServe"
+    assert (record["model_dir"], record["dataset_dir"]) == (str(root / "model"), str(root / "dataset"))
+    assert record["model_reference"] == str(root / "model" / "reference_model.csv")
+    home = Path(record["home"])
+    assert (record["token_file"], record["source_token_file"], record["key_file"]) == \
+        (str(home / "token"), str(home / "source-token"), str(home / "key_file.json"))
+    for path in (record["token_file"], record["source_token_file"], record["key_file"]):
+        assert Path(path).stat().st_mode & 0o777 == 0o600, path
+    token, source_token = served["token"], served["source_token"]
+    assert Path(record["token_file"]).read_text() == token + "\n" and len(token) >= 32
+    assert len({token, source_token, served["keys"]["inference"]["key"]}) == 3
     status = server.status()
-    assert status["running"] and status["pid"] == record["pid"] and status["endpoint"] == record["endpoint"]
+    assert status["running"] and status["healthy"] and status["problem"] is None
+    assert (status["pid"], status["proxy_pid"], status["endpoint"]) == (record["pid"], record["proxy_pid"], record["endpoint"])
+    assert (status["token_file"], status["model_dir"]) == (record["token_file"], record["model_dir"])
+
+
+@pytest.mark.slow
+def test_the_curl_example_works_as_printed(served, tmp_path):
+    """The line 'mlops serve status' prints, run by a shell in a directory holding digit.png."""
+    from serving.server import curl_example
+
+    (tmp_path / "digit.png").write_bytes(encode_png(served["test_x"][2]))
+    line = curl_example(served["record"])
+    assert "key_file.json" not in line
+    done = subprocess.run(["bash", "-c", line + " --silent --show-error"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["class_index"] == served["test_y"][2]
 
 
 @pytest.mark.slow
@@ -925,22 +1069,39 @@ def test_mlops_serve_without_a_server_or_a_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("auth", [None, "Bearer wrong-token", "Bearer ", "Basic abc"],
-                         ids=["no-token", "wrong-token", "empty-token", "basic"])
-def test_prediction_without_the_right_token_is_refused(served, auth):
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-token", "Bearer ", "Basic abc", "torchserve-key"],
+                         ids=["no-token", "wrong-token", "empty-token", "basic", "torchserve-key"])
+def test_prediction_without_the_right_token_is_refused_by_the_proxy(served, auth):
+    """401 from the auth proxy, before the body is read; TorchServe's own key is no client token."""
     record = served["record"]
+    if auth == "torchserve-key":
+        auth = f"Bearer {served['keys']['inference']['key']}"
     headers = {"Content-Type": "image/png", **({"Authorization": auth} if auth else {})}
     for path in ("predictions", "explanations"):
         url = record["endpoint"].replace("/predictions/", f"/{path}/")
         response = requests.post(url, data=encode_png(served["test_x"][0]), headers=headers, timeout=10)
-        assert 400 <= response.status_code < 500
-        assert "Token Authorization failed" in response.text
+        assert response.status_code == 401, response.text
+        assert "token" in response.json()["message"].lower() and "Token Authorization failed" not in response.text
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.slow
+def test_torchserve_itself_still_wants_its_key(served):
+    """Behind the proxy TorchServe keeps token authorization on: its loopback port refuses the clients' token."""
+    record = served["record"]
+    response = requests.post(record["torchserve_endpoint"], data=encode_png(served["test_x"][0]), timeout=10,
+                             headers={"Authorization": f"Bearer {served['token']}", "Content-Type": "image/png"})
+    assert 400 <= response.status_code < 500 and "Token Authorization failed" in response.text
+    direct = requests.post(record["torchserve_endpoint"], data=encode_png(served["test_x"][0]), timeout=10,
+                           headers={"Authorization": f"Bearer {served['keys']['inference']['key']}",
+                                    "Content-Type": "image/png"})
+    assert direct.status_code == 200 and direct.json()["class_index"] == served["test_y"][0]
 
 
 @pytest.mark.slow
 def test_other_apis_need_their_own_key(served):
     """The inference key opens neither the management API nor the token API."""
-    record, token = served["record"], served["token"]
+    record, token = served["record"], served["keys"]["inference"]["key"]
     for url in (f"{record['management_endpoint']}/models", f"{record['management_endpoint']}/models/digits"):
         response = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert response.status_code >= 400 and "Token Authorization failed" in response.text
@@ -970,8 +1131,8 @@ def test_model_and_workflow_registration_is_refused(served):
 
 @pytest.mark.slow
 def test_every_api_listens_on_loopback_only(served):
-    """Nothing TorchServe opened is reachable from another host: each listening socket is bound to 127.0.0.1."""
-    pids = [served["record"]["pid"], *[w["pid"] for w in _describe(served)["workers"]]]
+    """Nothing TorchServe or the proxy opened is reachable from another host: each listening socket is on 127.0.0.1."""
+    pids = [served["record"]["pid"], served["record"]["proxy_pid"], *[w["pid"] for w in _describe(served)["workers"]]]
     inodes = set()
     for pid in pids:
         for fd in Path(f"/proc/{pid}/fd").iterdir():
@@ -990,7 +1151,7 @@ def test_every_api_listens_on_loopback_only(served):
     ports = {int(addr.split(":")[1], 16) for addr in listening}
     record = served["record"]
     expected = {int(u.rsplit(":", 1)[1].split("/")[0]) for u in (record["endpoint"], record["management_endpoint"],
-                                                                  record["metrics_endpoint"])}
+                                                                  record["metrics_endpoint"], record["torchserve_endpoint"])}
     assert expected <= ports, (expected, ports)
     loopback = ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
     assert listening and all(addr.split(":")[0] in loopback for addr in listening), listening
@@ -1005,7 +1166,7 @@ def test_every_api_listens_on_loopback_only(served):
         (b"GIF89a", "image/gif", 415, "unsupported content type"),
         (b'{"pixels": [[0.5]]}', "application/json", 400, "this model takes [8, 8] or [1, 8, 8]"),
         (b'{"pixels": ', "application/json", 400, "not valid JSON"),
-        (b"\x89PNG\r\n\x1a\n" + b"\0" * (11 * 2**20), "image/png", 413, ""),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * (11 * 2**20), "image/png", 413, "10485760"),  # the proxy's limit
     ],
     ids=["corrupt", "empty", "gif", "wrong-shape", "truncated-json", "oversize"],
 )
@@ -1013,18 +1174,73 @@ def test_bad_requests_are_4xx_and_the_worker_survives(served, body, content_type
     pid_before = [w["pid"] for w in _describe(served)["workers"]]
     response = _post(served, body, content_type)
     assert response.status_code == code, response.text[:300]
-    if message:
-        assert message in response.json()["message"]
+    assert message in response.json()["message"]
+    answer = predict(served["record"]["endpoint"], encode_png(served["test_x"][1]), served["token"])
+    assert answer["class_index"] == served["test_y"][1]
+    assert [w["pid"] for w in _describe(served)["workers"]] == pid_before
+
+
+def _noise_png(width: int, height: int) -> bytes:
+    """Random RGB noise: incompressible, so a PNG of about 3 bytes per pixel."""
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_an_oversized_image_gets_a_413_not_a_reset(served):
+    """A 2000x2000 photo-like PNG (over 10 MiB): the proxy answers 413 with the limit, without reading it."""
+    body = _noise_png(2000, 2000)
+    limit = served["record"]["max_request_bytes"]
+    assert len(body) > limit == 10 * 2**20
+    with requests.Session() as session:  # a client that keeps its connection, and a fresh one per request
+        for send in (session.post, requests.post, session.post, requests.post):
+            response = send(served["record"]["endpoint"], data=body, timeout=30,
+                            headers={"Authorization": f"Bearer {served['token']}", "Content-Type": "image/png"})
+            assert response.status_code == 413, response.text[:300]
+            message = response.json()["message"]
+            assert str(limit) in message, message
+        answer = session.post(served["record"]["endpoint"], data=encode_png(served["test_x"][1]), timeout=30,
+                              headers={"Authorization": f"Bearer {served['token']}", "Content-Type": "image/png"})
+    assert answer.status_code == 200 and answer.json()["class_index"] == served["test_y"][1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PIXEL_BOMBS))
+def test_a_small_file_with_too_many_pixels_gets_a_413_from_the_handler(served, name):
+    pid_before = [w["pid"] for w in _describe(served)["workers"]]
+    response = _post(served, PIXEL_BOMBS[name](), "image/jpeg" if name.startswith("jpeg") else "image/png")
+    assert response.status_code == 413, response.text[:300]
+    assert "the limit is 1048576 pixels" in response.json()["message"]
     answer = predict(served["record"]["endpoint"], encode_png(served["test_x"][1]), served["token"])
     assert answer["class_index"] == served["test_y"][1]
     assert [w["pid"] for w in _describe(served)["workers"]] == pid_before
 
 
 @pytest.mark.slow
+def test_only_the_source_token_may_tag_requests(served):
+    """X-Request-Source (how the monitor tells its replay from clients) passes only with the pipeline's token."""
+    record, png = served["record"], encode_png(served["test_x"][4])
+    log_dir = Path(record["request_log_dir"])
+    clients_before = sum(line["source"] == "client" for line in _log_lines(log_dir))
+    for _ in range(3):  # first: the log is written in order, so these are in before the tagged ones below
+        predict(record["endpoint"], png, served["token"], source="spoofed-by-client")
+    for _ in range(3):
+        predict(record["endpoint"], png, served["source_token"], source="tagged-by-pipeline")
+    deadline = time.monotonic() + 15  # written by the worker's background thread
+    while time.monotonic() < deadline and sum(line["source"] == "tagged-by-pipeline" for line in _log_lines(log_dir)) < 3:
+        time.sleep(0.2)
+    sources = [line["source"] for line in _log_lines(log_dir)]
+    assert sources.count("tagged-by-pipeline") == 3
+    assert "spoofed-by-client" not in sources and sources.count("client") >= clients_before + 3
+
+
+@pytest.mark.slow
 def test_metrics_endpoint_and_rotated_request_log(served):
     record = served["record"]
     for x in served["test_x"][:30]:
-        predict(record["endpoint"], encode_png(x), served["token"], source="replay")
+        predict(record["endpoint"], encode_png(x), served["source_token"], source="replay")
     metrics = requests.get(record["metrics_endpoint"], timeout=10)
     assert metrics.status_code == 200 and "ts_inference_requests_total" in metrics.text
     log_dir = Path(record["request_log_dir"])
@@ -1083,20 +1299,92 @@ def test_killed_worker_recovers_under_load(served):
 
 
 @pytest.mark.slow
+def test_a_proxy_that_cannot_start_fails_the_start_clearly_and_leaves_nothing(served, tmp_path):
+    """A client token file someone filled with a weak token: the proxy refuses it; start says why and cleans up."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "token").write_text("short\n")
+    server = LocalTorchServe(home)
+    ports = {"inference_port": free_port(), "management_port": free_port(), "metrics_port": free_port()}
+    with pytest.raises(RuntimeError, match=r"(?s)the auth proxy \(pid \d+\) exited during startup.*shorter than"):
+        server.start(served["start_args"]["mar_path"], "digits", timeout_s=60, **ports)
+    state = json.loads((home / "state.json").read_text())
+    assert state["pid"] is None and state["proxy_pid"] is None and not server.status()["running"]
+    assert not any(port_in_use("127.0.0.1", p) for p in ports.values())
+
+
+def _restart(served: dict) -> dict:
+    _started(served, served["server"].start(**served["start_args"]))
+    return served["record"]
+
+
+def _wait_until(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_crashed_proxy_shows_in_status_and_start_replaces_the_rest(served, capsys):
+    server, old = served["server"], served["record"]
+    token, png = served["token"], encode_png(served["test_x"][6])
+    os.kill(old["proxy_pid"], signal.SIGKILL)
+    _wait_until(lambda: not _is_auth_proxy(old["proxy_pid"], server.home))
+    status = server.status()
+    assert status["running"] and status["torchserve_running"] and not status["proxy_running"]
+    assert not status["healthy"] and "the auth proxy is not running" in status["problem"] and status["proxy_pid"] is None
+    with pytest.raises(requests.ConnectionError):
+        requests.get(old["endpoint"].rsplit("/predictions", 1)[0] + "/healthz", timeout=5)
+
+    new = _restart(served)
+    assert "crashed server" in capsys.readouterr().out
+    assert not _is_torchserve(old["pid"]), "the surviving TorchServe was stopped before the new one started"
+    assert new["endpoint"] == old["endpoint"] and new["proxy_pid"] != old["proxy_pid"] and server.status()["healthy"]
+    assert served["token"] == token, "clients keep their token across restarts"
+    assert predict(new["endpoint"], png, token)["class_index"] == served["test_y"][6]
+
+
+@pytest.mark.slow
+def test_a_crashed_torchserve_gets_an_http_answer_and_start_replaces_the_rest(served):
+    server, old = served["server"], served["record"]
+    token, png = served["token"], encode_png(served["test_x"][6])
+    workers = [w["pid"] for w in _describe(served)["workers"]]
+    os.kill(old["pid"], signal.SIGKILL)
+    _wait_until(lambda: not _is_torchserve(old["pid"]))
+    status = server.status()
+    assert status["running"] and status["proxy_running"] and not status["torchserve_running"]
+    assert not status["healthy"] and "TorchServe is not running" in status["problem"] and status["pid"] is None
+    response = requests.post(old["endpoint"], data=png, timeout=30,
+                             headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"})
+    assert response.status_code == 502 and response.json()["message"], response.text
+
+    new = _restart(served)
+    assert not _is_auth_proxy(old["proxy_pid"], server.home), "the surviving proxy was stopped"
+    assert not any(pid_alive(w) for w in workers), "the crashed frontend's workers are gone"
+    assert new["pid"] != old["pid"] and server.status()["healthy"]
+    assert predict(new["endpoint"], png, token)["class_index"] == served["test_y"][6]
+
+
+@pytest.mark.slow
 def test_stop_really_stops(served):
     """Runs last in this module: stops the shared server and checks nothing is left."""
     record, server = served["record"], served["server"]
     workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == record["pid"]]
     assert workers, "expected at least one Python worker under the TorchServe frontend"
-    assert server.stop()["stopped"] is True
-    assert not server.status()["running"]
-    for pid in [record["pid"], *workers]:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    port = int(record["endpoint"].split(":")[2].split("/")[0])
-    assert not port_in_use("127.0.0.1", port)
-    assert not Path(record["token_file"]).exists()
+    stopped = server.stop()
+    assert stopped == {"stopped": True, "pid": record["pid"], "proxy_pid": record["proxy_pid"], "home": record["home"]}
+    status = server.status()
+    assert not status["running"] and not status["torchserve_running"] and not status["proxy_running"]
+    for pid in [record["pid"], record["proxy_pid"], *workers]:
+        assert not pid_alive(pid)
+    for url in (record["endpoint"], record["torchserve_endpoint"]):
+        assert not port_in_use("127.0.0.1", int(url.split(":")[2].split("/")[0]))
+    assert not Path(record["key_file"]).exists()
+    assert Path(record["token_file"]).read_text() == served["token"] + "\n", "the clients' token outlives the server"
     with pytest.raises(requests.ConnectionError):
         requests.get(record["endpoint"].rsplit("/predictions", 1)[0] + "/ping", timeout=5)
+    assert server.stop(quiet=True) == {"stopped": False, "home": record["home"]}
 
 
 def _parent(proc_dir: Path) -> int | None:

@@ -6,16 +6,11 @@ together with one good request, so the server's dynamic batching mixes bad and g
 requests in the same batch. Every answer must be < 500, the good request must get
 its label, and afterwards the same worker process must still be serving.
 
-Form bodies (``application/x-www-form-urlencoded``, ``multipart/form-data``) are the
-one exception, so the main strategy never sends a form content type (``is_form``
-filters them out), and they are tested on their own: TorchServe's Java frontend
-decodes them itself, before the handler, and answers a broken one (``a=%zz``) with its
-own 500 ``ErrorDataDecoderException``. Nothing in the handler or the config can change
-that (TorchServe is archived upstream); the test pins it down to exactly that error and
-checks the server is unharmed. This is the local, proxy-less server (README "Serving"
-says so). On Kubernetes the serving pods' auth proxy refuses form bodies with a 415
-before TorchServe sees them (``serving.auth_proxy.is_form_content_type``;
-tests/test_auth_proxy.py).
+Form bodies (``application/x-www-form-urlencoded``, ``multipart/form-data``) never reach
+TorchServe: its Java frontend would decode them itself, before the handler, and answer a
+broken one (``a=%zz``) with its own 500. The auth proxy in front of it (locally as on
+Kubernetes) refuses them with a 415; the generated requests include them, and one test
+sends nothing but forms.
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ from PIL import Image
 
 from components.models import Classifier, EncoderSpec, save_classifier
 from serving.archive import build_mar
-from serving.client import encode_png
+from serving.client import encode_png, read_token
 from serving.server import LocalTorchServe, free_port
 
 pytestmark = pytest.mark.slow
@@ -120,15 +115,12 @@ def near_valid_json(draw) -> bytes:
     return json.dumps(body).encode()
 
 
-# Form content types are excluded here on purpose, not by accident: on the local server (no proxy) a form
-# body Netty cannot decode gets the Java frontend's 500 before the handler runs (see the module docstring);
-# test_form_bodies_get_at_most_the_frontends_decoder_error sends them and pins that one known 5xx down.
-NON_FORM_CONTENT_TYPES = st.sampled_from(CONTENT_TYPES) | header_values.filter(lambda t: not is_form(t))
+ANY_CONTENT_TYPE = st.sampled_from(CONTENT_TYPES + FORM_TYPES) | header_values
 assert not any(is_form(t) for t in CONTENT_TYPES) and all(is_form(t) for t in FORM_TYPES)
 
 
 @st.composite
-def malformed_request(draw, content_types=NON_FORM_CONTENT_TYPES) -> dict:
+def malformed_request(draw, content_types=ANY_CONTENT_TYPE) -> dict:
     body = draw(st.one_of(corrupted_image(), near_valid_json(), st.binary(max_size=300),
                           st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"RIFF",
                                            b"a=%zz", b"data=%89PNG", b"--xyz\r\nContent-Disposition: form-data; name=data\r\n\r\n"])))
@@ -152,13 +144,14 @@ def server(tmp_path_factory):
     try:
         record = ts.start(mar, "digits", inference_port=free_port(), management_port=free_port(),
                           metrics_port=free_port(), request_log_dir=root / "requests", timeout_s=120)
-        keys = json.loads(Path(record["token_file"]).read_text())
+        keys = json.loads(Path(record["key_file"]).read_text())  # TorchServe's own: its management API
+        token = read_token(record["token_file"])  # the clients' token: what the auth proxy accepts
         session = requests.Session()
         base = record["endpoint"].rsplit("/predictions/", 1)[0]
         good = session.post(record["endpoint"], data=GOOD_PNG, timeout=30,
-                            headers={"Authorization": f"Bearer {keys['inference']['key']}", "Content-Type": "image/png"})
+                            headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"})
         assert good.status_code == 200, good.text
-        yield {"ts": ts, "record": record, "keys": keys, "base": base, "good_label": good.json()["label"],
+        yield {"ts": ts, "record": record, "keys": keys, "token": token, "base": base, "good_label": good.json()["label"],
                "workers": _worker_pids(record, keys)}
     finally:
         ts.stop(quiet=True)
@@ -172,7 +165,7 @@ def _worker_pids(record, keys) -> list[int]:
 
 
 def _send(server, request: dict) -> requests.Response:
-    headers = {**request["headers"], "Authorization": f"Bearer {server['keys']['inference']['key']}"}
+    headers = {**request["headers"], "Authorization": f"Bearer {server['token']}"}
     return requests.post(f"{server['base']}/{request['path']}/digits", data=request["body"], headers=headers, timeout=30)
 
 
@@ -195,13 +188,10 @@ def test_malformed_requests_never_get_a_5xx(server, group):
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(request=malformed_request(content_types=st.sampled_from(FORM_TYPES)))
-def test_form_bodies_get_at_most_the_frontends_decoder_error(server, request):
+def test_form_bodies_are_refused_before_torchserve(server, request):
     response = _send(server, request)
     SENT["form"] += 1
-    if response.status_code >= 500:  # the one known frontend gap (see the module docstring), nothing else
-        assert response.status_code == 500 and response.json()["type"] == "ErrorDataDecoderException", response.text
-    else:
-        assert response.status_code < 500
+    assert response.status_code == 415 and "form bodies" in response.json()["message"], response.text
 
 
 def test_server_is_healthy_afterwards(server):
