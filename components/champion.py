@@ -3,13 +3,17 @@
 The evaluate step compares the new model (the challenger) with it on the same
 test split. Where the champion lives:
 
-* ``champion_model`` given: a classifier directory (``model.safetensors`` +
+* ``champion_model == "store"``: the latest release in the model store (the
+  ``model_store_uri`` given, else ``$KFP_MLOPS_MODEL_STORE``): the cluster default,
+  where the serving pods fetch what they serve from that store. A store with no
+  release yet means no model in production.
+* ``champion_model`` a location: a classifier directory (``model.safetensors`` +
   ``metadata.json``), a TorchServe ``.mar`` (a zip holding the same two files),
   a directory holding one of these, or a storage release published with
   ``components.storage.publish`` (an ``s3://`` base URI, optionally ending in
   ``/latest``, or a local directory with a ``latest`` pointer) -- fetched and
   checksum-verified through ``components.storage.fetch``.
-* ``champion_model`` empty: the local serving home. Its ``state.json`` (the
+* ``champion_model == "serving"`` (or empty): the local serving home. Its ``state.json`` (the
   deployment record) names the served model; the champion is its ``model_dir``
   when the record carries one that still exists, otherwise the ``.mar`` in the
   home's model store (what TorchServe actually loads). The last deployed model
@@ -25,6 +29,7 @@ cannot be found raises, so a lost artifact never silently skips the check.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,9 @@ from typing import Any
 from components.models import METADATA_FILE, WEIGHTS_FILE
 
 DISABLED = "none"
+SERVING = "serving"  # the model the local serving home serves
+STORE = "store"  # the latest release in the model store
+MODEL_STORE_ENV = "KFP_MLOPS_MODEL_STORE"  # the cluster's model store (kfp-mlops-storage ConfigMap)
 STATE_FILE = "state.json"  # as serving.server.STATE_FILE; read here without importing the server
 MODEL_STORE = "model-store"
 POINTER_FILE = "latest"  # as components.storage.POINTER_NAME
@@ -139,7 +147,8 @@ def materialize(champion_model: str, work_dir: str | Path) -> tuple[Path, str]:
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"champion_model {spec!r} does not exist: give a model directory, a .mar, a storage "
-                                f"release URI, '' to use the serving home, or '{DISABLED}' to skip the comparison")
+                                f"release URI, '{SERVING}' for the locally served model, '{STORE}' for the model store's "
+                                f"latest release, or '{DISABLED}' to skip the comparison")
     return _model_in(path, work_dir), str(path)
 
 
@@ -183,17 +192,36 @@ def from_serving_home(home: str | Path, work_dir: str | Path) -> ChampionLookup:
     )
 
 
-def resolve_champion(champion_model: str, serving_home: str | Path | None, work_dir: str | Path) -> ChampionLookup:
-    """Find the champion: explicit ``champion_model``, else the local serving home, else none."""
-    spec = (champion_model or "").strip()
+def resolve_champion(champion_model: str, serving_home: str | Path | None, work_dir: str | Path,
+                     model_store_uri: str = "") -> ChampionLookup:
+    """Find the champion: none, the model store's latest release, the local serving home, or a given location."""
+    spec = (champion_model or SERVING).strip()
     if spec.lower() == DISABLED:
         return ChampionLookup("disabled", reason=f"champion comparison disabled (champion_model={DISABLED!r})")
-    if spec:
-        model_dir, source = materialize(spec, work_dir)
-        return ChampionLookup("found", model_dir, source=source)
-    if not serving_home:
-        return ChampionLookup("no_champion", reason="no model in production (no champion_model and no serving home given)")
-    return from_serving_home(serving_home, work_dir)
+    if spec.lower() == STORE:
+        return from_model_store(model_store_uri or os.environ.get(MODEL_STORE_ENV, ""), work_dir)
+    if spec.lower() == SERVING:
+        if not serving_home:
+            return ChampionLookup("no_champion", reason="no model in production (no serving home given)")
+        return from_serving_home(serving_home, work_dir)
+    model_dir, source = materialize(spec, work_dir)
+    return ChampionLookup("found", model_dir, source=source)
+
+
+def from_model_store(store: str, work_dir: str | Path) -> ChampionLookup:
+    """The latest release in the model store; none when the store has no release yet."""
+    store = store.rstrip("/")
+    if not store:
+        raise ValueError(f"champion_model '{STORE}' needs the model store: set serving.model_store_uri or "
+                         f"{MODEL_STORE_ENV} (the kfp-mlops-storage ConfigMap), or champion_model '{DISABLED}'")
+    from components import storage
+
+    pointer = f"{store}/{POINTER_FILE}"
+    if not storage.exists(pointer):
+        return ChampionLookup("no_champion", source=pointer,
+                              reason=f"no model in production (no release in the model store {store} yet)")
+    model_dir, source = materialize(store, work_dir)
+    return ChampionLookup("found", model_dir, source=source)
 
 
 def check_comparable(model_dir: str | Path, splits) -> None:

@@ -6,16 +6,20 @@ watch, smoke test through the Service, automatic rollback.)
 
 Packs the model artifact into a .mar, replaces the server running from the
 same serving home, waits until it answers, then sends a few test images as
-PNG through the real endpoint (token and all). If the served model does not
-answer sensibly, the server is stopped and the step fails: a deployment is
-only reported when it was seen working.
+PNG through the real endpoint: the auth proxy in front of TorchServe, with the
+serving home's source token, so the request log tags them as the smoke test's.
+If the served model does not answer sensibly, the server is stopped and the
+step fails: a deployment is only reported when it was seen working.
 """
+
+from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from components.settings import Settings
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 SMOKE_SOURCE = "smoke-test"  # request-log 'source' of the smoke test's requests, so the monitor can skip them
@@ -26,8 +30,10 @@ def smoke_test(endpoint: str, token_file: str | Path | None, images, labels, cla
                send: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Send each image as PNG to the endpoint; return counts, accuracy, latency and what went wrong.
 
-    ``token`` (e.g. the cluster's client token) replaces reading TorchServe's ``token_file``;
-    ``send`` replaces ``serving.client.predict`` (same signature; tests inject one).
+    ``token_file``: a plain-text token file (the local server's ``source-token``, so the
+    proxy passes ``X-Request-Source`` on) or TorchServe's ``key_file.json``; ``token`` (e.g.
+    the cluster's client token) replaces reading it; ``send`` replaces
+    ``serving.client.predict`` (same signature; tests inject one).
     """
     from serving.client import encode_png, predict, read_token
 
@@ -87,10 +93,10 @@ def deploy_local(
     defaults of ``serving.archive``) and ``workers`` are packed into the .mar.
     ``request_log_dir`` is a directory or an ``s3://`` prefix (None = ``home/requests``).
 
-    Returns the deployment record (endpoint, token_file, request_log_dir, ...)
-    plus ``smoke_test_*`` numbers. Raises (after stopping the new server) when
-    the smoke test fails: not every image answered, a malformed answer, or an
-    accuracy below ``min_smoke_accuracy``.
+    Returns the deployment record (endpoint, token_file, source_token_file, request_log_dir,
+    model_dir, dataset_dir, model_reference, ...) plus ``smoke_test_*`` numbers. Raises
+    (after stopping the new server) when the smoke test fails: not every image answered,
+    a malformed answer, or an accuracy below ``min_smoke_accuracy``.
     """
     from components.data import load_splits
     from components.models import METADATA_FILE
@@ -122,11 +128,11 @@ def deploy_local(
                           metrics_port=metrics_port, workers=workers,
                           request_log_dir=request_log_dir or home / "requests", timeout_s=startup_timeout_s,
                           model_version=version, request_log_max_bytes=request_log_max_bytes,
-                          request_log_max_age_s=request_log_max_age_s)
+                          request_log_max_age_s=request_log_max_age_s, model_dir=model_dir, dataset_dir=dataset_dir)
 
     n = min(smoke_images, len(splits.test_y))
     print(f"[deploy] smoke test: {n} test images to {record['endpoint']}", flush=True)
-    result = smoke_test(record["endpoint"], record["token_file"], splits.test_x[:n], splits.test_y[:n],
+    result = smoke_test(record["endpoint"], record["source_token_file"], splits.test_x[:n], splits.test_y[:n],
                         splits.class_names, model_version=version)
     failed = result["problems"] or result["answered"] < n or result["accuracy"] < min_smoke_accuracy
     if failed:
@@ -151,70 +157,42 @@ def deploy_local(
 def deploy_component(
     model: Input[Model],
     dataset: Input[Dataset],
-    serving_home: str,
-    host: str,
-    inference_port: int,
-    management_port: int,
-    metrics_port: int,
-    workers: int,
-    model_name: str,
-    startup_timeout_s: int,
+    cfg: Settings,
     deployment: Output[Artifact],
     metrics: Output[Metrics],
-    deploy_target: str = "local",
     namespace: str = "",
-    model_store_uri: str = "",
     serving_image: str = "",
-    client_auth_file: str = "/var/run/secrets/kfp-mlops/serving-token/token",
-    rollout_timeout_s: int = 900,
     run_id: str = "",
-    batch_size: int = 32,
-    max_batch_delay_ms: int = 1,
-    request_log_dir: str = "",
-    request_log_max_mb: float = 16.0,
-    request_log_max_age_s: float = 3600.0,
+    pipeline_auth_file: str = "/var/run/secrets/kfp-mlops/serving-source-token/token",
 ) -> str:
     """Serve the released model (a local TorchServe, or the cluster's serving Deployment) and smoke-test it.
 
-    ``deploy_target="local"``: the server keeps running after the step (it lives in its
-    own session); stop it with ``mlops serve stop``. It listens on ``host`` only, with
-    token authorization on and the model-management API off.
+    ``serving.deploy_target="local"``: the server keeps running after the step (it lives in
+    its own session); stop it with ``mlops serve stop``. Clients reach it on ``serving.host``
+    through the auth proxy (a bearer token from ``<serving.home>/token``, bodies over 10 MiB
+    refused with 413); TorchServe itself listens on loopback only, with token authorization
+    on and the model-management API off.
 
-    ``deploy_target="kubernetes"``: publishes the .mar to the model store, server-side
+    ``serving.deploy_target="kubernetes"``: publishes the .mar to the model store, server-side
     applies the release to the Deployment ``kfp-mlops-serving``, waits for the rollout,
     smoke-tests through the Service and rolls back to the previous revision when any of
-    that fails (components/k8s_deploy.py). The host, ports, serving_home and request_log_*
-    parameters are the local server's and are not used there (the serving pods' request log
-    is set in the manifests: kfp-mlops-storage).
+    that fails (components/k8s_deploy.py). The local server's settings (host, ports, home,
+    request log) are not used there: the serving pods' request log is set in the manifests
+    (kfp-mlops-storage).
 
-    ``workers``, ``batch_size`` and ``max_batch_delay_ms`` go into the .mar's model config
-    on both targets (TorchServe reads them from the archive when it loads the model).
+    ``serving.workers``, ``batch_size`` and ``max_batch_delay_ms`` go into the .mar's model
+    config on both targets (TorchServe reads them from the archive when it loads the model).
 
     Args:
         model: Classifier artifact (model.safetensors + metadata.json) that passed every gate.
         dataset: Dataset artifact; the first test-split images are the smoke test.
-        serving_home: Serving directory (model store, logs, key file, request log, state.json); relative paths resolve against the current directory.
-        host: Address TorchServe binds to (127.0.0.1 unless you mean to expose it).
-        inference_port: Inference API port.
-        management_port: Management API port (model registration through it is disabled).
-        metrics_port: Prometheus metrics port.
-        workers: Number of TorchServe workers for the model (packed into the .mar; both targets).
-        model_name: Name served under /predictions/<model_name>.
-        startup_timeout_s: Seconds to wait for the workers to be ready.
-        deployment: Output: the deployment record as JSON (endpoint, token_file, request_log_dir, ...).
+        cfg: The run's ``serving`` settings.
+        deployment: Output: the deployment record as JSON (endpoint, token_file, source_token_file, request_log_dir, model_dir, ...).
         metrics: Output: smoke-test accuracy and latency, and the step's cost.
-        deploy_target: Where to serve: 'local' (a TorchServe on this machine) or 'kubernetes' (the serving Deployment of the cluster the step runs in).
         namespace: Kubernetes only: namespace of the serving Deployment; empty = the step pod's own namespace.
-        model_store_uri: Kubernetes only: where releases are published (s3://... or a path); empty = where the Deployment's init container fetches from now.
         serving_image: Kubernetes only: image for the serving pods; empty keeps the images the Deployment runs (CPU or CUDA build per overlay).
-        client_auth_file: Kubernetes only: path of the clients' bearer-token file (the Secret kfp-mlops-serving-token mounted into the step), for the smoke test and the monitor; a path, never the token itself.
-        rollout_timeout_s: Kubernetes only: seconds to wait for a rollout (and again for a rollback) before calling it failed.
         run_id: Kubernetes only: the pipeline run, written into the change-cause annotation that kubectl rollout history shows.
-        batch_size: Dynamic batching: most requests TorchServe hands a worker at once (packed into the .mar; both targets).
-        max_batch_delay_ms: Dynamic batching: milliseconds TorchServe waits to fill a batch, at least 1 (packed into the .mar; both targets).
-        request_log_dir: Local only: where the handler logs every request for monitoring, a directory or an s3:// prefix; empty = <serving_home>/requests. On Kubernetes the serving pods log to KFP_MLOPS_REQUEST_LOG_DIR of the kfp-mlops-storage ConfigMap.
-        request_log_max_mb: Local only: start a new request-log file at this many MiB.
-        request_log_max_age_s: Local only: start a new request-log file (uploaded then, for s3://) when the current one is this many seconds old.
+        pipeline_auth_file: Kubernetes only: the pipeline's own token for the serving pods' auth proxy (the Secret kfp-mlops-serving-source-token, mounted by the pipeline), for the smoke test; a path, never the token.
 
     Returns:
         The prediction endpoint URL.
@@ -226,27 +204,29 @@ def deploy_component(
     from components.cost import log_metrics, measure
     from components.deploy import deploy_local
 
-    target = deploy_target.strip().lower()
-    if target not in ("local", "kubernetes"):
-        raise ValueError(f"deploy_target must be 'local' or 'kubernetes', got {deploy_target!r}")
+    s = cfg.serving
     with measure() as cost:
-        if target == "kubernetes":
+        if s.deploy_target == "kubernetes":
             from components.k8s_deploy import deploy_kubernetes
 
-            record = deploy_kubernetes(model.path, dataset.path, namespace=namespace, model_name=model_name,
-                                       model_store_uri=model_store_uri, image=serving_image, token_file=client_auth_file,
-                                       run_id=run_id, rollout_timeout_s=rollout_timeout_s, workers=workers,
-                                       batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms)
-        else:
-            home = Path(serving_home)
+            store = s.model_store_uri or os.environ.get("KFP_MLOPS_MODEL_STORE", "")  # the storage ConfigMap's
+            record = deploy_kubernetes(model.path, dataset.path, namespace=namespace, model_name=s.model_name,
+                                       model_store_uri=store, image=serving_image, token_file=pipeline_auth_file,
+                                       run_id=run_id,
+                                       rollout_timeout_s=s.rollout_timeout_s, workers=s.workers,
+                                       batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms)
+        elif s.deploy_target == "local":
+            home = Path(s.home)
             home = home if home.is_absolute() else Path.cwd() / home
-            record = deploy_local(model.path, dataset.path, home, model_name=model_name, host=host,
-                                  inference_port=inference_port, management_port=management_port,
-                                  metrics_port=metrics_port, workers=workers, startup_timeout_s=startup_timeout_s,
-                                  batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
-                                  request_log_dir=request_log_dir or None,
-                                  request_log_max_bytes=int(request_log_max_mb * 2**20),
-                                  request_log_max_age_s=request_log_max_age_s)
+            record = deploy_local(model.path, dataset.path, home, model_name=s.model_name, host=s.host,
+                                  inference_port=s.inference_port, management_port=s.management_port,
+                                  metrics_port=s.metrics_port, workers=s.workers, startup_timeout_s=s.startup_timeout_s,
+                                  batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms,
+                                  request_log_dir=s.request_log_dir or None,
+                                  request_log_max_bytes=int(s.request_log_max_mb * 2**20),
+                                  request_log_max_age_s=s.request_log_max_age_s)
+        else:
+            raise ValueError(f"serving.deploy_target must be 'local' or 'kubernetes', got {s.deploy_target!r}")
     os.makedirs(os.path.dirname(deployment.path) or ".", exist_ok=True)
     with open(deployment.path, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)

@@ -6,6 +6,8 @@ Everything lands in one self-contained HTML report (inline SVG and PNG data
 URIs, no external assets) that the KFP UI shows as the step's HTML artifact.
 """
 
+from __future__ import annotations
+
 import base64
 import html
 import io
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from components.settings import Settings
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 RESULT_FILE = "evaluation.json"
@@ -409,13 +412,15 @@ def release_gate(result: dict[str, Any], min_test_accuracy: float, champion_chec
 
 
 def evaluate_and_gate(dataset_dir: str | Path, model_dir: str | Path, min_test_accuracy: float, max_regression: float,
-                      champion_model: str = "", serving_home: str | Path | None = None,
-                      out_dir: str | Path | None = None, explain: int = SALIENCY_EXAMPLES) -> dict[str, Any]:
+                      champion_model: str = "serving", serving_home: str | Path | None = None,
+                      out_dir: str | Path | None = None, explain: int = SALIENCY_EXAMPLES,
+                      model_store_uri: str = "") -> dict[str, Any]:
     """Score the challenger, find and score the champion on the same test split, and decide the release.
 
-    ``champion_model``: a model dir, a .mar, a storage release (local dir or
-    ``s3://`` base URI, optionally ending in ``/latest``), ``"none"`` to skip the
-    comparison, or empty to look up the model served from ``serving_home``.
+    ``champion_model``: ``"serving"`` (the model served from ``serving_home``), ``"store"``
+    (the latest release in ``model_store_uri``), ``"none"`` to skip the comparison, or a
+    model dir, a .mar or a storage release (local dir or ``s3://`` base URI, optionally
+    ending in ``/latest``); see :func:`components.champion.resolve_champion`.
     Returns the ``evaluate`` result plus ``gate`` (see :func:`release_gate`).
     """
     import tempfile
@@ -429,7 +434,7 @@ def evaluate_and_gate(dataset_dir: str | Path, model_dir: str | Path, min_test_a
         raise ValueError(f"min_test_accuracy must be in [0, 1], got {min_test_accuracy}")
     result = evaluate(dataset_dir, model_dir, explain=explain)
     with tempfile.TemporaryDirectory(prefix="champion-") as work:
-        found = resolve_champion(champion_model, serving_home, Path(work))
+        found = resolve_champion(champion_model, serving_home, Path(work), model_store_uri=model_store_uri)
         if found.model_dir is None:
             check = compare_with_champion(result, None, max_regression, found.info(), found.reason)
         else:
@@ -613,32 +618,27 @@ caption {{ text-align: left; font-weight: bold; padding-bottom: 0.4rem; }}
 def evaluate_component(
     dataset: Input[Dataset],
     model: Input[Model],
-    min_test_accuracy: float,
+    cfg: Settings,
     metrics: Output[Metrics],
     classification_metrics: Output[ClassificationMetrics],
     report: Output[HTML],
-    max_regression: float = 0.005,
-    champion_model: str = "",
-    serving_home: str = "runs/serving",
 ) -> bool:
     """Score the fine-tuned classifier on the test split, compare it with the model in production, and gate its release.
 
-    The gate passes when the test accuracy reaches ``min_test_accuracy`` AND the
-    challenger is at least as accurate as the champion (the model in
-    production, scored on the same test split) minus ``max_regression``. With
-    no champion, or one trained on other classes or image shapes, the champion
-    check passes with the reason stated in the report and the log.
+    The gate passes when the test accuracy reaches ``gates.min_test_accuracy`` AND the
+    challenger is at least as accurate as the champion (the model in production,
+    scored on the same test split) minus ``gates.max_regression``. With no champion,
+    or one trained on other classes or image shapes, the champion check passes with
+    the reason stated in the report and the log.
 
     Args:
         dataset: The dataset artifact written by ingest.
         model: The classifier artifact written by finetune (the challenger).
-        min_test_accuracy: The lowest test accuracy that passes the gate.
+        cfg: The run's ``gates`` settings (accuracy floor, regression margin, where the champion is) and
+            ``serving`` settings (the local serving home and the model store the champion may come from).
         metrics: Test accuracy, macro F1, ECE, the gate's numbers, the champion's accuracy and version, and the step's cost.
         classification_metrics: The confusion matrix, shown by the KFP UI.
         report: A self-contained HTML page: headline numbers, the release decision and champion comparison, per-class scores, confusion matrix, reliability diagram and saliency maps.
-        max_regression: How much lower than the champion's the challenger's test accuracy may be (0.005 = half a point); negative demands an improvement.
-        champion_model: The model in production: a model directory, a .mar, or a storage release (local directory or s3:// base URI, optionally ending in /latest); empty = the model served from serving_home; "none" = no comparison.
-        serving_home: Local serving directory whose state.json and model store name the served model (used when champion_model is empty); relative paths resolve against the current directory.
 
     Returns:
         True when both the accuracy floor and the champion check pass.
@@ -649,12 +649,14 @@ def evaluate_component(
     from components.cost import log_metrics, measure
     from components.evaluate import evaluate_and_gate, render_report_html
 
-    home = Path(serving_home) if serving_home else None
+    gates, serving = cfg.gates, cfg.serving
+    home = Path(serving.home) if serving.home else None
     if home is not None and not home.is_absolute():
         home = Path.cwd() / home
     with measure() as cost:
-        result = evaluate_and_gate(dataset.path, model.path, min_test_accuracy, max_regression,
-                                   champion_model=champion_model, serving_home=home)
+        result = evaluate_and_gate(dataset.path, model.path, gates.min_test_accuracy, gates.max_regression,
+                                   champion_model=gates.champion_model, serving_home=home,
+                                   model_store_uri=serving.model_store_uri)
     gate, check = result["gate"], result["gate"]["champion"]
     log_metrics(metrics, {
         "test_accuracy": result["test_accuracy"], "macro_f1": result["macro_f1"], "n_test": result["n_test"],

@@ -16,10 +16,13 @@ Variants of the loop (DP-SGD, adversarial training) plug in through
 ``customize`` (see ``components.training.FinetuneParts``).
 """
 
+from __future__ import annotations
+
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from components.settings import Settings
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from pipelines.config import FinetuneConfig
@@ -147,66 +150,19 @@ def finetune(dataset_dir: str | Path, encoder_dir: str | Path, out_dir: str | Pa
 def finetune_component(
     dataset: Input[Dataset],
     encoder: Input[Model],
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    patience: int,
-    label_fraction: float,
-    seed: int,
+    cfg: Settings,
     model: Output[Model],
     metrics: Output[Metrics],
-    mode: str = "full",
-    unfreeze_blocks: int = 1,
-    encoder_lr_scale: float = 0.3,
-    min_epoch_samples: int = 512,
-    probe_epochs: int = 10,
-    compile: bool = False,
-    checkpoint_root: str = "",
-    checkpoint_every_steps: int = 0,
-    checkpoint_every_epochs: int = 1,
-    augment_noise_sigma: float = 0.0,
-    adversarial_epsilon: float = 0.0,
-    adversarial_fraction: float = 0.5,
-    dp_epsilon: float = 0.0,
-    dp_delta: float = 1e-5,
-    dp_max_grad_norm: float = 1.0,
-    dp_batch_size: int = 256,
-    dp_learning_rate: float = 0.25,
-    dp_epochs: int = 30,
-    dp_trainable: str = "normalization",
 ):
     """Fine-tune the pretrained encoder plus a linear head on the labeled train split.
 
     Args:
         dataset: The dataset artifact written by ingest.
         encoder: The encoder artifact written by pretrain.
-        epochs: Maximum fine-tuning epochs; early stopping usually ends sooner.
-        batch_size: Images per batch.
-        learning_rate: AdamW learning rate of the head.
-        patience: Stop after this many epochs without a better validation loss.
-        label_fraction: Share of the labeled train split to train on (stratified, at least one per class).
-        seed: Seed of the head initialisation, label subsample, batch order and augmentations.
+        cfg: The run's ``finetune`` settings (schedule, mode, checkpoints, robust training, DP-SGD) and
+            ``data.seed`` (head initialisation, label subsample, batch order, augmentations).
         model: Output directory for the classifier weights (safetensors) and metadata.
         metrics: Validation accuracy and loss, best epoch, label count and the step's cost.
-        mode: 'full', 'partial' (head + last unfreeze_blocks encoder stages) or 'linear_probe' (head only).
-        unfreeze_blocks: Encoder stages that train in 'partial' mode, counted from the output.
-        encoder_lr_scale: Encoder learning rate as a multiple of the head's.
-        min_epoch_samples: An epoch draws at least this many labeled samples (small labeled sets repeat).
-        probe_epochs: Epochs that train the head alone before the encoder joins (linear probe, then fine-tune).
-        compile: torch.compile the classifier.
-        checkpoint_root: Durable checkpoint root (s3:// or a mounted volume); empty = local temp dir.
-        checkpoint_every_steps: Checkpoint every N optimizer steps (0 = only by epoch).
-        checkpoint_every_epochs: Checkpoint every N epochs (0 = only by step).
-        augment_noise_sigma: Robust training: per-image Gaussian noise with sigma drawn from U(0, this); 0 = off.
-        adversarial_epsilon: Robust training: L-infinity size of the FGSM examples mixed into each batch; 0 = off.
-        adversarial_fraction: Robust training: share of each batch replaced by FGSM examples.
-        dp_epsilon: DP-SGD (Opacus) target epsilon; 0 = no differential privacy.
-        dp_delta: DP-SGD target delta (below 1 / number of training images).
-        dp_max_grad_norm: DP-SGD per-example gradient clipping norm.
-        dp_batch_size: DP-SGD expected Poisson batch size.
-        dp_learning_rate: DP-SGD learning rate (SGD, momentum 0.9).
-        dp_epochs: DP-SGD epochs the noise is calibrated for.
-        dp_trainable: What DP-SGD trains: 'normalization', 'projection', 'head' or 'all'.
     """
     import os
     import shutil
@@ -217,22 +173,25 @@ def finetune_component(
     from components.pretrain import checkpoint_location, step_checkpoint_dir
     from components.robustness import robust_training
 
+    seed = cfg.data.seed
+    cfg = cfg.finetune
     os.makedirs(model.path, exist_ok=True)
-    robust = robust_training(augment_noise_sigma, adversarial_epsilon, adversarial_fraction)
+    robust = robust_training(cfg.augment_noise_sigma, cfg.adversarial_epsilon, cfg.adversarial_fraction)
     dp = None
-    if dp_epsilon > 0:
-        dp = DPSettings(target_epsilon=dp_epsilon, delta=dp_delta, max_grad_norm=dp_max_grad_norm,
-                        batch_size=dp_batch_size, learning_rate=dp_learning_rate, trainable=dp_trainable,
-                        epochs=dp_epochs)
-    ckpt = step_checkpoint_dir("finetune", model.uri, checkpoint_root)
+    if cfg.dp_epsilon > 0:
+        dp = DPSettings(target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, max_grad_norm=cfg.dp_max_grad_norm,
+                        batch_size=cfg.dp_batch_size, learning_rate=cfg.dp_learning_rate,
+                        trainable=cfg.dp_trainable, epochs=cfg.dp_epochs)
+    ckpt = step_checkpoint_dir("finetune", model.uri, cfg.checkpoint_root)
     with measure() as cost:
-        summary = finetune(dataset.path, encoder.path, model.path, epochs=epochs, batch_size=batch_size,
-                           learning_rate=learning_rate, patience=patience, label_fraction=label_fraction,
-                           seed=seed, log=lambda line: print(line, flush=True), mode=mode,
-                           unfreeze_blocks=unfreeze_blocks, encoder_lr_scale=encoder_lr_scale,
-                           min_epoch_samples=min_epoch_samples, probe_epochs=probe_epochs, compile=compile,
-                           checkpoint_dir=ckpt, checkpoint_every_steps=checkpoint_every_steps,
-                           checkpoint_every_epochs=checkpoint_every_epochs, robust=robust, dp=dp)
+        summary = finetune(dataset.path, encoder.path, model.path, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                           learning_rate=cfg.learning_rate, patience=cfg.patience,
+                           label_fraction=cfg.label_fraction, seed=seed, log=lambda line: print(line, flush=True),
+                           mode=cfg.mode, unfreeze_blocks=cfg.unfreeze_blocks,
+                           encoder_lr_scale=cfg.encoder_lr_scale, min_epoch_samples=cfg.min_epoch_samples,
+                           probe_epochs=cfg.probe_epochs, compile=cfg.compile, checkpoint_dir=ckpt,
+                           checkpoint_every_steps=cfg.checkpoint_every_steps,
+                           checkpoint_every_epochs=cfg.checkpoint_every_epochs, robust=robust, dp=dp)
     local_ckpt, _ = checkpoint_location(ckpt)
     shutil.rmtree(local_ckpt, ignore_errors=True)  # done: a later retry has nothing to resume
     # The monitor's reference for prediction and embedding drift, computed once, at training time.
@@ -242,7 +201,7 @@ def finetune_component(
     write_model_reference(model.path, load_splits(dataset.path).val_x)
     model.metadata.update({"model_version": summary["model_version"], "val_accuracy": summary["val_accuracy"]})
     if "dp_epsilon" in summary:
-        model.metadata.update({"dp_epsilon": summary["dp_epsilon"], "dp_delta": dp_delta})
+        model.metadata.update({"dp_epsilon": summary["dp_epsilon"], "dp_delta": cfg.dp_delta})
     log_metrics(metrics, {
         "val_accuracy": summary["val_accuracy"],
         "val_loss": summary["val_loss"],
@@ -250,6 +209,6 @@ def finetune_component(
         "epochs_run": summary["epochs_run"],
         "n_labeled": summary["n_labeled"],
         "finetune_resumed_from_step": summary["resumed_from_step"],
-        **({"dp_epsilon": summary["dp_epsilon"], "dp_delta": dp_delta} if "dp_epsilon" in summary else {}),
+        **({"dp_epsilon": summary["dp_epsilon"], "dp_delta": cfg.dp_delta} if "dp_epsilon" in summary else {}),
         **cost.as_metrics(),
     })

@@ -5,10 +5,12 @@ card (JSON and Markdown) and the monitoring reference (``reference.csv``: the
 per-image features of the images the model learns from, computed once here).
 """
 
-# No ``from __future__ import annotations``: KFP reads the component's annotations as real types.
+from __future__ import annotations
+
 from pathlib import Path
 
 import numpy as np
+from components.settings import Settings
 from kfp.dsl import Dataset, Markdown, Metrics, Output
 
 from components.data import (
@@ -85,12 +87,7 @@ def ingest(
 
 
 def ingest_component(
-    source: str,
-    seed: int,
-    test_fraction: float,
-    val_fraction: float,
-    pool_fraction: float,
-    image_size: int,
+    cfg: Settings,
     dataset: Output[Dataset],
     data_card: Output[Markdown],
     metrics: Output[Metrics],
@@ -98,13 +95,7 @@ def ingest_component(
     """Load, validate and split the data into train/val/test and an unlabeled pretraining pool.
 
     Args:
-        source: 'digits' (built in), a folder with one sub-folder of PNG/JPEG images per class,
-            an .npz file with 'images' and 'labels' (optional 'class_names'), or an s3:// prefix.
-        seed: Seed of the shuffled, stratified split; the same seed gives the same split.
-        test_fraction: Share of all images held out as the test split.
-        val_fraction: Share of all images used for early stopping and model selection.
-        pool_fraction: Share of all images kept, without labels, for self-supervised pretraining.
-        image_size: Resize every image to this square size in pixels; 0 keeps the native size.
+        cfg: The run's ``data`` settings (source, seed, fractions, image size) as the pipeline passes them.
         dataset: Output directory: splits.npz, data_card.json, data_card.md and reference.csv.
         data_card: Output Markdown data card (counts, class balance, pixel statistics).
         metrics: Output split sizes, duplicates removed and the step's cost.
@@ -115,10 +106,11 @@ def ingest_component(
     from components.data import data_card_markdown
     from components.ingest import ingest
 
+    data = cfg.data
     with measure() as cost:
         card = ingest(
-            source, dataset.path, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
-            pool_fraction=pool_fraction, image_size=image_size,
+            data.source, dataset.path, seed=data.seed, test_fraction=data.test_fraction,
+            val_fraction=data.val_fraction, pool_fraction=data.pool_fraction, image_size=data.image_size,
         )
     os.makedirs(os.path.dirname(data_card.path) or ".", exist_ok=True)
     with open(data_card.path, "w") as f:

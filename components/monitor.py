@@ -51,7 +51,8 @@ default, drawn uniformly with a DKW error bound of eps = 0.02 at alpha = 0.01 on
 feature's CDF, seeded by (model version, window) so a rerun gives the same result.
 """
 
-# No `from __future__ import annotations`: KFP reads the component's annotations as real types.
+from __future__ import annotations
+
 
 import hashlib
 import html
@@ -69,6 +70,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+from components.settings import Settings
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.drift_sampling import DEFAULT_ALPHA, DEFAULT_EPSILON, parse_utc, read_window, window_seed
@@ -958,28 +960,22 @@ def wait_for_log(log_dir: str | Path, since: datetime, expected_rows: int, model
 def monitor_component(
     dataset: Input[Dataset],
     deployment: Input[Artifact],
-    drift_share: float,
-    replay_limit: int,
+    cfg: Settings,
     drift_report: Output[HTML],
     verdict: Output[Artifact],
     metrics: Output[Metrics],
     model: Optional[Input[Model]] = None,
-    sample_epsilon: float = 0.02,
-    sample_alpha: float = 0.01,
 ):
     """Replay the test split to the deployed endpoint, then check the logged traffic for drift.
 
     Args:
         dataset: Dataset artifact from ingest (splits.npz and the reference.csv of training features).
-        deployment: Deployment record JSON from deploy (endpoint, token_file, request_log_dir, model_version).
-        drift_share: Share of drifted image features at or above which the window is called drifted.
-        replay_limit: Test images to replay to the endpoint; 0 replays all.
+        deployment: Deployment record JSON from deploy (endpoint, token files, request_log_dir, model_version).
+        cfg: The run's ``monitor`` settings (drift share, replay size, sampling bound).
         drift_report: Output HTML: Evidently's drift report, or a page saying why no test ran.
         verdict: Output JSON with status, drifted features and per-feature test results.
         metrics: Output metrics: drift_detected, drift_share, row counts, replayed requests and cost.
         model: Optional model artifact from finetune; its reference_model.csv adds prediction and embedding drift.
-        sample_epsilon: DKW bound on each feature's CDF error when a large window is sampled.
-        sample_alpha: Probability that the sampling bound is exceeded.
     """
     import json
     import os
@@ -993,6 +989,7 @@ def monitor_component(
     from components.features import MODEL_REFERENCE_FILE
     from components.monitor import REPLAY_SOURCE, monitor, replay, wait_for_log
 
+    cfg = cfg.monitor
     with measure() as cost:
         record_path = Path(deployment.path)
         if not record_path.is_file():
@@ -1008,7 +1005,9 @@ def monitor_component(
         # granularity), of the deployed model version, tagged with the replay source, so neither
         # the smoke test nor earlier replays or clients mix in.
         since = datetime.now(timezone.utc) - timedelta(seconds=1)
-        sent = replay(record["endpoint"], record["token_file"], splits.test_x, limit=replay_limit, source=REPLAY_SOURCE)
+        # The pipeline's own token: its requests may say they are a replay (clients' tokens may not).
+        token_file = record.get("source_token_file") or record["token_file"]
+        sent = replay(record["endpoint"], token_file, splits.test_x, limit=cfg.replay_limit, source=REPLAY_SOURCE)
         logged = wait_for_log(record["request_log_dir"], since, sent, model_version=record["model_version"],
                               source=REPLAY_SOURCE)
         if logged < sent:
@@ -1017,10 +1016,10 @@ def monitor_component(
 
         with tempfile.TemporaryDirectory() as tmp:
             result = monitor(Path(dataset.path) / REFERENCE_FILE, record["request_log_dir"], tmp,
-                             drift_share=drift_share, since=since, until=until,
+                             drift_share=cfg.drift_share, since=since, until=until,
                              model_version=record["model_version"], source=REPLAY_SOURCE,
-                             model_reference_csv=model_reference, sample_epsilon=sample_epsilon,
-                             sample_alpha=sample_alpha)
+                             model_reference_csv=model_reference, sample_epsilon=cfg.sample_epsilon or None,
+                             sample_alpha=cfg.sample_alpha)
             for src, dst in ((result["report_html"], drift_report.path), (result["verdict_json"], verdict.path)):
                 os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
                 shutil.copyfile(src, dst)
@@ -1029,7 +1028,7 @@ def monitor_component(
         "drift_detected": result["drift_detected"],
         "drift_alert": result["alert"],
         "drift_share": result["drift_share"],
-        "drift_share_threshold": drift_share,
+        "drift_share_threshold": cfg.drift_share,
         "drifted_features": len(result["drifted_features"]),
         "checks": len(result["checks"]),
         **{f"{group}_drifted": info["drifted"] for group, info in result["groups"].items()},

@@ -29,6 +29,8 @@ that covers kfp.local retries and restarts of the same container; on a
 cluster set ``checkpoint_root`` to an ``s3://`` prefix or a mounted volume.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
@@ -41,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from components.settings import Settings
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from pipelines.config import PretrainConfig
@@ -318,6 +321,9 @@ def pretrain_multinode(dataset_dir: str | Path, out_dir: str | Path, *, run_uri:
             f"TrainJob node can reach (e.g. s3://mlpipeline/kfp-mlops/exchange), got {exchange_uri!r}; the nodes "
             "cannot read this pod's local dataset. Set it with --pretrain-exchange-uri or in the config file, and "
             "give the pretrain step S3 credentials (ClusterConfig.s3_secret_name).")
+    if not image:
+        raise ValueError(f"pretrain.num_nodes={num_nodes} needs the image the TrainJob's nodes run (the pipeline "
+                         "passes its own image as trainjob_image)")
     key = run_key("pretrain", run_uri)
     base = f"{exchange_uri.rstrip('/')}/pretrain/{key}"
     dataset_uri, output_uri = f"{base}/dataset", f"{base}/encoder"
@@ -342,25 +348,9 @@ def pretrain_multinode(dataset_dir: str | Path, out_dir: str | Path, *, run_uri:
 
 def pretrain_component(
     dataset: Input[Dataset],
-    objective: str,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    temperature: float,
-    width: int,
-    embed_dim: int,
-    seed: int,
+    cfg: Settings,
     encoder: Output[Model],
     metrics: Output[Metrics],
-    arch: str = "cnn",
-    depth: int = 0,
-    compile: bool = False,
-    checkpoint_root: str = "",
-    checkpoint_every_steps: int = 0,
-    checkpoint_every_epochs: int = 1,
-    num_nodes: int = 1,
-    gpus_per_node: int = 1,
-    exchange_uri: str = "",
     trainjob_image: str = "",
     trainjob_s3_key_source: str = "",
 ):
@@ -368,26 +358,10 @@ def pretrain_component(
 
     Args:
         dataset: The dataset artifact written by ingest.
-        objective: 'contrastive' (SimCLR NT-Xent) or 'masked' (masked-image reconstruction).
-        epochs: Pretraining epochs over the unlabeled images.
-        batch_size: Images per global batch (contrastive learning sees two views of each).
-        learning_rate: AdamW learning rate.
-        temperature: NT-Xent temperature (contrastive objective only).
-        width: Channels of the first encoder stage; later stages double it.
-        embed_dim: Size of the encoder's output embedding.
-        seed: Seed of initialisation, batch order and augmentations.
+        cfg: The run's ``pretrain`` settings and ``data.seed`` (initialisation, batch order, augmentations).
         encoder: Output directory for the encoder weights (safetensors) and metadata.
         metrics: Pretraining loss, image count and the step's cost.
-        arch: Encoder family: 'cnn', 'resnet' or 'vgg'.
-        depth: Family depth (resnet 10/18/34, vgg 11/13/16/19); 0 = the family's default.
-        compile: torch.compile the encoder.
-        checkpoint_root: Durable checkpoint root (s3:// or a mounted volume); empty = local temp dir.
-        checkpoint_every_steps: Checkpoint every N optimizer steps (0 = only by epoch).
-        checkpoint_every_epochs: Checkpoint every N epochs (0 = only by step).
-        num_nodes: Nodes; more than 1 runs a Kubeflow Trainer v2 TrainJob.
-        gpus_per_node: GPUs (= processes) per TrainJob node; 0 = CPU nodes.
-        exchange_uri: s3:// prefix for the TrainJob's dataset, encoder and checkpoints (num_nodes > 1).
-        trainjob_image: Image of the TrainJob nodes; empty = the default project image.
+        trainjob_image: Image of the TrainJob nodes (num_nodes > 1); the pipeline passes its own image.
         trainjob_s3_key_source: Name of the Kubernetes Secret whose S3 keys the TrainJob nodes get as env; empty = none (workload identity).
     """
     import os
@@ -396,32 +370,34 @@ def pretrain_component(
     from components.cost import log_metrics, measure
     from components.pretrain import (checkpoint_location, current_namespace, default_nproc_per_node, pretrain,
                                      pretrain_multinode, step_checkpoint_dir)
-    from pipelines.config import ClusterConfig
 
+    seed = cfg.data.seed
+    cfg = cfg.pretrain
     os.makedirs(encoder.path, exist_ok=True)
     log = lambda line: print(line, flush=True)  # noqa: E731
     with measure() as cost:
-        if num_nodes > 1:
-            flags = {"objective": objective, "epochs": epochs, "batch_size": batch_size,
-                     "learning_rate": learning_rate, "temperature": temperature, "width": width,
-                     "embed_dim": embed_dim, "seed": seed, "arch": arch, "depth": depth, "compile": compile,
-                     "checkpoint_every_steps": checkpoint_every_steps,
-                     "checkpoint_every_epochs": checkpoint_every_epochs}
+        if cfg.num_nodes > 1:
+            flags = {"objective": cfg.objective, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                     "learning_rate": cfg.learning_rate, "temperature": cfg.temperature, "width": cfg.width,
+                     "embed_dim": cfg.embed_dim, "seed": seed, "arch": cfg.arch, "depth": cfg.depth,
+                     "compile": cfg.compile, "checkpoint_every_steps": cfg.checkpoint_every_steps,
+                     "checkpoint_every_epochs": cfg.checkpoint_every_epochs}
             summary = pretrain_multinode(
-                dataset.path, encoder.path, run_uri=encoder.uri, exchange_uri=exchange_uri, num_nodes=num_nodes,
-                gpus_per_node=gpus_per_node, image=trainjob_image or ClusterConfig().image,
+                dataset.path, encoder.path, run_uri=encoder.uri, exchange_uri=cfg.exchange_uri,
+                num_nodes=cfg.num_nodes, gpus_per_node=cfg.gpus_per_node, image=trainjob_image,
                 namespace=current_namespace(), s3_secret_name=trainjob_s3_key_source, flags=flags, log=log)
         else:
-            ckpt = step_checkpoint_dir("pretrain", encoder.uri, checkpoint_root)
-            summary = pretrain(dataset.path, encoder.path, objective=objective, epochs=epochs, batch_size=batch_size,
-                               learning_rate=learning_rate, temperature=temperature, width=width,
-                               embed_dim=embed_dim, seed=seed, log=log, arch=arch, depth=depth, compile=compile,
-                               checkpoint_dir=ckpt, checkpoint_every_steps=checkpoint_every_steps,
-                               checkpoint_every_epochs=checkpoint_every_epochs,
+            ckpt = step_checkpoint_dir("pretrain", encoder.uri, cfg.checkpoint_root)
+            summary = pretrain(dataset.path, encoder.path, objective=cfg.objective, epochs=cfg.epochs,
+                               batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                               temperature=cfg.temperature, width=cfg.width, embed_dim=cfg.embed_dim, seed=seed,
+                               log=log, arch=cfg.arch, depth=cfg.depth, compile=cfg.compile, checkpoint_dir=ckpt,
+                               checkpoint_every_steps=cfg.checkpoint_every_steps,
+                               checkpoint_every_epochs=cfg.checkpoint_every_epochs,
                                nproc_per_node=default_nproc_per_node())
             local_ckpt, _ = checkpoint_location(ckpt)
             shutil.rmtree(local_ckpt, ignore_errors=True)  # done: a later retry has nothing to resume
-    encoder.metadata.update({"objective": objective, "arch": summary["arch"], "final_loss": summary["final_loss"]})
+    encoder.metadata.update({"objective": cfg.objective, "arch": summary["arch"], "final_loss": summary["final_loss"]})
     log_metrics(metrics, {
         "pretrain_first_loss": summary["first_loss"],
         "pretrain_final_loss": summary["final_loss"],

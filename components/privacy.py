@@ -29,13 +29,15 @@ Three questions, one gate:
    (``components.dp``), its metadata holds the ε spent; the gate checks it.
 """
 
-# No `from __future__ import annotations`: KFP reads the component's annotations as real types.
+from __future__ import annotations
+
 import math
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from components.settings import Settings
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
@@ -537,46 +539,35 @@ removing mean brightness <= {r['near_duplicate_distance']:g}, average-hash pre-f
 def privacy_component(
     dataset: Input[Dataset],
     model: Input[Model],
-    max_mia_auc: float,
-    seed: int,
+    cfg: Settings,
     metrics: Output[Metrics],
     report: Output[Markdown],
-    max_dp_epsilon: float = 10.0,
-    max_leaks: int = 0,
-    near_duplicate_distance: float = 0.03,
-    reference_models: int = 4,
-    override: bool = False,
-    override_reason: str = "",
 ) -> bool:
     """Privacy gate: membership-inference audit, train/test leakage and the DP budget of the fine-tuned model.
 
     Args:
         dataset: the dataset artifact from ingest (train split = members, test split = non-members).
         model: the classifier artifact from finetune.
-        max_mia_auc: the highest membership-inference attack ROC AUC that may be released (0.5 = no leakage).
-        seed: seed of the subsampling that balances members and non-members and of the reference models.
+        cfg: the run's ``gates`` settings (limits, reference models, override) and ``data.seed`` (member
+            subsampling and reference models).
         metrics: attack AUCs and TPRs at 1% FPR, duplicate counts, DP epsilon, the limits, the verdict
             (passed, passed_checks, overridden, blocked_by_<limit>) and the step's cost.
         report: Markdown report of the audit, the duplicate list and the verdict.
-        max_dp_epsilon: the largest DP epsilon a DP-trained model may have spent (ignored without DP).
-        max_leaks: the most test images that may duplicate a train image.
-        near_duplicate_distance: RMS pixel distance (mean brightness removed) at or below which two images are near-duplicates.
-        reference_models: reference models for the calibrated attack, trained on the validation split; 0 skips it.
-        override: release even when a limit fails (the failure stays in the metrics and the report).
-        override_reason: who accepts the risk and why; required when override is true.
 
     Returns:
-        True when every limit holds, or when ``override`` is set.
+        True when every limit holds, or when ``gates.override`` is set.
     """
     from components.cost import measure
     from components.gates import publish_verdict
     from components.privacy import privacy_check, privacy_metrics, render_privacy_report
 
+    gates = cfg.gates
     print(f"privacy: membership-inference audit, leakage and DP check of {model.path}", flush=True)
     with measure() as cost:
-        result = privacy_check(dataset.path, model.path, max_mia_auc=max_mia_auc, seed=seed,
-                               max_dp_epsilon=max_dp_epsilon, max_leaks=max_leaks,
-                               near_duplicate_distance=near_duplicate_distance, reference_models=reference_models,
-                               override=override, override_reason=override_reason)
+        result = privacy_check(dataset.path, model.path, max_mia_auc=gates.max_mia_auc, seed=cfg.data.seed,
+                               max_dp_epsilon=gates.max_dp_epsilon, max_leaks=gates.max_leaks,
+                               near_duplicate_distance=gates.near_duplicate_distance,
+                               reference_models=gates.mia_reference_models, override=gates.override,
+                               override_reason=gates.override_reason)
     return publish_verdict("privacy", result, privacy_metrics(result), cost.as_metrics(), metrics, report.path,
                            render_privacy_report(result))

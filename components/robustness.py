@@ -22,7 +22,8 @@ and FGSM examples to fine-tuning batches (``finetune_augment_noise_sigma``,
 ``finetune_adversarial_epsilon``), the way to make a blocked model pass.
 """
 
-# No `from __future__ import annotations`: KFP reads the component's annotations as real types.
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from components.settings import Settings
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 from torch import nn
 
@@ -492,66 +494,40 @@ pixelate as the share of the side the image is averaged down to.
 def robustness_component(
     dataset: Input[Dataset],
     model: Input[Model],
-    noise_sigma: float,
-    fgsm_epsilon: float,
-    min_noise_accuracy: float,
-    min_fgsm_accuracy: float,
-    seed: int,
+    cfg: Settings,
     metrics: Output[Metrics],
     report: Output[Markdown],
-    pgd_epsilon: float = 0.03,
-    pgd_steps: int = 10,
-    pgd_step_size: float = 0.0,
-    pgd_random_start: bool = True,
-    min_pgd_accuracy: float = 0.0,
-    corruption_severities: int = 5,
-    min_corruption_accuracy: float = 0.0,
-    max_corruption_drop: float = 1.0,
-    override: bool = False,
-    override_reason: str = "",
 ) -> bool:
     """Robustness gate: test accuracy under noise, common corruptions, FGSM and PGD.
 
     Args:
         dataset: the dataset artifact from ingest (the test split is used).
         model: the classifier artifact from finetune.
-        noise_sigma: standard deviation of the Gaussian pixel noise (pixels are in [0, 1]).
-        fgsm_epsilon: L-infinity size of the FGSM adversarial perturbation.
-        min_noise_accuracy: the lowest accuracy under Gaussian noise that may be released.
-        min_fgsm_accuracy: the lowest accuracy under FGSM that may be released.
-        seed: seed of the Gaussian noise, the noise corruption and PGD's random start.
+        cfg: the run's ``gates`` settings (perturbations, attacks, limits, override) and ``data.seed``
+            (the Gaussian noise, the noise corruption and PGD's random start).
         metrics: every accuracy and relative drop, the limits, the verdict (passed, passed_checks,
             overridden, blocked_by_<limit>) and the step's cost.
         report: Markdown tables (perturbations, corruptions by severity) and the verdict.
-        pgd_epsilon: L-infinity radius of the PGD attack.
-        pgd_steps: PGD iterations.
-        pgd_step_size: PGD step; 0 = 2.5 * pgd_epsilon / pgd_steps.
-        pgd_random_start: start PGD from a random point in the epsilon ball.
-        min_pgd_accuracy: the lowest accuracy under PGD that may be released.
-        corruption_severities: common corruptions are measured at severities 1..this (at most 5).
-        min_corruption_accuracy: the lowest mean accuracy over all corruptions and severities.
-        max_corruption_drop: the largest relative drop of the mean corruption accuracy from clean accuracy.
-        override: release even when a limit fails (the failure stays in the metrics and the report).
-        override_reason: who accepts the risk and why; required when override is true.
 
     Returns:
-        True when every limit holds, or when ``override`` is set.
+        True when every limit holds, or when ``gates.override`` is set.
     """
     from components.cost import measure
     from components.gates import publish_verdict
     from components.robustness import render_robustness_report, robustness_check, robustness_metrics
 
-    print(f"robustness: noise sigma {noise_sigma}, FGSM epsilon {fgsm_epsilon}, PGD epsilon {pgd_epsilon} "
-          f"x {pgd_steps} steps, corruptions 1-{corruption_severities} on {model.path}", flush=True)
+    g = cfg.gates
+    print(f"robustness: noise sigma {g.noise_sigma}, FGSM epsilon {g.fgsm_epsilon}, PGD epsilon {g.pgd_epsilon} "
+          f"x {g.pgd_steps} steps, corruptions 1-{g.corruption_severities} on {model.path}", flush=True)
     with measure() as cost:
         result = robustness_check(
             dataset.path, model.path,
-            noise_sigma=noise_sigma, fgsm_epsilon=fgsm_epsilon,
-            min_noise_accuracy=min_noise_accuracy, min_fgsm_accuracy=min_fgsm_accuracy, seed=seed,
-            pgd_epsilon=pgd_epsilon, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
-            pgd_random_start=pgd_random_start, min_pgd_accuracy=min_pgd_accuracy,
-            corruption_severities=corruption_severities, min_corruption_accuracy=min_corruption_accuracy,
-            max_corruption_drop=max_corruption_drop, override=override, override_reason=override_reason,
+            noise_sigma=g.noise_sigma, fgsm_epsilon=g.fgsm_epsilon,
+            min_noise_accuracy=g.min_noise_accuracy, min_fgsm_accuracy=g.min_fgsm_accuracy, seed=cfg.data.seed,
+            pgd_epsilon=g.pgd_epsilon, pgd_steps=g.pgd_steps, pgd_step_size=g.pgd_step_size,
+            pgd_random_start=g.pgd_random_start, min_pgd_accuracy=g.min_pgd_accuracy,
+            corruption_severities=g.corruption_severities, min_corruption_accuracy=g.min_corruption_accuracy,
+            max_corruption_drop=g.max_corruption_drop, override=g.override, override_reason=g.override_reason,
         )
     return publish_verdict("robustness", result, robustness_metrics(result), cost.as_metrics(), metrics, report.path,
                            render_robustness_report(result))

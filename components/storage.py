@@ -629,13 +629,20 @@ class Storage:
             if root.is_file():
                 return [str(root)]
             return [str(p) for _, p in _files_under(root)] if root.is_dir() else []
+        return [uri for uri, _ in self.list_modified(uri_prefix)]
+
+    def list_modified(self, uri_prefix: str) -> list[tuple[str, _dt.datetime]]:
+        """``list`` with each object's last modification (a local file's mtime, an object's upload time)."""
+        if not is_s3(uri_prefix):
+            return [(uri, _dt.datetime.fromtimestamp(Path(uri).stat().st_mtime, _dt.timezone.utc))
+                    for uri in self.list(uri_prefix)]
         bucket, prefix = split_s3(uri_prefix)
-        uris = []
+        found = []
         with self._errors(uri_prefix, "list"):
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                uris += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])
-                         if not prefix or obj["Key"] == prefix or obj["Key"].startswith(prefix.rstrip("/") + "/")]
-        return sorted(uris)
+                found += [(f"s3://{bucket}/{obj['Key']}", obj["LastModified"]) for obj in page.get("Contents", [])
+                          if not prefix or obj["Key"] == prefix or obj["Key"].startswith(prefix.rstrip("/") + "/")]
+        return sorted(found)
 
     # -- prefixes -----------------------------------------------------------
 

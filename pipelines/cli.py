@@ -1,12 +1,13 @@
 """``mlops``: run the pipeline locally, compile it for Kubeflow, manage the local server, check drift.
 
-    mlops run                      # the whole pipeline on this machine (kfp.local), artifacts in runs/<run-id>/
+Examples:
+    mlops run                                       # the whole pipeline on this machine, in runs/<run-id>/
     mlops run --config examples/quick.yaml --pretrain-epochs 5
-    mlops compile -o pipeline.yaml --image registry.example.com/kfp-mlops:0.1.0
-    mlops serve start|stop|status  # TorchServe on loopback, serving the latest run's model
-    mlops monitor --json           # drift report of the served traffic against the training reference
-    mlops submit --host http://localhost:8888 --wait   # upload (or a new version) and run on a KFP cluster
-    mlops schedule --cron "0 3 * * *" --host URL       # nightly retraining; schedule list|pause|resume|delete
+    mlops serve status                              # the local endpoint (start, stop: the same way)
+    mlops monitor --last 1h                         # drift of the last whole hour of served traffic
+    mlops compile -o pipeline.yaml --cluster-image registry.example.com/kfp-mlops:0.1.0
+    mlops submit --host http://localhost:8888 --wait
+    mlops schedule --cron "0 3 * * *" --host http://localhost:8888
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +27,8 @@ def _add_config_args(parser: argparse.ArgumentParser, areas: tuple[str, ...]) ->
     config_mod.add_flags(parser, areas)
 
 
-def _load_config(args: argparse.Namespace) -> config_mod.Config:
-    return config_mod.apply_flags(config_mod.load(args.config), args)
+def _load_config(args: argparse.Namespace, target: str = config_mod.LOCAL) -> config_mod.Config:
+    return config_mod.apply_flags(config_mod.load(args.config, target), args, target)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -40,8 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.pipeline import compile_pipeline
 
-    cfg = _load_config(args)
-    path = compile_pipeline(args.output, cfg.cluster)
+    cfg = _load_config(args, config_mod.CLUSTER)
+    path = compile_pipeline(args.output, cfg.cluster, defaults=cfg)
     print(f"Compiled the pipeline for image {cfg.cluster.image} to {path}.")
     print("Upload it in the KFP UI (Pipelines > Upload pipeline) and start a run from its page.")
     return 0
@@ -66,21 +68,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"TorchServe (pid {status['pid']}) serves '{status['model']}' version {status['model_version']}: {state}, "
                   f"{status['workers_ready']} worker(s) ready.")
             print(f"  endpoint:    {status['endpoint']}  (also /explanations/{status['model']})")
-            print(f"  token:       key 'inference' in {status['token_file']}")
+            print(f"  token:       {status['token_file']}")
             print(f"  request log: {status['request_log_dir']}")
             print(f"  logs:        {Path(status['log']).parent}")
             print(f"  try:         {curl_example(status)}")
         return 0 if status["running"] and status["healthy"] else 1
-    # start: serve the model of the latest (or the named) run
+    # start: serve a released model (the latest, or the named run's)
     from components.deploy import deploy_local
-    from pipelines.local import SUMMARY_FILE, latest_run
+    from pipelines.local import latest_released_run, read_summary, release_problem
 
-    run_dir = Path(args.runs_dir) / args.run_id if args.run_id else latest_run(args.runs_dir)
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    artifacts = summary.get("artifacts", {})
-    if "model" not in artifacts:
-        print(f"run {summary['run_id']} produced no model (status {summary['status']}); nothing to serve", file=sys.stderr)
-        return 1
+    run_dir = Path(args.runs_dir) / args.run_id if args.run_id else latest_released_run(args.runs_dir)
+    summary = read_summary(run_dir)
+    problem = release_problem(summary)
+    override = None
+    if problem:
+        if "model" not in summary.get("artifacts", {}) or not summary.get("gates"):
+            print(f"mlops serve start: {problem}; nothing to serve", file=sys.stderr)
+            return 1
+        if not cfg.gates.override:
+            print(f"mlops serve start: {problem}, so its model was not released. To serve it anyway, say who "
+                  "accepts the risk and why: --gates-override --gates-override-reason '...'", file=sys.stderr)
+            return 3
+        override = {"reason": cfg.gates.override_reason, "problem": problem, "by": _user(),
+                    "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    artifacts = summary["artifacts"]
     s = cfg.serving
     try:
         record = deploy_local(artifacts["model"], artifacts["dataset"], home, model_name=s.model_name, host=s.host,
@@ -93,10 +104,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError) as err:  # port taken, server died at startup, smoke test failed
         print(f"mlops serve start: {err}", file=sys.stderr)
         return 1
-    print(f"Serving the model of run {summary['run_id']} at {record['endpoint']} (token: key 'inference' in "
+    _record_served_run(home, summary["run_id"], override)
+    if override:
+        print(f"WARNING: serving a model its gates did not release ({problem}); override recorded in "
+              f"{home / 'state.json'} and {home / OVERRIDE_LOG}: {override['reason']}")
+    print(f"Serving the model of run {summary['run_id']} at {record['endpoint']} (token in "
           f"{record['token_file']}). 'mlops serve status' checks it, 'mlops serve stop' stops it.")
     print(f"  try: {curl_example(record)}")
     return 0
+
+
+OVERRIDE_LOG = "overrides.jsonl"  # one line per model served despite its gates, in the serving home
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def _record_served_run(home: Path, run_id: str, override: dict | None) -> None:
+    """Which run the server serves, and an override if there was one (state.json, plus the override log)."""
+    from components.models import atomic_write_json
+
+    state_file = home / "state.json"
+    state = json.loads(state_file.read_text())
+    state.update({"run_id": run_id, "override": override})
+    atomic_write_json(state_file, state)
+    if override:
+        with open(home / OVERRIDE_LOG, "a") as log:
+            log.write(json.dumps({"run_id": run_id, "model_version": state.get("model_version"), **override}) + "\n")
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:
@@ -109,13 +149,31 @@ def _parse_time(value: str | None) -> dt.datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
+def served_references(served: dict, state_file: Path) -> tuple[str, str | None]:
+    """The monitoring references of the model a local server serves: (image features, model reference or None)."""
+    from components.data import REFERENCE_FILE
+    from components.features import MODEL_REFERENCE_FILE
+
+    if not served:
+        raise FileNotFoundError(f"no serving state at {state_file}: pass --reference (the training reference of the "
+                                "served model), or start serving with 'mlops serve start'")
+    dataset_dir = served.get("dataset_dir")
+    if not dataset_dir or not (Path(dataset_dir) / REFERENCE_FILE).is_file():
+        raise FileNotFoundError(f"the serving state {state_file} does not say where the served model's training "
+                                f"reference is (dataset_dir {dataset_dir!r}); pass --reference, or serve it again "
+                                "with 'mlops serve start'")
+    model_reference = served.get("model_reference")
+    if not model_reference and served.get("model_dir"):
+        candidate = Path(served["model_dir"]) / MODEL_REFERENCE_FILE
+        model_reference = str(candidate) if candidate.is_file() else None
+    return str(Path(dataset_dir) / REFERENCE_FILE), model_reference
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
     import tempfile
 
-    from components.data import REFERENCE_FILE
     from components.features import MODEL_REFERENCE_FILE
     from components.monitor import VERDICT_FILE, last_window, location_exists, monitor, parse_duration, result_dir
-    from pipelines.local import SUMMARY_FILE, latest_run
 
     cfg = _load_config(args)
     since, until = _parse_time(args.since), _parse_time(args.until)
@@ -129,30 +187,21 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         now = dt.datetime.now(dt.timezone.utc)
         until = now.replace(microsecond=now.microsecond // 1000 * 1000)
 
-    def latest_artifact(name: str) -> str | None:
-        summary = json.loads((latest_run(args.runs_dir) / SUMMARY_FILE).read_text())
-        return summary.get("artifacts", {}).get(name)
-
+    state_file = Path(cfg.serving.home).resolve() / "state.json"
+    served = json.loads(state_file.read_text()) if state_file.is_file() else {}
     reference, model_reference = args.reference, args.model_reference
-    if reference is None:
-        dataset = latest_artifact("dataset")
-        if dataset is None:
-            raise FileNotFoundError(f"the latest run under {args.runs_dir}/ has no dataset: pass --reference")
-        reference = str(Path(dataset) / REFERENCE_FILE)
-        model_dir = latest_artifact("model")
-        if model_reference is None and model_dir and (Path(model_dir) / MODEL_REFERENCE_FILE).is_file():
-            model_reference = str(Path(model_dir) / MODEL_REFERENCE_FILE)
+    if reference is None:  # the served model's own references, never another run's
+        reference, served_model_reference = served_references(served, state_file)
+        model_reference = model_reference or served_model_reference
     if model_reference is None:  # published next to the feature reference (e.g. one s3:// monitoring prefix)
         sibling = str(reference).rsplit("/", 1)[0] + "/" + MODEL_REFERENCE_FILE if "/" in str(reference) else MODEL_REFERENCE_FILE
         model_reference = sibling if location_exists(sibling) else None
     log_dir, model_version = args.log_dir, args.model_version
-    state = Path(cfg.serving.home).resolve() / "state.json"
-    if log_dir is None and state.is_file():  # the running server's log and version
-        record = json.loads(state.read_text())
-        log_dir, model_version = record["request_log_dir"], model_version or record.get("model_version")
+    if log_dir is None and served:  # the running server's log and version
+        log_dir, model_version = served["request_log_dir"], model_version or served.get("model_version")
     log_dir = log_dir or cfg.serving.request_log_dir or None
     if log_dir is None:
-        raise SystemExit(f"no serving state at {state}: pass --log-dir (or serving.request_log_dir), or start "
+        raise SystemExit(f"no serving state at {state_file}: pass --log-dir (or serving.request_log_dir), or start "
                          "serving with 'mlops serve start'")
 
     out_root = args.out or (str(reference).rsplit("/", 1)[0] + "/verdicts" if str(reference).startswith("s3://")
@@ -222,7 +271,7 @@ def _add_connection_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_cluster_config(args: argparse.Namespace) -> config_mod.Config:
-    cfg = _load_config(args)
+    cfg = _load_config(args, config_mod.CLUSTER)
     if args.service_account is not None:
         cfg.cluster.service_account = args.service_account
     return cfg
@@ -311,11 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="start, stop or inspect the local TorchServe",
                        description="Manage the local TorchServe (loopback, token auth on, model-management API off). "
-                                   "'start' serves the latest run's model.")
+                                   "'start' serves the newest run whose model its gates released; a blocked run's "
+                                   "model only with --gates-override and a reason, which is recorded. Exit code 3 = "
+                                   "the run's gates did not release its model.")
     p.add_argument("action", choices=["start", "stop", "status"])
     _add_config_args(p, ("serving",))
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--run-id", help="serve this run's model instead of the latest")
+    p.add_argument("--run-id", help="serve this run's model instead of the newest released one")
+    override = p.add_argument_group("serving a model its gates blocked")
+    override.add_argument("--gates-override", dest="gates_override", default=None, action="store_true",
+                          help="serve the --run-id run's model although a gate blocked it (needs a reason)")
+    override.add_argument("--gates-override-reason", dest="gates_override_reason", default=None, metavar="TEXT",
+                          help="who accepts the risk and why (recorded in the serving state and overrides.jsonl)")
     p.add_argument("--json", action="store_true", help="status: print the status as JSON")
     p.set_defaults(func=cmd_serve)
 
@@ -326,11 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<out>/<model version>/<window>; a rerun of a window rewrites the same files. "
                                    "Exit code 0 = no drift, 2 = drift or schema drift.")
     _add_config_args(p, ("serving", "monitor"))
-    p.add_argument("--runs-dir", default="runs", help="local runs (default: runs): references of the latest run, "
-                                                       "local retrain runs")
-    p.add_argument("--reference", help="image-feature reference CSV, path or s3:// (default: the latest run's dataset)")
+    p.add_argument("--runs-dir", default="runs", help="local runs (default: runs): results and local retrain runs")
+    p.add_argument("--reference", help="image-feature reference CSV, path or s3:// (default: the served model's, "
+                                       "from the local serving state)")
     p.add_argument("--model-reference", help="model reference CSV (reference_model.csv: predictions, embedding); "
-                                              "default: next to --reference, else the latest run's model; "
+                                              "default: the served model's, else next to --reference; "
                                               "missing = image features only")
     p.add_argument("--log-dir", help="request log directory or s3:// prefix (default: the running server's)")
     p.add_argument("--model-version", help="only requests of this model version (default: the running server's; "
@@ -388,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except config_mod.ConfigError as exc:  # before anything ran: a usage error
+        print(f"mlops {args.command}: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"mlops {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ host, rejected token, missing namespace, a bad cron). What each command sends:
 * the pipeline, compiled from ``ClusterConfig`` (image, Kubernetes settings); a
   pipeline of that name gets a new *version*, named by the compiled YAML's sha256,
   so submitting the same compile twice reuses its version;
-* the run parameters: ``flat_parameters(cfg)`` (never credentials: those come from
+* the run parameters: ``run_parameters(cfg)`` (never credentials: those come from
   the Secret named in ``ClusterConfig``, see ``pipelines/pipeline.py``);
 * the ServiceAccount on the run (``ClusterConfig.service_account``), not per task.
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.config import ClusterConfig, Config, flat_parameters
+from pipelines.config import ClusterConfig, Config
 
 IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 KFP_SYSTEM_NAMESPACE = "kubeflow"  # where KFP itself runs: the kubeconfig route goes to its service
@@ -358,6 +358,12 @@ def _upload(cfg: Config, client, conn: Connection, pipeline_name: str, out: Call
     return pipeline_id, version_id, version_name, new_pipeline, new_version
 
 
+def _run_parameters(cfg: Config) -> dict[str, Any]:
+    from pipelines.pipeline import run_parameters
+
+    return run_parameters(cfg)
+
+
 def submit(cfg: Config, conn: Connection, *, experiment: str | None = None, pipeline_name: str | None = None,
            run_name: str | None = None, description: str = "", wait: bool = False, timeout_s: float | None = None,
            poll_s: float = 5.0, out: Callable[[str], None] = print, client=None) -> SubmitResult:
@@ -378,7 +384,7 @@ def submit(cfg: Config, conn: Connection, *, experiment: str | None = None, pipe
         description=description or None,
         pipeline_version_reference=kfp_server_api.V2beta1PipelineVersionReference(
             pipeline_id=pipeline_id, pipeline_version_id=version_id),
-        runtime_config=kfp_server_api.V2beta1RuntimeConfig(parameters=flat_parameters(cfg)),
+        runtime_config=kfp_server_api.V2beta1RuntimeConfig(parameters=_run_parameters(cfg)),
         service_account=cluster.service_account or None,
     )
     # The generated API rather than client.run_pipeline: only it can set the description.
@@ -616,7 +622,7 @@ def create_schedule(cfg: Config, conn: Connection, *, cron: str, name: str = DEF
     rr = _call(conn.describe(), "create recurring run", client.create_recurring_run, experiment_id, name,
                description=f"Scheduled retraining of {pipeline_name} ({cron6}), created by mlops schedule",
                cron_expression=cron6, max_concurrency=max_concurrency, no_catchup=True,
-               params=flat_parameters(cfg), pipeline_id=pipeline_id, version_id=version_id, enabled=True,
+               params=_run_parameters(cfg), pipeline_id=pipeline_id, version_id=version_id, enabled=True,
                service_account=cluster.service_account or None)
     schedule = Schedule.from_api(rr)
     out(f"Schedule {name!r} ({schedule.recurring_run_id}) created: cron {cron6!r} (the KFP scheduler's time zone, "

@@ -8,6 +8,7 @@ component code a cluster runs. Afterwards the task outputs under
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from components.models import atomic_write_json
-from pipelines.config import Config, flat_parameters, to_dict
+from pipelines.config import LOCAL, Config, to_dict
 
 SUMMARY_FILE = "summary.json"
+SETTINGS_PREFIX = "[settings] "  # the line each step prints with its settings (pipelines/kfp_steps.py)
 STEP_NAMES = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "deploy", "monitor")
 GATES = {"evaluate": "evaluation", "privacy": "privacy", "robustness": "robustness"}
 # Artifact outputs that are reports a person opens: (step, output name) -> (report name, file suffix).
@@ -40,15 +42,16 @@ REPORTS = {
 
 class ConsoleFilter(io.TextIOBase):
     """Stand-in for stdout during a run: everything goes to the run's log file, and the console
-    gets the step transitions plus what the steps themselves print (progress, errors) without
-    kfp.local's executor-input and output dumps."""
+    gets the step transitions plus everything the steps themselves print (progress, verdicts,
+    errors), without kfp.local's executor-input and output dumps."""
 
     _KFP_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - (INFO|WARNING|ERROR) - (.*)$")
     _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-    _JSON_START = tuple('{}[]"')
 
     def __init__(self, log_file, console):
         self.log_file, self.console = log_file, console
+        # "block": kfp's task-output listing, until its next line; "json-start"/"json": the executor
+        # input, a json.dumps(indent=4) object whose closing brace is the only unindented "}" line.
         self.buffer_, self.skipping = "", False
 
     def writable(self) -> bool:
@@ -72,7 +75,6 @@ class ConsoleFilter(io.TextIOBase):
         match = self._KFP_LINE.match(line)
         if match:
             level, message = match.groups()
-            # "Task 'x' outputs:" is followed by artifact dumps: drop until kfp's next line
             self.skipping = "block" if " outputs:" in message else False
             if "Executing task" in message:
                 return f"[{time.strftime('%H:%M:%S')}] {message.replace('Executing task', 'step')}"
@@ -82,16 +84,23 @@ class ConsoleFilter(io.TextIOBase):
         if self.skipping == "block":
             return None
         body = line[4:] if line.startswith("    ") else line
+        if self.skipping == "json-start":
+            self.skipping = "json" if body == "{" else False
+            if self.skipping:
+                return None
+        elif self.skipping == "json":
+            if body == "}":
+                self.skipping = False
+            return None
         stripped = body.strip()
         if not stripped or set(stripped) <= {"-"}:
             return None
+        if body.startswith(SETTINGS_PREFIX):  # what the step ran with: in the log, too long for the console
+            return None
         if body.startswith("[KFP Executor"):
-            # "Got executor_input:" is followed by a JSON dump
-            self.skipping = "json" if "Got " in body else False
+            if "Got executor_input:" in body:
+                self.skipping = "json-start"
             return None
-        if self.skipping == "json" and (stripped.startswith(self._JSON_START) or body.startswith(" ")):
-            return None
-        self.skipping = False
         return "    " + body
 
 
@@ -108,7 +117,7 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
     """
     from kfp import local
 
-    from pipelines.pipeline import build_pipeline
+    from pipelines.pipeline import build_pipeline, run_parameters
 
     run_id = run_id or new_run_id()
     run_dir = (Path(runs_dir) / run_id).resolve()
@@ -116,15 +125,16 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
         raise FileExistsError(f"run directory {run_dir} already exists; pick another --run-id")
     pipeline_root = run_dir / "kfp"
     pipeline_root.mkdir(parents=True)
-    params = flat_parameters(cfg)
-    params["serving_home"] = str(Path(params["serving_home"]).resolve())  # steps run in subprocesses
     atomic_write_json(run_dir / "config.json", to_dict(cfg))
+    serving_home = Path(cfg.serving.home).resolve()  # steps run in subprocesses
+    params = run_parameters(dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, home=str(serving_home))),
+                            LOCAL)
 
     print(f"kfp-mlops run {run_id}: artifacts under {run_dir}", flush=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=False)
     started = time.time()
-    pipeline = build_pipeline(cfg.cluster)
+    pipeline = build_pipeline(cfg.cluster, target=LOCAL)
     env_before = os.environ.get("DO_NOT_TRACK")
     os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently telemetry off in every step
     log_path = run_dir / "pipeline.log"
@@ -147,7 +157,7 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
     if not serve_after and summary["steps"]["deploy"]["status"] == "succeeded":
         from serving.server import LocalTorchServe
 
-        LocalTorchServe(Path(params["serving_home"])).stop()
+        LocalTorchServe(serving_home).stop()
         summary["serving"] = "stopped (--no-serve-after)"
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
     if not quiet:
@@ -267,8 +277,9 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"Drift: {d.get('status')} (drift share {d.get('drift_share')})")
     if s.get("endpoint"):
         lines.append(f"Serving: {s['endpoint']}  (token: {s['token_file']})")
-        lines.append(f"  curl -H \"Authorization: Bearer $(python -c \"import json;print(json.load(open('{s['token_file']}'))['inference']['key'])\")\" "
-                     f"-H \"Content-Type: image/png\" --data-binary @digit.png {s['endpoint']}")
+        from serving.server import curl_example
+
+        lines.append(f"  {curl_example(s)}")
     for name, path in s.get("reports", {}).items():
         lines.append(f"Report {name:<14} {path}")
     if s.get("log"):
@@ -277,10 +288,49 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _runs_newest_first(runs_dir: str | Path) -> list[Path]:
+    return [p.parent for p in sorted(Path(runs_dir).glob(f"*/{SUMMARY_FILE}"), key=lambda p: p.stat().st_mtime,
+                                     reverse=True)]
+
+
 def latest_run(runs_dir: str | Path = "runs") -> Path:
     """The newest run directory that has a summary."""
-    candidates = sorted(Path(runs_dir).glob(f"*/{SUMMARY_FILE}"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
+    runs = _runs_newest_first(runs_dir)
+    if not runs:
         raise FileNotFoundError(f"no finished run under {runs_dir}/: run 'mlops run' first")
-    return candidates[-1].parent
+    return runs[0]
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no {SUMMARY_FILE}: not a finished run of 'mlops run'")
+    return json.loads(path.read_text())
+
+
+def release_problem(summary: dict[str, Any]) -> str | None:
+    """Why a run's model may not be served (None: it was released: every gate passed or was overridden)."""
+    if "model" not in summary.get("artifacts", {}):
+        return f"run {summary['run_id']} produced no model (status {summary['status']})"
+    gates = summary.get("gates", {})
+    missing = [g for g in GATES.values() if g not in gates]
+    if missing:
+        return f"run {summary['run_id']} never finished its {', '.join(missing)} gate(s) (status {summary['status']})"
+    blocked = [g for g, v in gates.items() if not v.get("passed")]
+    if blocked:
+        return f"run {summary['run_id']} was blocked by its {', '.join(blocked)} gate(s)"
+    return None
+
+
+def latest_released_run(runs_dir: str | Path = "runs") -> Path:
+    """The newest run whose model passed its gates (or had them overridden)."""
+    runs = _runs_newest_first(runs_dir)
+    if not runs:
+        raise FileNotFoundError(f"no finished run under {runs_dir}/: run 'mlops run' first")
+    for run in runs:
+        if release_problem(read_summary(run)) is None:
+            return run
+    raise FileNotFoundError(f"no run under {runs_dir}/ released a model ({release_problem(read_summary(runs[0]))}); "
+                            "fix what blocked it and run again, or serve a blocked run's model with --run-id ID "
+                            "--gates-override --gates-override-reason '...'")
 

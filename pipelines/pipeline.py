@@ -33,7 +33,10 @@ from components.monitor import monitor_component
 from components.pretrain import pretrain_component
 from components.privacy import privacy_component
 from components.robustness import robustness_component
-from pipelines.config import ClusterConfig, parameters
+from components import settings
+from pipelines.config import CLUSTER, LOCAL, ClusterConfig, Config, Parameter, parameters
+from pipelines.config import defaults as config_defaults
+from pipelines.kfp_steps import StepInput, kfp_function
 
 PIPELINE_NAME = "kfp-mlops"
 PIPELINE_DESCRIPTION = (
@@ -53,21 +56,33 @@ STEPS: dict[str, Callable[..., Any]] = {
     "monitor": monitor_component,
 }
 GATE_STEPS = ("evaluate", "privacy", "robustness")
-# The client token of the in-cluster serving auth proxy (manifests/base/serving-deployment.yaml).
-SERVING_TOKEN_SECRET = "kfp-mlops-serving-token"
-SERVING_TOKEN_MOUNT = "/var/run/secrets/kfp-mlops/serving-token"
+# The config areas each step receives (its ``config`` input).
+STEP_AREAS: dict[str, tuple[str, ...]] = {
+    "ingest": ("data",),
+    "pretrain": ("data", "pretrain"),
+    "finetune": ("data", "finetune"),
+    "evaluate": ("gates", "serving"),
+    "privacy": ("data", "gates"),
+    "robustness": ("data", "gates"),
+    "deploy": ("serving",),
+    "monitor": ("monitor",),
+}
+# The pipeline's own token for the serving pods' auth proxy (manifests/base/serving-deployment.yaml):
+# accepted like a client token, and its requests may say they are synthetic (X-Request-Source).
+SERVING_SOURCE_TOKEN_SECRET = "kfp-mlops-serving-source-token"
+SERVING_SOURCE_TOKEN_MOUNT = "/var/run/secrets/kfp-mlops/serving-source-token"
 NEVER_CACHED = ("deploy", "monitor")  # they act on the world (a server, live traffic)
 # Steps whose rerun gives the same result (they write only their own outputs), so a
 # retry after a lost node or a flaky download is safe. Deploy changes the live
 # endpoint and monitor replays traffic to it: a retry would act twice, so never.
 RETRYABLE_STEPS = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness")
 # Steps that read or write s3:// themselves (sources, the multi-node pretrain
-# exchange, the model store, request logs). The others only use KFP artifacts, which
+# exchange, the model store and its champion, request logs). The others only use KFP artifacts, which
 # KFP's launcher moves with its own credentials, so they get no S3 keys at all.
-STORAGE_STEPS = ("ingest", "pretrain", "deploy", "monitor")
+STORAGE_STEPS = ("ingest", "pretrain", "evaluate", "deploy", "monitor")
 # Env var (what components/storage.py and boto3 read) -> key in the storage ConfigMap
 # (manifests/base/storage-configmap.yaml uses the same names).
-STORAGE_CONFIG_ENV = ("S3_ENDPOINT_URL", "AWS_REGION", "S3_ADDRESSING_STYLE", "AWS_MAX_ATTEMPTS")
+STORAGE_CONFIG_ENV = ("S3_ENDPOINT_URL", "AWS_REGION", "S3_ADDRESSING_STYLE", "AWS_MAX_ATTEMPTS", "KFP_MLOPS_MODEL_STORE")
 
 
 @dataclass(frozen=True)
@@ -130,145 +145,163 @@ def step_settings(cluster: ClusterConfig) -> dict[str, StepSettings]:
     return settings
 
 
-def make_components(image: str) -> dict[str, Any]:
-    """Decorate every step for the given image; task names are the step names."""
+def step_inputs(step: str, roots: list[RootParameter], target: str) -> list[StepInput]:
+    """The config fields of ``step``'s areas as inputs of its KFP function, typed like their root parameters."""
+    root_types = {r.key: r.type for r in roots}
+    return [StepInput(p, root_types.get(p.key, p.type)) for area in STEP_AREAS[step] for p in parameters((area,))]
+
+
+def make_components(image: str, roots: list[RootParameter], target: str) -> dict[str, Any]:
+    """The KFP component of every step for the given image; task names are the step names."""
     out = {}
     for step, func in STEPS.items():
-        component = dsl.component(func, base_image=image, install_kfp_package=False)
+        component = dsl.component(kfp_function(step, func, step_inputs(step, roots, target)), base_image=image,
+                                  install_kfp_package=False)
         component.component_spec.name = step
         out[step] = component
     return out
 
 
-def _pipeline_docstring() -> str:
+def step_component(step: str, image: str = ClusterConfig().image, target: str = LOCAL):
+    """One step's KFP component on its own (as the pipeline builds it for ``target``)."""
+    return make_components(image, root_parameters(target), target)[step]
+
+
+def config_arguments(step: str, cfg: Config, target: str = LOCAL) -> dict[str, Any]:
+    """The config inputs of one step's component for ``cfg``, to call it outside the pipeline."""
+    roots = root_parameters(target)
+    values = {r.key: r.encode(getattr(getattr(cfg, r.field.area), r.field.name)) for r in roots}
+    return {item.name: values.get(item.name, getattr(getattr(cfg, item.field.area), item.field.name))
+            for item in step_inputs(step, roots, target)}
+
+
+@dataclass(frozen=True)
+class RootParameter:
+    """A run parameter of the compiled pipeline: a config field, typed so that the KFP run form can start it.
+
+    The stock KFP run form (``NewRunParametersV2``) takes a default that is falsy in JavaScript
+    (``0``, ``false``, ``""``) for a missing value and keeps Start disabled, so a field whose
+    default is falsy is declared as text (``"0"``, ``"false"``, ``'""'``); the step decodes it
+    with the field's own type (``components.settings``).
+    """
+
+    field: Parameter
+    type: type
+    default: Any
+
+    @property
+    def key(self) -> str:
+        return self.field.key
+
+    def encode(self, value: Any) -> Any:
+        """A config value as this parameter carries it (run parameters of submit, schedule and local runs)."""
+        return settings.encode(value) if self.type is str else value
+
+    def description(self) -> str:
+        p, notes = self.field, []
+        if p.range_text():
+            notes.append(f"Allowed: {p.range_text()}.")
+        if self.type is str and p.type is not str:
+            notes.append(f"A {_TYPE_WORDS[p.type]}, entered as text.")
+        if p.type is str:
+            notes.append('Empty: "".')
+        return " ".join([p.help, *notes])
+
+
+_TYPE_WORDS = {int: "whole number", float: "number", bool: "true or false", str: "text"}
+
+
+def root_parameters(target: str = CLUSTER, defaults: Config | None = None) -> list[RootParameter]:
+    """The run parameters of the pipeline built for ``target``, with defaults from ``defaults`` (else the target's)."""
+    defaults = defaults or config_defaults(target)
+    out = []
+    for p in parameters(target=target):
+        default = getattr(getattr(defaults, p.area), p.name)
+        typ = p.type if default else str  # falsy: declared as text (see RootParameter)
+        out.append(RootParameter(p, typ, settings.encode(default) if typ is str else default))
+    return out
+
+
+def run_parameters(cfg: Config, target: str = CLUSTER) -> dict[str, Any]:
+    """The values to start the pipeline with for ``cfg``: keyed and encoded as its root parameters."""
+    return {r.key: r.encode(getattr(getattr(cfg, r.field.area), r.field.name)) for r in root_parameters(target)}
+
+
+def _pipeline_docstring(roots: list[RootParameter]) -> str:
     lines = [PIPELINE_DESCRIPTION, "", "Args:"]
-    lines += [f"    {p.key}: {p.help}" for p in parameters()]
+    lines += [f"    {r.key}: {r.description()}" for r in roots]
     return "\n".join(lines) + "\n"
 
 
-def build_pipeline(cluster: ClusterConfig | None = None, *, retries: bool | None = None):
-    """The pipeline for a cluster config (image, Kubernetes settings of every step).
+def step_arguments(step: str, channels: dict[str, Any], roots: list[RootParameter], target: str) -> dict[str, Any]:
+    """The field inputs of one step's task: each from its run parameter, or its default where it is none
+    (local-only fields on a cluster)."""
+    return {item.name: channels[item.name] if item.name in channels else item.field.default_for(target)
+            for item in step_inputs(step, roots, target)}
 
-    ``retries``: put the retry policies in (True), leave them out (False), or
-    (None) leave them out only when kfp.local is initialised, i.e. for a local run.
+
+def build_pipeline(cluster: ClusterConfig | None = None, *, target: str = CLUSTER, defaults: Config | None = None,
+                   retries: bool | None = None):
+    """The pipeline for ``target`` ('cluster': compiled and submitted; 'local': kfp.local) and a cluster config.
+
+    ``defaults``: the run parameters' defaults (the run form's), e.g. a YAML config
+    compiled in; None = the target's built-in defaults. ``retries``: put the retry
+    policies in (True), leave them out (False), or (None) leave them out only when
+    kfp.local is initialised, i.e. for a local run.
     """
     cluster = cluster or ClusterConfig()
-    settings = step_settings(cluster)  # validates the overrides before anything is built
+    settings_by_step = step_settings(cluster)  # validates the overrides before anything is built
     if retries is None:
         retries = not _kfp_local_initialised()
-    c = make_components(cluster.image)
-    params = parameters()
-    names = [p.key for p in params]
+    roots = root_parameters(target, defaults)
+    c = make_components(cluster.image, roots, target)
+    names = [r.key for r in roots]
 
     def configure(task, step: str):
-        apply_cluster_settings(task, step, cluster, settings[step], retries=retries)
+        apply_cluster_settings(task, step, cluster, settings_by_step[step], retries=retries)
         return task
 
     def pipeline_body(*args, **kwargs):
         p = dict(zip(names, args))
         p.update(kwargs)
 
-        ingest = c["ingest"](
-            source=p["data_source"], seed=p["data_seed"], test_fraction=p["data_test_fraction"],
-            val_fraction=p["data_val_fraction"], pool_fraction=p["data_pool_fraction"],
-            image_size=p["data_image_size"],
-        )
-        configure(ingest, "ingest")
+        def config(step: str) -> dict[str, Any]:
+            return step_arguments(step, p, roots, target)
+
+        ingest = configure(c["ingest"](**config("ingest")), "ingest")
         dataset = ingest.outputs["dataset"]
-
-        pretrain = c["pretrain"](
-            dataset=dataset, objective=p["pretrain_objective"], epochs=p["pretrain_epochs"],
-            batch_size=p["pretrain_batch_size"], learning_rate=p["pretrain_learning_rate"],
-            temperature=p["pretrain_temperature"], width=p["pretrain_width"],
-            embed_dim=p["pretrain_embed_dim"], seed=p["data_seed"],
-            arch=p["pretrain_arch"], depth=p["pretrain_depth"], compile=p["pretrain_compile"],
-            checkpoint_root=p["pretrain_checkpoint_root"],
-            checkpoint_every_steps=p["pretrain_checkpoint_every_steps"],
-            checkpoint_every_epochs=p["pretrain_checkpoint_every_epochs"],
-            num_nodes=p["pretrain_num_nodes"], gpus_per_node=p["pretrain_gpus_per_node"],
-            exchange_uri=p["pretrain_exchange_uri"],
-            # The TrainJob nodes (num_nodes > 1) run the same image with the same S3 Secret as the steps.
-            trainjob_image=cluster.image, trainjob_s3_key_source=cluster.s3_secret_name,
-        )
-        configure(pretrain, "pretrain")
-
-        finetune = c["finetune"](
-            dataset=dataset, encoder=pretrain.outputs["encoder"], epochs=p["finetune_epochs"],
-            batch_size=p["finetune_batch_size"], learning_rate=p["finetune_learning_rate"],
-            patience=p["finetune_patience"], label_fraction=p["finetune_label_fraction"], seed=p["data_seed"],
-            mode=p["finetune_mode"], unfreeze_blocks=p["finetune_unfreeze_blocks"],
-            encoder_lr_scale=p["finetune_encoder_lr_scale"], min_epoch_samples=p["finetune_min_epoch_samples"],
-            probe_epochs=p["finetune_probe_epochs"],
-            compile=p["finetune_compile"],
-            checkpoint_root=p["finetune_checkpoint_root"],
-            checkpoint_every_steps=p["finetune_checkpoint_every_steps"],
-            checkpoint_every_epochs=p["finetune_checkpoint_every_epochs"],
-            # robust training and DP-SGD (issue 4): off by default
-            **{name: p[f"finetune_{name}"] for name in (
-                "augment_noise_sigma", "adversarial_epsilon", "adversarial_fraction", "dp_epsilon", "dp_delta",
-                "dp_max_grad_norm", "dp_batch_size", "dp_learning_rate", "dp_epochs", "dp_trainable")},
-        )
-        configure(finetune, "finetune")
+        # The TrainJob nodes (num_nodes > 1) run the same image with the same S3 Secret as the steps.
+        pretrain = configure(c["pretrain"](dataset=dataset, **config("pretrain"), trainjob_image=cluster.image,
+                                           trainjob_s3_key_source=cluster.s3_secret_name), "pretrain")
+        finetune = configure(c["finetune"](dataset=dataset, encoder=pretrain.outputs["encoder"],
+                                           **config("finetune")), "finetune")
         model = finetune.outputs["model"]
-
-        evaluate = c["evaluate"](
-            dataset=dataset, model=model, min_test_accuracy=p["gates_min_test_accuracy"],
-            max_regression=p["gates_max_regression"], champion_model=p["gates_champion_model"],
-            serving_home=p["serving_home"],
-        )
-        privacy = c["privacy"](
-            dataset=dataset, model=model, max_mia_auc=p["gates_max_mia_auc"], seed=p["data_seed"],
-            max_dp_epsilon=p["gates_max_dp_epsilon"], max_leaks=p["gates_max_leaks"],
-            near_duplicate_distance=p["gates_near_duplicate_distance"],
-            reference_models=p["gates_mia_reference_models"], override=p["gates_override"], override_reason=p["gates_override_reason"],
-        )
-        robustness = c["robustness"](
-            dataset=dataset, model=model, noise_sigma=p["gates_noise_sigma"], fgsm_epsilon=p["gates_fgsm_epsilon"],
-            min_noise_accuracy=p["gates_min_noise_accuracy"], min_fgsm_accuracy=p["gates_min_fgsm_accuracy"],
-            seed=p["data_seed"], override=p["gates_override"], override_reason=p["gates_override_reason"],
-            **{name: p[f"gates_{name}"] for name in (
-                "pgd_epsilon", "pgd_steps", "pgd_step_size", "pgd_random_start", "min_pgd_accuracy",
-                "corruption_severities", "min_corruption_accuracy", "max_corruption_drop")},
-        )
-        for step, task in (("evaluate", evaluate), ("privacy", privacy), ("robustness", robustness)):
-            configure(task, step)
+        gates = {step: configure(c[step](dataset=dataset, model=model, **config(step)), step)
+                 for step in GATE_STEPS}
 
         # Deploy only when every gate passed: nested conditions are KFP's AND.
-        with dsl.If(evaluate.outputs["Output"] == True, name="evaluation-passed"):  # noqa: E712 - KFP condition syntax
-            with dsl.If(privacy.outputs["Output"] == True, name="privacy-passed"):  # noqa: E712
-                with dsl.If(robustness.outputs["Output"] == True, name="robustness-passed"):  # noqa: E712
-                    deploy = c["deploy"](
-                        model=model, dataset=dataset, serving_home=p["serving_home"], host=p["serving_host"],
-                        inference_port=p["serving_inference_port"], management_port=p["serving_management_port"],
-                        metrics_port=p["serving_metrics_port"], workers=p["serving_workers"],
-                        batch_size=p["serving_batch_size"], max_batch_delay_ms=p["serving_max_batch_delay_ms"],
-                        request_log_dir=p["serving_request_log_dir"],
-                        request_log_max_mb=p["serving_request_log_max_mb"],
-                        request_log_max_age_s=p["serving_request_log_max_age_s"],
-                        model_name=p["serving_model_name"], startup_timeout_s=p["serving_startup_timeout_s"],
-                        deploy_target=p["serving_deploy_target"], namespace=cluster.namespace,
-                        model_store_uri=p["serving_model_store_uri"], serving_image=cluster.image,
-                        rollout_timeout_s=p["serving_rollout_timeout_s"], run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-                    )
-                    monitor = c["monitor"](
-                        dataset=dataset, deployment=deploy.outputs["deployment"],
-                        drift_share=p["monitor_drift_share"], replay_limit=p["monitor_replay_limit"],
-                        model=model, sample_epsilon=p["monitor_sample_epsilon"], sample_alpha=p["monitor_sample_alpha"],
-                    )
+        with dsl.If(gates["evaluate"].outputs["Output"] == True, name="evaluation-passed"):  # noqa: E712 - KFP condition syntax
+            with dsl.If(gates["privacy"].outputs["Output"] == True, name="privacy-passed"):  # noqa: E712
+                with dsl.If(gates["robustness"].outputs["Output"] == True, name="robustness-passed"):  # noqa: E712
+                    deploy = c["deploy"](model=model, dataset=dataset, **config("deploy"),
+                                         namespace=cluster.namespace, serving_image=cluster.image,
+                                         run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+                    monitor = c["monitor"](dataset=dataset, deployment=deploy.outputs["deployment"], model=model,
+                                           **config("monitor"))
                     for step, task in (("deploy", deploy), ("monitor", monitor)):
                         configure(task, step)
-                        # On a cluster both call the serving Service: its client token, and the label
-                        # the serving NetworkPolicy admits (no effect under kfp.local).
-                        kubernetes.use_secret_as_volume(task, secret_name=SERVING_TOKEN_SECRET,
-                                                        mount_path=SERVING_TOKEN_MOUNT, optional=True)
+                        # On a cluster both call the serving Service: the pipeline's own token (its requests
+                        # may say they are synthetic), and the label the serving NetworkPolicy admits.
+                        kubernetes.use_secret_as_volume(task, secret_name=SERVING_SOURCE_TOKEN_SECRET,
+                                                        mount_path=SERVING_SOURCE_TOKEN_MOUNT, optional=True)
                         kubernetes.add_pod_label(task, "kfp-mlops.io/inference-client", "true")
 
     pipeline_body.__signature__ = inspect.Signature(
-        [inspect.Parameter(p.key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.type)
-         for p in params]
+        [inspect.Parameter(r.key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=r.default, annotation=r.type)
+         for r in roots]
     )
-    pipeline_body.__annotations__ = {p.key: p.type for p in params}
-    pipeline_body.__doc__ = _pipeline_docstring()
+    pipeline_body.__annotations__ = {r.key: r.type for r in roots}
+    pipeline_body.__doc__ = _pipeline_docstring(roots)
     pipeline_body.__name__ = PIPELINE_NAME.replace("-", "_")
     return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(pipeline_body)
 
@@ -339,9 +372,10 @@ def _kfp_local_initialised() -> bool:
     return local_config.LocalExecutionConfig.instance is not None
 
 
-def compile_pipeline(output_path: str, cluster: ClusterConfig | None = None) -> str:
-    """Compile for a cluster (retry policies always in, whatever kfp.local's state)."""
+def compile_pipeline(output_path: str, cluster: ClusterConfig | None = None, defaults: Config | None = None) -> str:
+    """Compile for a cluster (retry policies always in, whatever kfp.local's state); ``defaults`` fill the run form."""
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(cluster, retries=True), package_path=str(output_path))
+    pipeline = build_pipeline(cluster, target=CLUSTER, defaults=defaults, retries=True)
+    compiler.Compiler().compile(pipeline, package_path=str(output_path))
     return str(output_path)

@@ -62,3 +62,31 @@ def kfp_api():
     yield server
     server.stop()
     assert not server.errors, f"the fake KFP API hit internal errors: {server.errors}"
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``mlops ARGV`` in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from pipelines.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def run_cli():
+    """Run ``mlops`` in-process: ``code, out, err = run_cli(["monitor", "--json"])``."""
+    return _run_cli
+
+
+def settings_of(**areas):
+    """Step settings (what a step function's ``cfg`` holds) from config dataclasses: ``settings_of(data=DataConfig())``."""
+    import dataclasses
+
+    from components.settings import Settings
+
+    return Settings(**{name: Settings(**dataclasses.asdict(value)) for name, value in areas.items()})

@@ -21,7 +21,9 @@ from kfp_api_server import FakeKfpApi, robfig_parse  # noqa: E402
 
 from pipelines import cluster  # noqa: E402
 from pipelines.cli import main  # noqa: E402
-from pipelines.config import Config, flat_parameters  # noqa: E402
+from pipelines.config import CLUSTER, Config  # noqa: E402
+from pipelines.config import defaults as config_defaults  # noqa: E402
+from pipelines.pipeline import run_parameters  # noqa: E402
 
 TOKEN = "good-token"
 
@@ -86,9 +88,9 @@ def test_run_carries_the_config_parameters_and_service_account_never_credentials
     config_file.write_text("finetune:\n  epochs: 7\ncluster:\n  service_account: trainer\n  experiment: nightly\n")
     assert _cli(kfp_api, "submit", "--config", str(config_file), "--data-seed", "5", "--run-name", "try 1") == 0
     run = _run_bodies(kfp_api)[0]
-    expected = Config()
+    expected = config_defaults(CLUSTER)
     expected.finetune.epochs, expected.data.seed = 7, 5
-    assert run["runtime_config"]["parameters"] == flat_parameters(expected)
+    assert run["runtime_config"]["parameters"] == run_parameters(expected)
     assert run["service_account"] == "trainer"
     assert _cli(kfp_api, "submit", "--config", str(config_file), "--service-account", "other-sa") == 0
     assert _run_bodies(kfp_api)[-1]["service_account"] == "other-sa", "the flag beats the config"
@@ -163,7 +165,7 @@ def test_schedule_is_a_recurring_run_with_converted_cron_no_catchup_and_max_conc
     assert int(body["max_concurrency"]) == 2
     assert body["mode"] == "ENABLE"
     assert body["service_account"] == "kfp-mlops-pipeline"
-    assert body["runtime_config"]["parameters"] == flat_parameters(Config())
+    assert body["runtime_config"]["parameters"] == run_parameters(config_defaults(CLUSTER))
     assert kfp_api.experiments[body["experiment_id"]]["display_name"] == "retraining"
     assert body["pipeline_version_reference"]["pipeline_version_id"] in kfp_api.versions
     assert "converted the 5-field cron '0 3 * * *' to KFP's 6-field form '0 0 3 * * *'" in capsys.readouterr().out

@@ -9,8 +9,9 @@ from pathlib import Path
 import yaml
 import pytest
 
-from pipelines.config import ClusterConfig, parameters
-from pipelines.pipeline import STEPS, compile_pipeline
+from pipelines import config
+from pipelines.config import CLUSTER, ClusterConfig, parameters
+from pipelines.pipeline import STEP_AREAS, STEPS, compile_pipeline
 
 IMAGE = "registry.example.com/team/kfp-mlops:1.2.3"
 
@@ -75,10 +76,68 @@ def test_task_graph(compiled):
 def test_every_root_parameter_has_description_and_default(compiled):
     _, spec, _ = compiled
     root_params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(root_params) == {p.key for p in parameters()}
+    assert set(root_params) == {p.key for p in parameters(target=CLUSTER)}
     for name, definition in root_params.items():
         assert definition.get("description"), f"{name} has no description"
         assert "defaultValue" in definition, f"{name} has no defaultValue"
+
+
+def test_no_root_parameter_has_a_default_the_kfp_run_form_takes_for_missing(compiled):
+    """KFP's run form (NewRunParametersV2) treats a falsy default (0, '', false) as a missing value and keeps
+    Start disabled; such fields are declared as text ("0", "false", '""') and decoded by the step."""
+    _, spec, _ = compiled
+    root_params = spec["root"]["inputDefinitions"]["parameters"]
+    falsy = {name: d["defaultValue"] for name, d in root_params.items() if not d["defaultValue"]}
+    assert not falsy, f"the KFP run form cannot start a run with these defaults: {falsy}"
+    assert root_params["data_seed"] == {"parameterType": "STRING", "defaultValue": "0", "isOptional": True,
+                                        "description": root_params["data_seed"]["description"]}
+    assert root_params["gates_override"]["defaultValue"] == "false"
+    assert root_params["gates_override_reason"]["defaultValue"] == '""'
+    assert root_params["pretrain_epochs"]["parameterType"] == "NUMBER_INTEGER", "truthy defaults keep their type"
+
+
+def test_cluster_defaults_and_no_loopback_settings_in_the_run_form(compiled):
+    _, spec, _ = compiled
+    root_params = spec["root"]["inputDefinitions"]["parameters"]
+    assert root_params["serving_deploy_target"]["defaultValue"] == "kubernetes"
+    assert root_params["gates_champion_model"]["defaultValue"] == "store"
+    for local_only in ("serving_host", "serving_inference_port", "serving_management_port", "serving_metrics_port",
+                       "serving_home", "serving_request_log_dir", "serving_startup_timeout_s"):
+        assert local_only not in root_params, local_only
+
+
+def test_every_step_gets_each_field_of_its_config_areas_as_a_typed_input(compiled):
+    _, spec, _ = compiled
+    tasks = _all_tasks(spec)
+    roots = spec["root"]["inputDefinitions"]["parameters"]
+    for step, areas in STEP_AREAS.items():
+        task_inputs = tasks[step]["inputs"]["parameters"]
+        component_inputs = spec["components"][f"comp-{step}"]["inputDefinitions"]["parameters"]
+        for p in (p for area in areas for p in parameters((area,))):
+            wired = task_inputs[p.key]
+            if p.local_only:  # not a run parameter on a cluster: the default goes in as a constant
+                assert "constant" in wired["runtimeValue"], (step, p.key)
+                continue
+            # deploy and monitor sit in the gates' condition sub-DAGs, which pass the root parameter down
+            assert wired["componentInputParameter"] in (p.key, f"pipelinechannel--{p.key}"), (step, p.key)
+            assert component_inputs[p.key]["parameterType"] == roots[p.key]["parameterType"], (step, p.key)
+            assert component_inputs[p.key]["description"] == p.help, (step, p.key)
+        own = {p.key for area in areas for p in parameters((area,))}
+        assert not {k for k in task_inputs if "_" in k and k.split("_")[0] in STEP_AREAS} - own, step
+
+
+def test_compile_with_a_config_file_makes_its_values_the_run_forms_defaults(tmp_path):
+    from pipelines.cli import main
+
+    settings = tmp_path / "prod.yaml"
+    settings.write_text("pretrain:\n  epochs: 7\ngates:\n  min_test_accuracy: 0.95\nserving:\n  model_store_uri: s3://models/x\n")
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "-o", str(out), "--config", str(settings)]) == 0
+    root_params = next(yaml.safe_load_all(out.read_text()))["root"]["inputDefinitions"]["parameters"]
+    assert root_params["pretrain_epochs"]["defaultValue"] == 7
+    assert root_params["gates_min_test_accuracy"]["defaultValue"] == 0.95
+    assert root_params["serving_model_store_uri"]["defaultValue"] == "s3://models/x"
+    assert root_params["serving_deploy_target"]["defaultValue"] == "kubernetes"
 
 
 def test_every_step_runs_in_the_configured_image_without_runtime_installs(compiled):

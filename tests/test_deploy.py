@@ -8,19 +8,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import settings_of
 from kfp.dsl import Artifact, Dataset, Metrics, Model
 
 from components.data import Splits, save_splits
 from components.deploy import deploy_component, deploy_local
 from components.models import Classifier, EncoderSpec, save_classifier
-from serving.server import LocalTorchServe, _is_torchserve, free_port, port_in_use
+from pipelines.config import ServingConfig
+from serving.client import encode_png, predict, read_token
+from serving.server import LocalTorchServe, _is_auth_proxy, _is_torchserve, free_port, port_in_use
 try:  # tests/ is on sys.path under pytest's default import mode
     from test_serving import DIGIT_NAMES, train_digits_classifier
 except ImportError:  # tests/ made a package
     from tests.test_serving import DIGIT_NAMES, train_digits_classifier
 
-RECORD_KEYS = {"endpoint", "management_endpoint", "metrics_endpoint", "token_file", "request_log_dir",
-               "model_name", "model_version", "home", "pid"}
+RECORD_KEYS = {"endpoint", "management_endpoint", "metrics_endpoint", "token_file", "source_token_file",
+               "request_log_dir", "model_name", "model_version", "model_dir", "dataset_dir", "model_reference", "home",
+               "pid", "proxy_pid"}
 
 
 def _splits(test_x: np.ndarray, test_y: np.ndarray) -> Splits:
@@ -69,14 +73,19 @@ def test_deploy_component_serves_then_a_failed_redeploy_stops_everything(tmp_pat
         endpoint = deploy_component(
             model=Model(name="model", uri=str(tmp_path / "model")),
             dataset=Dataset(name="dataset", uri=str(tmp_path / "dataset")),
-            serving_home="serving",  # relative: resolves against the current directory
-            host="127.0.0.1", workers=1, model_name="digits", startup_timeout_s=120,
-            deployment=deployment, metrics=metrics, **ports,
+            # home relative: resolves against the current directory
+            cfg=settings_of(serving=ServingConfig(home="serving", host="127.0.0.1", workers=1, model_name="digits",
+                                                  startup_timeout_s=120, **ports)),
+            deployment=deployment, metrics=metrics,
         )
         record = json.loads(Path(deployment.path).read_text())
         assert RECORD_KEYS <= set(record)
         assert endpoint == record["endpoint"] == f"http://127.0.0.1:{ports['inference_port']}/predictions/digits"
         assert record["home"] == str(home) and record["model_version"] == "deploy-test"
+        # What the monitor and 'mlops serve start' need to know which model is served.
+        assert (record["model_dir"], record["dataset_dir"]) == (str(tmp_path / "model"), str(tmp_path / "dataset"))
+        assert record["model_reference"] is None, "this model has no reference_model.csv"
+        assert record["token_file"] == str(home / "token") and record["source_token_file"] == str(home / "source-token")
         assert record["smoke_test_images"] == 16 and record["smoke_test_accuracy"] >= 0.5
         assert metrics.metadata["smoke_test_accuracy"] == record["smoke_test_accuracy"]
         assert "cost_wall_seconds" in metrics.metadata
@@ -89,15 +98,19 @@ def test_deploy_component_serves_then_a_failed_redeploy_stops_everything(tmp_pat
             if len(logged) >= 16 or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
+        # The smoke test used the pipeline's source token: the proxy let its X-Request-Source through.
         assert len(logged) == 16 and {line["source"] for line in logged} == {"smoke-test"}
+        answer = predict(endpoint, encode_png(test_x[0]), read_token(record["token_file"]))
+        assert answer["model_version"] == "deploy-test", "the record's token_file is the clients' token"
 
         # Redeploying from the same home replaces the running server; an impossible smoke-test bar
         # makes the new one fail, and then nothing may be left serving.
-        first_pid = record["pid"]
+        first_pid, first_proxy = record["pid"], record["proxy_pid"]
         with pytest.raises(RuntimeError, match=r"smoke test of .* failed, server stopped"):
             deploy_local(tmp_path / "model", tmp_path / "dataset", home, startup_timeout_s=120,
                          min_smoke_accuracy=1.01, **ports)
         assert not _is_torchserve(first_pid), "the first server should have been replaced"
+        assert not _is_auth_proxy(first_proxy, home), "and its auth proxy"
         assert LocalTorchServe(home).status()["running"] is False
         assert not any(port_in_use("127.0.0.1", p) for p in ports.values())
     finally:
@@ -115,28 +128,24 @@ def test_deploy_component_passes_the_request_log_settings_to_the_local_server(tm
 
     monkeypatch.setattr("components.deploy.deploy_local", fake_deploy_local)
     common = dict(model=Model(name="model", uri=str(tmp_path / "model")),
-                  dataset=Dataset(name="dataset", uri=str(tmp_path / "dataset")), serving_home=str(tmp_path / "serving"),
-                  host="127.0.0.1", inference_port=1, management_port=2, metrics_port=3, workers=1,
-                  model_name="digits", startup_timeout_s=1)
+                  dataset=Dataset(name="dataset", uri=str(tmp_path / "dataset")))
+    serving = dict(home=str(tmp_path / "serving"), host="127.0.0.1", inference_port=1, management_port=2,
+                   metrics_port=3, workers=1, model_name="digits", startup_timeout_s=1)
     out = lambda: dict(deployment=Artifact(name="d", uri=str(tmp_path / "out" / "d")),  # noqa: E731
                        metrics=Metrics(name="m", uri=str(tmp_path / "out" / "m")))
-    deploy_component(**common, **out(), request_log_dir="s3://bucket/request-logs", request_log_max_mb=2.5,
-                     request_log_max_age_s=60.0)
-    deploy_component(**common, **out())
+    deploy_component(**common, **out(), cfg=settings_of(serving=ServingConfig(
+        **serving, request_log_dir="s3://bucket/request-logs", request_log_max_mb=2.5, request_log_max_age_s=60.0)))
+    deploy_component(**common, **out(), cfg=settings_of(serving=ServingConfig(**serving)))
     changed, default = seen
     assert changed["request_log_dir"] == "s3://bucket/request-logs"
     assert changed["request_log_max_bytes"] == int(2.5 * 2**20) and changed["request_log_max_age_s"] == 60.0
-    from pipelines.config import ServingConfig
-
     assert default["request_log_dir"] is None, "empty = <serving_home>/requests"
     assert default["request_log_max_bytes"] == int(ServingConfig().request_log_max_mb * 2**20)
     assert default["request_log_max_age_s"] == ServingConfig().request_log_max_age_s
 
 
 def test_the_pipeline_wires_every_serving_setting_the_deploy_step_takes(tmp_path):
-    """A serving.* run parameter named like a deploy_component input reaches it (none silently ignored)."""
-    import inspect
-
+    """Every serving.* run parameter reaches the deploy task (none silently ignored)."""
     import yaml
 
     from pipelines.config import ClusterConfig, parameters
@@ -153,8 +162,8 @@ def test_the_pipeline_wires_every_serving_setting_the_deploy_step_takes(tmp_path
 
     walk(spec["root"]["dag"])
     inputs = tasks["deploy"]["inputs"]["parameters"]
-    takes = set(inspect.signature(deploy_component).parameters)
-    serving = [p for p in parameters(("serving",)) if p.name in takes]
-    assert {"request_log_dir", "request_log_max_mb", "request_log_max_age_s"} <= {p.name for p in serving}
-    for p in serving:
-        assert inputs.get(p.name) == {"componentInputParameter": f"pipelinechannel--{p.key}"}, f"{p.key} is not wired"
+    for p in parameters(("serving",)):
+        if p.local_only:  # the local server's settings are constants on a cluster
+            assert "runtimeValue" in inputs[p.key], p.key
+        else:
+            assert inputs[p.key] == {"componentInputParameter": f"pipelinechannel--{p.key}"}, f"{p.key} is not wired"

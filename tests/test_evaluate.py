@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+from conftest import settings_of
 import torch
 from kfp import dsl
 from PIL import Image
@@ -41,6 +42,7 @@ from components.evaluate import (
 )
 from components.models import Classifier, EncoderSpec, save_classifier
 from components.training import predict_logits
+from pipelines.config import GateConfig, ServingConfig
 
 
 def _probe_model(splits: Splits, width: int, seed: int = 0, train_limit: int | None = None) -> Classifier:
@@ -461,8 +463,8 @@ def test_component_logs_metrics_report_and_gates(tmp_path, dataset_dir, known_mo
     assert arts["report"].path == str(tmp_path / "report" / "index.html")  # a local uri is its own path
 
     floor = min(1.0, expected["test_accuracy"] + margin)
-    passed = evaluate_component(min_test_accuracy=floor,
-                                serving_home=str(tmp_path / "no-serving-home"), **arts)
+    passed = evaluate_component(cfg=settings_of(gates=GateConfig(min_test_accuracy=floor),
+                                                serving=ServingConfig(home=str(tmp_path / "no-serving-home"))), **arts)
 
     assert passed is passes
     logged = arts["metrics"].metadata
@@ -488,8 +490,8 @@ def test_component_logs_metrics_report_and_gates(tmp_path, dataset_dir, known_mo
 
 def test_component_compares_with_the_served_champion(tmp_path, dataset_dir, weak_model, served_home, capsys):
     arts = _artifacts(tmp_path, dataset_dir, weak_model)
-    passed = evaluate_component(min_test_accuracy=0.0, max_regression=0.005, champion_model="",
-                                serving_home=str(served_home), **arts)
+    passed = evaluate_component(cfg=settings_of(gates=GateConfig(min_test_accuracy=0.0, max_regression=0.005),
+                                                serving=ServingConfig(home=str(served_home))), **arts)
     assert passed is False
     logged = arts["metrics"].metadata
     assert logged["champion_model_version"] == "known-1" and logged["champion_compared"] == 1.0
@@ -501,11 +503,12 @@ def test_component_compares_with_the_served_champion(tmp_path, dataset_dir, weak
 
 
 def test_component_is_a_valid_kfp_component():
-    component = dsl.component(evaluate_component, base_image="python:3.11", install_kfp_package=False)
-    spec = component.component_spec
-    assert set(spec.inputs) == {"dataset", "model", "min_test_accuracy", "max_regression", "champion_model", "serving_home"}
+    from pipelines.config import parameters
+    from pipelines.pipeline import step_component
+
+    spec = step_component("evaluate").component_spec
+    assert set(spec.inputs) == {"dataset", "model"} | {p.key for p in parameters(("gates", "serving"))}
     assert set(spec.outputs) == {"metrics", "classification_metrics", "report", "Output"}
-    assert spec.inputs["max_regression"].default == 0.005 and spec.inputs["champion_model"].default == ""
 
 
 @pytest.mark.parametrize("setup,error,message", [

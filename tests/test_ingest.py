@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import settings_of
 from kfp.dsl import Dataset, Markdown, Metrics
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
@@ -30,6 +31,7 @@ from components.data import (
 )
 from components.features import FEATURE_COLUMNS
 from components.ingest import ingest, ingest_component
+from pipelines.config import DataConfig
 
 FRACTIONS = dict(test_fraction=0.2, val_fraction=0.15, pool_fraction=0.2)
 
@@ -325,10 +327,9 @@ def test_ingest_component_with_kfp_artifacts(tmp_path):
     dataset = Dataset(uri=str(tmp_path / "dataset"))
     card_md = Markdown(uri=str(tmp_path / "card" / "data_card.md"))
     metrics = Metrics(uri=str(tmp_path / "metrics"))
-    ingest_component(
-        source="digits", seed=0, test_fraction=0.2, val_fraction=0.15, pool_fraction=0.2, image_size=0,
-        dataset=dataset, data_card=card_md, metrics=metrics,
-    )
+    ingest_component(cfg=settings_of(data=DataConfig(source="digits", seed=0, test_fraction=0.2, val_fraction=0.15,
+                                                      pool_fraction=0.2, image_size=0)),
+                     dataset=dataset, data_card=card_md, metrics=metrics)
     splits = load_splits(dataset.path)
     logged = metrics.metadata
     assert logged["n_train"] == len(splits.train_x) and logged["n_test"] == len(splits.test_x)
@@ -343,9 +344,11 @@ def test_ingest_component_builds_as_a_kfp_component():
     # KFP needs real (not stringified) annotations and an Args docstring entry per parameter.
     from kfp import dsl
 
-    component = dsl.component(ingest_component, base_image="python:3.11", install_kfp_package=False)
-    spec = component.component_spec
-    assert set(spec.inputs) == {"source", "seed", "test_fraction", "val_fraction", "pool_fraction", "image_size"}
+    from pipelines.pipeline import step_component
+
+    spec = step_component("ingest").component_spec
+    assert set(spec.inputs) == {"data_source", "data_seed", "data_test_fraction", "data_val_fraction",
+                                "data_pool_fraction", "data_image_size"}
     assert set(spec.outputs) == {"dataset", "data_card", "metrics"}
-    for name in [*spec.inputs, *spec.outputs]:
-        assert f"        {name}: " in ingest_component.__doc__, name
+    for name, spec_input in spec.inputs.items():
+        assert spec_input.description, name

@@ -10,9 +10,11 @@ written in the exact shape the API server returns for these manifests (server
 defaults, managedFields, controller annotations, conditions) and are themselves
 checked against the Kubernetes schemas below; no cluster was available to capture
 them from. Between the recorded objects the fake does what the API server and the
-Deployment controller would: merge a server-side apply, apply a JSON patch (with
-its test operations), bump the generation, and create or reuse ReplicaSets with
-revision numbers and change-causes.
+Deployment controller would: authorize every call with RBAC against the Roles the
+rendered manifests bind to the pipeline's ServiceAccount (403 in the API server's words
+when they do not allow it), merge a server-side apply, apply a JSON patch (with its test
+operations), bump the generation, and create or reuse ReplicaSets with revision numbers
+and change-causes.
 """
 
 import copy
@@ -28,20 +30,22 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 import yaml
+from conftest import settings_of
 from kfp.dsl import Artifact, Dataset, Metrics, Model
 from PIL import Image
 
 from components import k8s_deploy
 from components.data import Splits, save_splits
+from pipelines.config import ServingConfig
 from components.k8s_deploy import (
     DeployError, KubernetesApi, Release, ReleaseRolledBack, RollbackFailed, deploy_kubernetes, label_value,
     pod_problems, render_release, rollout_state,
 )
 
 try:  # tests/ is on sys.path under pytest's default import mode
-    from test_manifests import KUBERNETES_VERSIONS, TARGETS, find
+    from test_manifests import KUBERNETES_VERSIONS, TARGETS, find, render
 except ImportError:  # tests/ made a package
-    from tests.test_manifests import KUBERNETES_VERSIONS, TARGETS, find
+    from tests.test_manifests import KUBERNETES_VERSIONS, TARGETS, find, render
 
 DATA = Path(__file__).parent / "data" / "k8s"
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +57,8 @@ STORE = "s3://kfp-mlops/models/digits"
 TOKEN = "client-token-for-the-smoke-test-0123"
 ENDPOINT = f"http://{NAME}.{NS}.svc.cluster.local:8080/predictions/digits"
 CLASS_NAMES = [str(i) for i in range(10)]
+PIPELINE_ACCOUNT = "kfp-mlops-pipeline"
+BEARER = "Bearer service-account-token"  # the pipeline's token, as the fake API server authenticates it
 
 
 def load(name: str):
@@ -119,6 +125,68 @@ def _without_hash(template: dict) -> dict:
     return template
 
 
+# ---------------------------------------------------------------- RBAC, as the API server applies it
+
+@dataclass(frozen=True)
+class Attributes:
+    """What RBAC authorizes: the request's verb, API group, resource and object name ("" = none)."""
+
+    verb: str
+    group: str
+    resource: str
+    name: str
+
+
+def request_attributes(method: str, path: str, query: dict[str, str]) -> Attributes:
+    """The API server's request info for a namespaced resource path (its verb and name rules)."""
+    parts = path.strip("/").split("/")
+    group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
+    assert rest[0] == "namespaces", f"not a namespaced resource path: {path}"
+    resource, name = rest[2], rest[3] if len(rest) > 3 else ""
+    if method == "GET" and not name:
+        verb = "watch" if query.get("watch") in ("true", "1") else "list"
+        # A list or watch names one object only through a field selector on metadata.name.
+        selector = query.get("fieldSelector", "")
+        if "," not in selector and selector.startswith(("metadata.name=", "metadata.name==")):
+            name = selector.split("=")[-1]
+    else:
+        verb = {"GET": "get", "PATCH": "patch", "PUT": "update", "POST": "create",
+                "DELETE": "delete" if name else "deletecollection"}[method]
+    return Attributes(verb, group, resource, name)
+
+
+def rbac_allows(rules: list[dict], a: Attributes) -> bool:
+    """Kubernetes RBAC: some rule covers the group, resource and verb, and names the object if it lists names."""
+    return any((a.group in rule["apiGroups"] or "*" in rule["apiGroups"])
+               and (a.resource in rule["resources"] or "*" in rule["resources"])
+               and (a.verb in rule["verbs"] or "*" in rule["verbs"])
+               and (not rule.get("resourceNames") or a.name in rule["resourceNames"])
+               for rule in rules)
+
+
+def bound_rules(account: str = PIPELINE_ACCOUNT, target: str = "base", role: str | None = None) -> list[dict]:
+    """The rules of the Roles that ``target``'s RoleBindings grant ``account`` (only ``role``'s if given)."""
+    objects = render(target)
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
+    rules = []
+    for binding in objects:
+        if (binding["kind"] == "RoleBinding" and binding["roleRef"]["kind"] == "Role"
+                and role in (None, binding["roleRef"]["name"])
+                and {"kind": "ServiceAccount", "name": account, "namespace": NS} in binding["subjects"]):
+            rules += roles[binding["roleRef"]["name"]]["rules"]
+    return rules
+
+
+def forbidden(a: Attributes, user: str) -> dict:
+    """The Status the API server answers when RBAC denies ``a`` (the wording of status-403-*.json)."""
+    qualified = f"{a.resource}.{a.group}" if a.group else a.resource
+    subject = f'{qualified} "{a.name}"' if a.name else qualified
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": f'{subject} is forbidden: User "{user}" cannot {a.verb} resource "{a.resource}" in API group '
+                       f'"{a.group}" in the namespace "{NS}"',
+            "reason": "Forbidden", "details": {"name": a.name, "group": a.group, "kind": a.resource}, "code": 403}
+
+
 class FakeCluster:
     """State of one namespace as the API server holds it, plus the Deployment controller's bookkeeping."""
 
@@ -130,7 +198,20 @@ class FakeCluster:
         self.service, self.configmap = load("service-serving.json"), load("configmap-storage.json")
         self.requests: list[dict] = []
         self.errors: list[tuple] = []  # (predicate(request) -> bool, Status file)
+        self.rules = bound_rules()  # what the pipeline's ServiceAccount may do here
+        self.authorized: list[Attributes] = []
+        self.reads_before_deletion: int | None = None  # the Deployment is deleted after this many GETs
         self.lock = threading.Lock()
+
+    def authorize(self, a: Attributes, authorization: str) -> dict | None:
+        """None when RBAC allows ``a`` for the pipeline's token, else the 403 Status."""
+        if authorization != BEARER:
+            return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
+        if not rbac_allows(self.rules, a):
+            return forbidden(a, f"system:serviceaccount:{NS}:{PIPELINE_ACCOUNT}")
+        self.authorized.append(a)
+        return None
 
     # -- the Deployment controller, reduced to what the deploy step can observe
     def _changed(self, before: dict, after: dict) -> dict:
@@ -172,16 +253,34 @@ class FakeCluster:
         request = {"method": method, "path": parts.path, "query": query, "content_type": content_type,
                    "body": json.loads(body) if body else None, "authorization": authorization}
         self.requests.append(request)
+        attributes = request_attributes(method, parts.path, query)
+        denied = self.authorize(attributes, authorization)
+        if denied:
+            return denied["code"], denied
         for predicate, status_file in self.errors:
             if predicate(request):
                 status = load(status_file)
                 return status["code"], status
         deployment_path = f"/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"
+        if parts.path == deployment_path and self.deployment is None:
+            if method == "PATCH" and content_type == "application/apply-patch+yaml":
+                # An apply to a missing object creates it: the API server authorizes "create" too.
+                denied = self.authorize(Attributes("create", "apps", "deployments", NAME), authorization)
+                if denied:
+                    return denied["code"], denied
+                pytest.fail("the pipeline's Role let a server-side apply create the serving Deployment")
+            status = load("status-404-deployment-not-found.json")
+            return status["code"], status
         if parts.path == deployment_path and method == "GET":
             script = self.scripts.get(self.deployment["metadata"]["generation"])
             if script:
                 self.deployment["status"] = script.pop(0) if len(script) > 1 else script[0]
-            return 200, self.deployment
+            served = self.deployment
+            if self.reads_before_deletion is not None:
+                self.reads_before_deletion -= 1
+                if self.reads_before_deletion == 0:
+                    self.deployment = None  # someone deletes it right after this read
+            return 200, served
         if parts.path == deployment_path and method == "PATCH":
             if content_type == "application/apply-patch+yaml":
                 after = ssa_merge(self.deployment, request["body"])
@@ -244,7 +343,7 @@ def serve_cluster():
         server.cluster = cluster
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         configuration = client.Configuration(host=f"http://127.0.0.1:{server.server_port}")
-        configuration.api_key = {"authorization": "Bearer service-account-token"}
+        configuration.api_key = {"authorization": BEARER}
         api_client = client.ApiClient(configuration)
         started.append((server, api_client))
         return KubernetesApi(api_client)
@@ -353,17 +452,10 @@ def validate_strict(obj: dict) -> None:
 
 
 def assert_allowed_by_the_pipeline_role(cluster: FakeCluster) -> None:
-    """Every call the step made is allowed by manifests/base/pipeline-role.yaml (and it never creates)."""
-    rules = yaml.safe_load((ROOT / "manifests" / "base" / "pipeline-role.yaml").read_text())["rules"]
-    for r in cluster.requests:
-        parts = r["path"].strip("/").split("/")
-        group = "" if parts[0] == "api" else parts[1]
-        rest = parts[3:] if parts[0] == "api" else parts[4:]  # after namespaces
-        resource, named = rest[1], len(rest) > 2
-        verb = {"GET": "get" if named else "list", "PATCH": "patch"}[r["method"]]
-        assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
-                   for rule in rules), f"{verb} {group}/{resource} is not in the pipeline Role"
-        assert r["authorization"] == "Bearer service-account-token"
+    """Every call the step made was authorized by the pipeline's Roles (the fake refuses the others)."""
+    assert cluster.requests and len(cluster.authorized) == len(cluster.requests), \
+        [r["path"] for r in cluster.requests]
+    assert {a.verb for a in cluster.authorized} <= {"get", "list", "patch"}, "the step never creates or deletes"
 
 
 # ---------------------------------------------------------------- recordings and rendering
@@ -499,7 +591,7 @@ def test_a_good_release_is_applied_rolled_out_and_smoke_tested(serve_cluster, in
     assert cluster.serving_version() == NEW_VERSION
     assert cluster.history()[-1] == (5, f"model digits v{NEW_VERSION} (release {NEW_RELEASE[:12]}) from run kfp-mlops-r8n2v")
 
-    assert record["endpoint"] == ENDPOINT and record["token_file"] == str(inputs.token)
+    assert record["endpoint"] == ENDPOINT and record["token_file"] == record["source_token_file"] == str(inputs.token)
     assert record["model_version"] == NEW_VERSION and record["release_id"] == NEW_RELEASE
     assert record["revision"] == "5" and record["previous_revision"] == "4"
     assert record["previous_model_version"] == OLD_VERSION
@@ -597,7 +689,7 @@ def test_the_next_release_scales_a_zeroed_deployment_back_up(serve_cluster, inpu
 
 
 @pytest.mark.parametrize("failing, status_file, message", [
-    ("GET", "status-404-deployment-not-found.json", "not found: install the serving stack first (kubectl apply -k manifests/overlays/<env>"),
+    ("GET", "status-404-deployment-not-found.json", "not found: apply the manifests first (kubectl apply -k manifests/overlays/<env>"),
     ("GET", "status-500-etcd-timeout.json", "cannot read Deployment kfp-mlops/kfp-mlops-serving: HTTP 500: etcdserver"),
     ("PATCH", "status-403-patch-forbidden.json", "was refused, so nothing changed: HTTP 403: deployments.apps \"kfp-mlops-serving\" is forbidden"),
 ])
@@ -613,11 +705,79 @@ def test_api_errors_before_the_rollout_change_nothing(serve_cluster, inputs, fai
     assert store.published == ([] if failing == "GET" else [(["digits.mar"], STORE)])
 
 
+def test_a_deployment_deleted_after_it_was_read_is_not_recreated(serve_cluster, inputs):
+    """The step only updates the Deployment the manifests created: an apply that would create it is
+    refused by RBAC (no create), and the step says to apply the manifests instead."""
+    cluster = FakeCluster("deployment-serving.json", "replicasets-serving.json", {})
+    cluster.reads_before_deletion = 1  # gone right after the step read it
+    with pytest.raises(DeployError) as caught:
+        run(serve_cluster(cluster), cluster, inputs)
+    message = str(caught.value)
+    assert f"Deployment {NS}/{NAME} is gone (deleted after it was read): apply the manifests first" in message
+    assert "kubectl apply -k manifests/overlays/<env>" in message and "may not create one" in message
+    assert not isinstance(caught.value, (ReleaseRolledBack, RollbackFailed))
+    assert cluster.deployment is None, "nothing was created"
+    (apply,) = [r for r in cluster.requests if r["method"] == "PATCH"]
+    assert apply["content_type"] == "application/apply-patch+yaml"
+
+
+def test_the_pipeline_role_grants_exactly_what_the_step_calls(serve_cluster, inputs):
+    """A release that is rolled back makes every kind of call the step has; each one is authorized by
+    the pipeline Role, and each of the Role's verbs (and names) is used by one of them: no spare grant."""
+    cluster = FakeCluster("deployment-serving.json", "replicasets-serving.json",
+                          {8: "rollout-progress-deadline-exceeded.json", 9: "rollback-complete.json"},
+                          pods="pods-new-release-starting.json")
+    with pytest.raises(ReleaseRolledBack):
+        run(serve_cluster(cluster), cluster, inputs)
+    assert_allowed_by_the_pipeline_role(cluster)
+    used = set(cluster.authorized)
+    for rule in bound_rules(role=PIPELINE_ACCOUNT):
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    for name in rule.get("resourceNames") or [""]:
+                        assert Attributes(verb, group, resource, name) in used, \
+                            f"the Role grants {verb} on {resource} {name!r} but the step never calls it"
+
+
+def test_rbac_as_the_fake_api_server_applies_it():
+    """Names bind get/patch, and list only with a metadata.name field selector; create never has a name."""
+    rules = [{"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [NAME], "verbs": ["get", "list"]}]
+    path = f"/apis/apps/v1/namespaces/{NS}/deployments"
+    assert rbac_allows(rules, request_attributes("GET", f"{path}/{NAME}", {}))
+    assert not rbac_allows(rules, request_attributes("GET", f"{path}/other", {}))
+    assert not rbac_allows(rules, request_attributes("GET", path, {}))
+    assert rbac_allows(rules, request_attributes("GET", path, {"fieldSelector": f"metadata.name={NAME}"}))
+    assert not rbac_allows(rules, request_attributes("GET", path, {"fieldSelector": f"metadata.name={NAME},a=b"}))
+    assert not rbac_allows(rules, request_attributes("GET", path, {"watch": "true", "fieldSelector": f"metadata.name={NAME}"}))
+    assert request_attributes("POST", path, {}) == Attributes("create", "apps", "deployments", "")
+    assert request_attributes("GET", f"/api/v1/namespaces/{NS}/pods", {"labelSelector": "a=b"}) == \
+        Attributes("list", "", "pods", "")
+    # The fake's 403 is worded like the recorded one.
+    assert forbidden(Attributes("patch", "apps", "deployments", NAME), f"system:serviceaccount:{NS}:default") == \
+        load("status-403-patch-forbidden.json")
+
+
+def test_the_smoke_test_token_is_the_pipelines_source_token():
+    """The step reads the Secret the pipeline mounts for it, and the serving pods' proxy takes that
+    Secret as the tokens that may tag traffic (X-Request-Source)."""
+    from pipelines import pipeline
+
+    assert k8s_deploy.TOKEN_SECRET == pipeline.SERVING_SOURCE_TOKEN_SECRET == "kfp-mlops-serving-source-token"
+    assert k8s_deploy.TOKEN_FILE == f"{pipeline.SERVING_SOURCE_TOKEN_MOUNT}/token"
+    spec = find("base", "Deployment", NAME)["spec"]["template"]["spec"]
+    proxy = next(c for c in spec["containers"] if c["name"] == "auth-proxy")
+    source_file = proxy["command"][proxy["command"].index("--source-token-file") + 1]
+    mount = next(m for m in proxy["volumeMounts"] if source_file.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == k8s_deploy.TOKEN_SECRET
+
+
 @pytest.mark.parametrize("case, error, message", [
     ("no-model", FileNotFoundError, "metadata.json is missing"),
     ("empty-test-split", ValueError, "empty test split"),
-    ("no-token", FileNotFoundError, "mount the Secret kfp-mlops-serving-token"),
-    ("empty-token", ValueError, "client token file"),
+    ("no-token", FileNotFoundError, "mount the Secret kfp-mlops-serving-source-token"),
+    ("empty-token", ValueError, "serving token file"),
     ("other-model", DeployError, "the Deployment serves model 'digits' (--models digits=digits.mar), not 'letters'"),
 ])
 def test_bad_inputs_are_refused_before_anything_is_published(serve_cluster, inputs, tmp_path, case, error, message):
@@ -695,14 +855,16 @@ def test_deploy_component_on_kubernetes_writes_the_record(serve_cluster, inputs,
     deployment = Artifact(name="deployment", uri=str(tmp_path / "out" / "deployment"))
     metrics = Metrics(name="metrics", uri=str(tmp_path / "out" / "metrics"))
     common = dict(model=Model(name="model", uri=str(inputs.model)), dataset=Dataset(name="dataset", uri=str(inputs.dataset)),
-                  serving_home="unused", host="127.0.0.1", inference_port=1, management_port=2, metrics_port=3,
-                  workers=1, model_name="digits", startup_timeout_s=1, deployment=deployment, metrics=metrics)
+                  deployment=deployment, metrics=metrics)
+    serving = dict(home="unused", host="127.0.0.1", inference_port=1, management_port=2, metrics_port=3, workers=1,
+                   model_name="digits", startup_timeout_s=1)
     with pytest.raises(ValueError, match="deploy_target must be 'local' or 'kubernetes'"):
-        deploy_component(**common, deploy_target="k8s")
+        deploy_component(**common, cfg=settings_of(serving=ServingConfig(**serving, deploy_target="k8s")))
 
     BUILT.clear()
-    endpoint = deploy_component(**common, deploy_target="kubernetes", namespace=NS, client_auth_file=str(inputs.token),
-                                run_id="kfp-mlops-r8n2v", batch_size=16, max_batch_delay_ms=3)
+    cfg = settings_of(serving=ServingConfig(**serving, deploy_target="kubernetes", batch_size=16, max_batch_delay_ms=3))
+    endpoint = deploy_component(**common, cfg=cfg, namespace=NS, pipeline_auth_file=str(inputs.token),
+                                run_id="kfp-mlops-r8n2v")
     assert BUILT == [{"workers": 1, "batch_size": 16, "max_batch_delay_ms": 3}], "serving.* settings reach the .mar"
     record = json.loads(Path(deployment.path).read_text())
     assert endpoint == record["endpoint"] == ENDPOINT and record["target"] == "kubernetes"

@@ -19,6 +19,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import settings_of
 import torch
 from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 from PIL import Image
@@ -67,6 +68,7 @@ from components.monitor import (
     write_model_reference,
 )
 from serving.client import encode_png
+from pipelines.config import MonitorConfig
 
 N_REFERENCE = 1100  # like ingest's train+val reference on digits
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -506,25 +508,38 @@ def test_the_index_counts_exactly_what_parsing_every_line_counts(tmp_path, held_
 
 
 def test_rotated_files_that_cannot_hold_the_window_are_not_read(tmp_path, held_out, monkeypatch):
-    # serving/request_log.py names files by the time they were opened and closes them after at most
-    # KFP_MLOPS_REQUEST_LOG_MAX_AGE_S (1 h): files opened long before the window, or after it, are skipped
-    # (on s3:// not even downloaded). Files named otherwise are always read.
+    # serving/request_log.py names files by the time they were opened; their last write (mtime, an object's
+    # upload time) bounds their last line: files last written before the window (+10 min slack), or
+    # opened after it, are skipped (on s3:// not even downloaded). Files named otherwise are always read.
+    import os
+
     monkeypatch.delenv("KFP_MLOPS_REQUEST_LOG_MAX_AGE_S", raising=False)
     rows = log_records(image_features(held_out[:3]), T0 + timedelta(minutes=30))
-    names = {
-        "requests-h-1-20250101T090000Z-0001.jsonl": False,  # opened 3 h before: closed by 10:00
-        "requests-h-1-20250101T105500Z-0002.jsonl": True,  # opened 65 min before: may reach into the window
-        "requests-h-1-20250101T123000Z-0003.jsonl": True,
-        "requests-h-1-20250101T131500Z-0004.jsonl": False,  # opened after the window (+10 min slack)
-        "requests-7.jsonl": True,  # an older writer's name: no time in it
+    names = {  # name: (last written, read?)
+        "requests-h-1-20250101T090000Z-0001.jsonl": (T0 - timedelta(hours=2), False),  # closed by 10:00
+        "requests-h-1-20250101T093000Z-0005.jsonl": (T0 + timedelta(minutes=10), True),  # a writer rotating slowly
+        "requests-h-1-20250101T105500Z-0002.jsonl": (T0 + timedelta(minutes=5), True),
+        "requests-h-1-20250101T123000Z-0003.jsonl": (T0 + timedelta(minutes=45), True),
+        "requests-h-1-20250101T131500Z-0004.jsonl": (T0 + timedelta(minutes=80), False),  # opened after the window
+        "requests-7.jsonl": (T0 - timedelta(days=9), True),  # an older writer's name: no time in it
     }
-    for name in names:
+    for name, (written, _) in names.items():
         write_log(tmp_path / name, rows)
+        os.utime(tmp_path / name, (written.timestamp(), written.timestamp()))
     files = list_log_files(tmp_path, T0, T0 + timedelta(hours=1))
-    assert sorted(f.name for f in files) == sorted(n for n, read in names.items() if read)
+    assert sorted(f.name for f in files) == sorted(n for n, (_, read) in names.items() if read)
+
+
+def test_without_a_modification_time_the_rotation_age_bounds_a_files_span(monkeypatch):
+    from components.drift_sampling import _may_overlap
+
+    monkeypatch.delenv("KFP_MLOPS_REQUEST_LOG_MAX_AGE_S", raising=False)
+    window = (T0, T0 + timedelta(hours=1))
+    assert not _may_overlap("requests-h-1-20250101T090000Z-0001.jsonl", *window)  # 1 h default: closed by 10:00
+    assert _may_overlap("requests-h-1-20250101T105500Z-0002.jsonl", *window)
     monkeypatch.setenv("KFP_MLOPS_REQUEST_LOG_MAX_AGE_S", str(4 * 3600))  # serving rotates every 4 h
-    assert len(list_log_files(tmp_path, T0, T0 + timedelta(hours=1))) == 4
-    assert len(list_log_files(tmp_path, T0, T0 + timedelta(hours=1), max_file_age_s=600)) == 2  # the config wins
+    assert _may_overlap("requests-h-1-20250101T090000Z-0001.jsonl", *window)
+    assert not _may_overlap("requests-h-1-20250101T090000Z-0001.jsonl", *window, max_file_age_s=600)  # the config wins
 
 
 # --- sampling with an error bound ---------------------------------------------------------------
@@ -971,7 +986,8 @@ def test_monitor_component_replays_the_test_split_and_judges_only_that(tmp_path,
         metrics = Metrics(name="metrics", uri=str(outputs / "metrics"))
         monitor_component(dataset=Dataset(name="dataset", uri=str(dataset_dir)),
                           deployment=Artifact(name="deployment", uri=str(record)),
-                          drift_share=0.5, replay_limit=150, drift_report=report, verdict=verdict, metrics=metrics,
+                          cfg=settings_of(monitor=MonitorConfig(drift_share=0.5, replay_limit=150)),
+                          drift_report=report, verdict=verdict, metrics=metrics,
                           model=Model(name="model", uri=str(model_dir)) if with_model else None)
         assert serving.requests == 150
 
@@ -1031,7 +1047,7 @@ def test_clean_and_shifted_traffic_through_the_real_server_and_its_log(real_serv
         # Windows back to back on one clock: each holds exactly its own requests (the deploy step's
         # smoke test, before the first, is excluded by its source anyway).
         since = datetime.now(timezone.utc)
-        sent = replay(record["endpoint"], record["token_file"], images, source=f"e2e-{name}")
+        sent = replay(record["endpoint"], record["source_token_file"], images, source=f"e2e-{name}")
         assert wait_for_log(record["request_log_dir"], since, sent, model_version=record["model_version"],
                             source=f"e2e-{name}", timeout_s=60) == sent
         until = datetime.now(timezone.utc) + timedelta(milliseconds=1)

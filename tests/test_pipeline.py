@@ -60,7 +60,7 @@ def test_served_and_monitored(released_run):
     summary, _ = released_run
     assert summary["endpoint"].startswith("http://127.0.0.1:") and summary["endpoint"].endswith("/predictions/digits")
     assert summary["management_endpoint"].startswith("http://127.0.0.1:")
-    assert summary["token_file"].endswith("key_file.json")  # removed again by --no-serve-after
+    assert summary["token_file"].endswith("/token")  # the clients' token: kept for the next start
     for name in ("data_card", "evaluation", "privacy", "robustness", "drift", "drift_verdict"):
         assert Path(summary["reports"][name]).is_file(), name
     verdict = json.loads(Path(summary["reports"]["drift_verdict"]).read_text())

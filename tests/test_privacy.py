@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import settings_of
 import torch
 import torch.nn.functional as F
 from kfp import dsl
@@ -22,7 +23,7 @@ from components.privacy import (
     train_reference_models,
     training_members,
 )
-from pipelines.config import GateConfig
+from pipelines.config import DataConfig, GateConfig
 
 DEFAULT_MAX_AUC = GateConfig().max_mia_auc
 MEMORISED_EXAMPLES = 50
@@ -162,7 +163,8 @@ def test_component_runs_with_kfp_artifacts_and_writes_report(artifacts, tmp_path
 
     passed = privacy_component(
         dataset=dsl.Dataset(uri=str(artifacts / "small_dataset")), model=dsl.Model(uri=str(artifacts / "memoriser")),
-        max_mia_auc=DEFAULT_MAX_AUC, seed=0, metrics=metrics, report=report,
+        cfg=settings_of(data=DataConfig(seed=0), gates=GateConfig(max_mia_auc=DEFAULT_MAX_AUC)),
+        metrics=metrics, report=report,
     )
     assert passed is False
     assert metrics.metadata["passed"] == 0.0
@@ -174,9 +176,10 @@ def test_component_runs_with_kfp_artifacts_and_writes_report(artifacts, tmp_path
 
 
 def test_component_compiles_as_a_kfp_component():
-    component = dsl.component(privacy_component, base_image="python:3.11", install_kfp_package=False)
-    inputs = component.component_spec.inputs
-    assert {"dataset", "model", "max_mia_auc", "seed"} <= set(inputs)
+    from pipelines.pipeline import step_component
+
+    inputs = step_component("privacy").component_spec.inputs
+    assert {"dataset", "model", "gates_max_mia_auc", "data_seed"} <= set(inputs)
 
 
 def test_report_renders_a_passing_result():
@@ -227,13 +230,18 @@ def test_component_runs_in_a_local_kfp_pipeline(artifacts, tmp_path):
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
-    component = dsl.component(privacy_component, base_image="python:3.11", install_kfp_package=False)
+    from pipelines.config import Config
+    from pipelines.pipeline import config_arguments, step_component
+
+    component = step_component("privacy", image="python:3.11")
+    cfg = Config(data=DataConfig(seed=0), gates=GateConfig(max_mia_auc=DEFAULT_MAX_AUC))
 
     @dsl.pipeline
     def audit(dataset_uri: str, model_uri: str) -> bool:
         dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset)
         model = dsl.importer(artifact_uri=model_uri, artifact_class=dsl.Model)
-        return component(dataset=dataset.output, model=model.output, max_mia_auc=DEFAULT_MAX_AUC, seed=0).outputs["Output"]
+        return component(dataset=dataset.output, model=model.output,
+                         **config_arguments("privacy", cfg)).outputs["Output"]
 
     task = audit(dataset_uri=str(artifacts / "small_dataset"), model_uri=str(artifacts / "memoriser"))
     assert task.output is False
@@ -359,8 +367,10 @@ def test_override_releases_a_blocked_model_and_says_so(artifacts, tmp_path):
     report = dsl.Markdown(uri=str(tmp_path / "report.md"))
     passed = privacy_component(
         dataset=dsl.Dataset(uri=str(artifacts / "small_dataset")), model=dsl.Model(uri=str(artifacts / "memoriser")),
-        max_mia_auc=DEFAULT_MAX_AUC, seed=0, metrics=metrics, report=report, reference_models=0,
-        override=True, override_reason="DPO sign-off #42: synthetic data only",
+        cfg=settings_of(data=DataConfig(seed=0), gates=GateConfig(
+            max_mia_auc=DEFAULT_MAX_AUC, mia_reference_models=0, override=True,
+            override_reason="DPO sign-off #42: synthetic data only")),
+        metrics=metrics, report=report,
     )
     assert passed is True
     m = metrics.metadata

@@ -218,8 +218,8 @@ def test_the_retrain_cronjob_starts_one_run_from_its_pod(drifted_log, kfp_api, m
     token_file = Path(os.environ["KF_PIPELINES_SA_TOKEN_PATH"])
     assert token_file.is_file(), "KF_PIPELINES_SA_TOKEN_PATH points into the token volume"
     monkeypatch.chdir(tmp_path)  # the pod's workingDir (/tmp, an emptyDir)
-    # --last 1h --settle 1h, run at 12:17: the drifted hour 10:00-11:00.
-    monkeypatch.setattr(monitor_mod, "last_window", functools.partial(monitor_mod.last_window, now="2026-01-01T12:17:00Z"))
+    # --last 1h --settle 10m, run at 11:17: the drifted hour 10:00-11:00.
+    monkeypatch.setattr(monitor_mod, "last_window", functools.partial(monitor_mod.last_window, now="2026-01-01T11:17:00Z"))
     job = cronjob["spec"]["jobTemplate"]["spec"]
     fails_the_job = set(job["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"])
 

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import settings_of
 import torch
 import torch.nn.functional as F
 from kfp import dsl
@@ -30,7 +31,7 @@ from components.robustness import (
     robustness_check,
     robustness_component,
 )
-from pipelines.config import GateConfig
+from pipelines.config import DataConfig, GateConfig
 
 DEFAULTS = GateConfig()
 
@@ -194,8 +195,11 @@ def test_component_runs_with_kfp_artifacts_and_writes_report(artifacts, tmp_path
     d = DEFAULTS
     passed = robustness_component(
         dataset=dsl.Dataset(uri=str(artifacts / "dataset")), model=dsl.Model(uri=str(artifacts / "model")),
-        noise_sigma=d.noise_sigma, fgsm_epsilon=d.fgsm_epsilon, min_noise_accuracy=d.min_noise_accuracy,
-        min_fgsm_accuracy=d.min_fgsm_accuracy, seed=0, metrics=metrics, report=report,
+        cfg=settings_of(data=DataConfig(seed=0), gates=GateConfig(
+            noise_sigma=d.noise_sigma, fgsm_epsilon=d.fgsm_epsilon, min_noise_accuracy=d.min_noise_accuracy,
+            min_fgsm_accuracy=d.min_fgsm_accuracy, min_pgd_accuracy=0.0, min_corruption_accuracy=0.0,
+            max_corruption_drop=1.0)),
+        metrics=metrics, report=report,
     )
     assert passed is True
     for key in ("clean_accuracy", "noise_accuracy", "fgsm_accuracy", "noise_relative_drop", "fgsm_relative_drop",
@@ -208,9 +212,10 @@ def test_component_runs_with_kfp_artifacts_and_writes_report(artifacts, tmp_path
 
 
 def test_component_compiles_as_a_kfp_component():
-    component = dsl.component(robustness_component, base_image="python:3.11", install_kfp_package=False)
-    assert {"dataset", "model", "noise_sigma", "fgsm_epsilon", "min_noise_accuracy", "min_fgsm_accuracy",
-            "seed"} <= set(component.component_spec.inputs)
+    from pipelines.pipeline import step_component
+
+    assert {"dataset", "model", "gates_noise_sigma", "gates_fgsm_epsilon", "gates_min_noise_accuracy",
+            "gates_min_fgsm_accuracy", "data_seed"} <= set(step_component("robustness").component_spec.inputs)
 
 
 def test_report_marks_the_failing_row():
@@ -275,16 +280,21 @@ def test_component_runs_in_a_local_kfp_pipeline(artifacts, tmp_path):
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
-    component = dsl.component(robustness_component, base_image="python:3.11", install_kfp_package=False)
+    from pipelines.config import Config
+    from pipelines.pipeline import config_arguments, step_component
+
+    component = step_component("robustness", image="python:3.11")
     d = DEFAULTS
+    cfg = Config(data=DataConfig(seed=0), gates=GateConfig(
+        noise_sigma=d.noise_sigma, fgsm_epsilon=d.fgsm_epsilon, min_noise_accuracy=d.min_noise_accuracy,
+        min_fgsm_accuracy=1.0, min_pgd_accuracy=0.0, min_corruption_accuracy=0.0, max_corruption_drop=1.0))
 
     @dsl.pipeline
     def check(dataset_uri: str, model_uri: str) -> bool:
         dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset)
         model = dsl.importer(artifact_uri=model_uri, artifact_class=dsl.Model)
-        return component(dataset=dataset.output, model=model.output, noise_sigma=d.noise_sigma,
-                         fgsm_epsilon=d.fgsm_epsilon, min_noise_accuracy=d.min_noise_accuracy,
-                         min_fgsm_accuracy=1.0, seed=0).outputs["Output"]
+        return component(dataset=dataset.output, model=model.output,
+                         **config_arguments("robustness", cfg)).outputs["Output"]
 
     task = check(dataset_uri=str(artifacts / "dataset"), model_uri=str(artifacts / "model"))
     assert task.output is False  # min_fgsm_accuracy 1.0 cannot be met
@@ -401,9 +411,11 @@ def test_override_releases_a_blocked_model_loudly(artifacts, tmp_path):
     report = dsl.Markdown(uri=str(tmp_path / "report.md"))
     passed = robustness_component(
         dataset=dsl.Dataset(uri=str(artifacts / "dataset")), model=dsl.Model(uri=str(artifacts / "model")),
-        noise_sigma=0.1, fgsm_epsilon=0.03, min_noise_accuracy=0.0, min_fgsm_accuracy=1.0, seed=0,
-        metrics=metrics, report=report, pgd_steps=2, corruption_severities=1,
-        override=True, override_reason="release manager: demo on synthetic data",
+        cfg=settings_of(data=DataConfig(seed=0), gates=GateConfig(
+            noise_sigma=0.1, fgsm_epsilon=0.03, min_noise_accuracy=0.0, min_fgsm_accuracy=1.0, pgd_steps=2,
+            corruption_severities=1, min_pgd_accuracy=0.0, min_corruption_accuracy=0.0, max_corruption_drop=1.0,
+            override=True, override_reason="release manager: demo on synthetic data")),
+        metrics=metrics, report=report,
     )
     assert passed is True
     m = metrics.metadata

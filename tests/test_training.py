@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import settings_of
 import torch
 
 from components.data import Splits, load_splits
@@ -28,6 +29,7 @@ from components.training import (
     subsample_labels,
     validate,
 )
+from pipelines.config import DataConfig, FinetuneConfig, PretrainConfig
 
 TINY = EncoderSpec(in_channels=1, image_size=8, width=8, embed_dim=16)  # fast enough for unit tests
 QUIET = lambda line: None  # noqa: E731
@@ -257,6 +259,17 @@ TINY_PRETRAIN = dict(objective="contrastive", epochs=2, batch_size=128, learning
 TINY_FINETUNE = dict(epochs=3, batch_size=64, learning_rate=5e-3, patience=3, label_fraction=0.5, seed=0)
 
 
+def pretrain_settings(**values):
+    """A pretrain step's cfg: seed in the data area, the rest in pretrain."""
+    values = dict(values)
+    return settings_of(data=DataConfig(seed=values.pop("seed", 0)), pretrain=PretrainConfig(**values))
+
+
+def finetune_settings(**values):
+    values = dict(values)
+    return settings_of(data=DataConfig(seed=values.pop("seed", 0)), finetune=FinetuneConfig(**values))
+
+
 def test_pretrain_then_finetune_write_artifacts_that_load_back(tmp_path, dataset_dir, splits):
     summary = pretrain(dataset_dir, tmp_path / "encoder", **TINY_PRETRAIN, log=QUIET)
     assert {p.name for p in (tmp_path / "encoder").iterdir()} == {ENCODER_FILE, METADATA_FILE}
@@ -293,21 +306,24 @@ def test_components_log_metrics_into_kfp_artifacts(tmp_path, dataset_dir):
     dataset = dsl.Dataset(uri=str(dataset_dir))
     encoder = dsl.Model(uri=str(tmp_path / "encoder"))
     pretrain_metrics = dsl.Metrics(uri=str(tmp_path / "pretrain_metrics"))
-    pretrain_component(dataset=dataset, encoder=encoder, metrics=pretrain_metrics, **TINY_PRETRAIN)
+    pretrain_component(dataset=dataset, encoder=encoder, metrics=pretrain_metrics, cfg=pretrain_settings(**TINY_PRETRAIN))
     assert (tmp_path / "encoder" / ENCODER_FILE).is_file()
     assert {"pretrain_final_loss", "n_images", "cost_wall_seconds"} <= set(pretrain_metrics.metadata)
 
     model = dsl.Model(uri=str(tmp_path / "model"))
     finetune_metrics = dsl.Metrics(uri=str(tmp_path / "finetune_metrics"))
-    finetune_component(dataset=dataset, encoder=encoder, model=model, metrics=finetune_metrics, **TINY_FINETUNE)
+    finetune_component(dataset=dataset, encoder=encoder, model=model, metrics=finetune_metrics,
+                       cfg=finetune_settings(**TINY_FINETUNE))
     meta = json.loads((tmp_path / "model" / METADATA_FILE).read_text())
     assert finetune_metrics.metadata["val_accuracy"] == pytest.approx(meta["val_accuracy"])
     assert finetune_metrics.metadata["n_labeled"] == meta["n_labeled"]
     assert model.metadata["model_version"] == meta["model_version"]
 
-    # The pipeline decorates them at compile time; they must be valid KFP components.
-    for func in (pretrain_component, finetune_component):
-        dsl.component(func, base_image="python:3.11", install_kfp_package=False)
+    # The pipeline builds their KFP components at compile time; they must be valid ones.
+    from pipelines.pipeline import step_component
+
+    for step in ("pretrain", "finetune"):
+        step_component(step)
 
 
 @pytest.mark.slow
@@ -557,9 +573,9 @@ def test_retried_components_resume_from_their_checkpoints(tmp_path, dataset_dir,
     pretrain_args = dict(TINY_PRETRAIN, epochs=3)
     with pytest.raises(InjectedFailure):
         pretrain_component(dataset=dataset, encoder=encoder, metrics=dsl.Metrics(uri=str(tmp_path / "m0")),
-                           **pretrain_args)
+                           cfg=pretrain_settings(**pretrain_args))
     metrics = dsl.Metrics(uri=str(tmp_path / "m1"))
-    pretrain_component(dataset=dataset, encoder=encoder, metrics=metrics, **pretrain_args)
+    pretrain_component(dataset=dataset, encoder=encoder, metrics=metrics, cfg=pretrain_settings(**pretrain_args))
     assert metrics.metadata["pretrain_resumed_from_step"] == 9
     assert not (tmp_path / "tmp" / "kfp-mlops-checkpoints" / "pretrain").exists() or \
         not any((tmp_path / "tmp" / "kfp-mlops-checkpoints" / "pretrain").iterdir())  # cleaned up after success
@@ -571,10 +587,11 @@ def test_retried_components_resume_from_their_checkpoints(tmp_path, dataset_dir,
     monkeypatch.setenv(FAIL_AT_STEP_ENV, str(per_epoch + 2))  # early in epoch 2
     with pytest.raises(InjectedFailure):
         finetune_component(dataset=dataset, encoder=encoder, model=model,
-                           metrics=dsl.Metrics(uri=str(tmp_path / "m2")), **TINY_FINETUNE, min_epoch_samples=512)
+                           metrics=dsl.Metrics(uri=str(tmp_path / "m2")),
+                           cfg=finetune_settings(**TINY_FINETUNE, min_epoch_samples=512))
     metrics = dsl.Metrics(uri=str(tmp_path / "m3"))
-    finetune_component(dataset=dataset, encoder=encoder, model=model, metrics=metrics, **TINY_FINETUNE,
-                       min_epoch_samples=512)
+    finetune_component(dataset=dataset, encoder=encoder, model=model, metrics=metrics,
+                       cfg=finetune_settings(**TINY_FINETUNE, min_epoch_samples=512))
     assert metrics.metadata["finetune_resumed_from_step"] == per_epoch  # the checkpoint at the end of epoch 1
 
 
@@ -710,7 +727,8 @@ def test_multinode_pretraining_runs_a_trainjob_through_the_exchange(tmp_path, da
     encoder = dsl.Model(uri=str(tmp_path / "encoder"))
     metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
     pretrain_component(dataset=dsl.Dataset(uri=str(dataset_dir)), encoder=encoder, metrics=metrics,
-                       **dict(TINY_PRETRAIN, epochs=1), num_nodes=3, gpus_per_node=2, exchange_uri="s3://exchange/x",
+                       cfg=pretrain_settings(**dict(TINY_PRETRAIN, epochs=1), num_nodes=3, gpus_per_node=2,
+                                             exchange_uri="s3://exchange/x"),
                        trainjob_image="registry.example/kfp-mlops:1.2-cuda", trainjob_s3_key_source="s3-keys")
 
     job = fake.created
@@ -738,4 +756,5 @@ def test_multinode_without_an_exchange_says_what_to_configure(tmp_path, dataset_
     monkeypatch.setenv("POD_NAMESPACE", "team-a")
     with pytest.raises(ValueError, match=r"pretrain.num_nodes=2 needs pretrain.exchange_uri: an s3:// prefix"):
         pretrain_component(dataset=dsl.Dataset(uri=str(dataset_dir)), encoder=dsl.Model(uri=str(tmp_path / "e")),
-                           metrics=dsl.Metrics(uri=str(tmp_path / "m")), **TINY_PRETRAIN, num_nodes=2)
+                           metrics=dsl.Metrics(uri=str(tmp_path / "m")),
+                           cfg=pretrain_settings(**TINY_PRETRAIN, num_nodes=2), trainjob_image="img")
