@@ -10,7 +10,7 @@ Rows:
 1. **non-private, pipeline default** — what the pipeline ships without DP (the
    ``FinetuneConfig`` defaults: full fine-tuning after a linear-probe warm-up, AdamW,
    augmentation, early stopping). The accuracy baseline.
-2. **non-private, DP recipe** — the DP recipe (``components.dp`` defaults: the embedding
+2. **non-private, DP recipe** — the DP recipe (``components.train.dp`` defaults: the embedding
    standardised with validation-split statistics, then GroupNorm scales/shifts + projection
    + head train, SGD momentum 0.9, lr 0.25, Poisson batches of expected size 256, 30 epochs,
    clip 1, no augmentation) with no clipping and no noise. The like-for-like baseline of the time
@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from components.dp import (  # noqa: E402
+from components.robustness.robustness import accuracy  # noqa: E402
+from components.train.dp import (  # noqa: E402
     DPFinetune,
     DPSettings,
     poisson_batches,
@@ -55,8 +56,7 @@ from components.dp import (  # noqa: E402
     set_dp_trainable,
     standardize_embedding,
 )
-from components.robustness import accuracy  # noqa: E402
-from components.training import NO_AUGMENTATION, finetune_classifier, make_scheduler  # noqa: E402
+from components.train.training import NO_AUGMENTATION, finetune_classifier, make_scheduler  # noqa: E402
 from pipelines.config import FinetuneConfig  # noqa: E402
 
 SEEDS = int(os.environ.get("SEEDS", "3"))
@@ -88,16 +88,16 @@ class SameRecipeWithoutDP:
 
 def digits_splits(tmp: Path):
     """The pipeline's own ingest of the built-in digits (seed 0)."""
-    from components.data import load_splits
-    from components.ingest import ingest
+    from components.core.data import load_splits
+    from components.ingest.ingest import ingest
 
     ingest("digits", tmp / "dataset", seed=0)
     return load_splits(tmp / "dataset")
 
 
 def pretrained_encoder(tmp: Path):
-    from components.models import load_encoder
-    from components.pretrain import pretrain
+    from components.core.models import load_encoder
+    from components.pretrain.pretrain import pretrain
 
     t0 = time.perf_counter()
     pretrain(tmp / "dataset", tmp / "encoder", log=lambda _: None)  # the pipeline's defaults

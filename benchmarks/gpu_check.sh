@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.models import Classifier, EncoderSpec
+from components.core.models import Classifier, EncoderSpec
 
 dry = os.environ["GPU_CHECK_MODE"] == "--cpu-dry-run"
 device = torch.device("cpu" if dry else "cuda")
@@ -89,13 +89,13 @@ for arch, depth, width in ARCHS:
     print(f"{name:14s} {params:9d} {fp32:11.0f} {bf16:11.0f} {bf16 / fp32:7.2f} {peak:16.0f}")
 
 # One short pretrain + finetune through the step functions (DDP over every GPU when there are several).
-from components.cost import measure
-from components.finetune import finetune
-from components.ingest import ingest
-from components.models import load_classifier
-from components.pretrain import default_nproc_per_node, pretrain
-from components.data import load_splits
-from components.training import predict_logits
+from components.core.cost import measure
+from components.finetune.finetune import finetune
+from components.ingest.ingest import ingest
+from components.core.models import load_classifier
+from components.pretrain.pretrain import default_nproc_per_node, pretrain
+from components.core.data import load_splits
+from components.train.training import predict_logits
 
 work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
 ingest("digits", work / "dataset", seed=0, image_size=32)  # digits upscaled to 32x32: the 32x32 code path

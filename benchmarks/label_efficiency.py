@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from components.data import load_splits  # noqa: E402
-from components.ingest import ingest  # noqa: E402
-from components.models import Encoder, load_encoder  # noqa: E402
-from components.pretrain import pretrain  # noqa: E402
-from components.training import finetune_classifier, predict_logits, subsample_labels  # noqa: E402
+from components.core.data import load_splits  # noqa: E402
+from components.core.models import Encoder, load_encoder  # noqa: E402
+from components.ingest.ingest import ingest  # noqa: E402
+from components.pretrain.pretrain import pretrain  # noqa: E402
+from components.train.training import finetune_classifier, predict_logits, subsample_labels  # noqa: E402
 from pipelines.config import FinetuneConfig, PretrainConfig  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 1.0)

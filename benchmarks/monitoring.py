@@ -14,7 +14,7 @@ What runs:
    N requests each, written as ``serving/request_log.py`` writes it: compact JSON lines
    (features, prediction, confidence, embedding projection) in 16 MiB rotated files named
    ``requests-<host>-<pid>-<start>-<seq>.jsonl``.
-3. Ours: ``components.monitor.monitor`` on each hour, the log read from disk (page cache
+3. Ours: ``components.monitor.monitor.monitor`` on each hour, the log read from disk (page cache
    warm: it was just written), in this process (imports done), plus once at the largest
    size as a fresh ``mlops monitor --json`` process (imports included).
 4. Raw Evidently: ``Report([DataDriftPreset()])`` with its defaults on the same windows:
@@ -54,8 +54,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from components.drift_sampling import DEFAULT_ALPHA, DEFAULT_EPSILON, dkw_sample_size  # noqa: E402
-from components.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, MODEL_REFERENCE_FILE  # noqa: E402
+from components.core.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, MODEL_REFERENCE_FILE  # noqa: E402
+from components.monitor.sampling import DEFAULT_ALPHA, DEFAULT_EPSILON, dkw_sample_size  # noqa: E402
 
 MODEL_VERSION = "bench-1"
 DAY = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -73,7 +73,7 @@ def log(message: str) -> None:
 def train_model(images: np.ndarray, labels: np.ndarray):
     import torch
 
-    from components.models import Classifier, EncoderSpec
+    from components.core.models import Classifier, EncoderSpec
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -94,8 +94,8 @@ def setup(work: Path) -> dict:
     """Pools of served rows (clean and inverted digits) with their log-line bodies, and the references."""
     from sklearn.datasets import load_digits
 
-    from components.features import model_reference_features
-    from components.models import save_classifier
+    from components.core.features import model_reference_features
+    from components.core.models import save_classifier
 
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]
@@ -146,7 +146,7 @@ def write_window(log_dir: Path, pool: dict, n: int, start: datetime, seed: int) 
 
 
 def ours(work: Path, log_dir: Path, since: datetime) -> tuple[float, dict]:
-    from components.monitor import monitor
+    from components.monitor.monitor import monitor
 
     t0 = time.perf_counter()
     verdict = monitor(work / "reference.csv", log_dir, work / "out", since=since, until=since + timedelta(hours=1),
@@ -169,7 +169,7 @@ def ours_cold_cli(work: Path, log_dir: Path, since: datetime) -> float:
 
 def raw_read(log_dir: Path, since: datetime) -> tuple[float, pd.DataFrame]:
     """The baseline's reading: the window's files (same name-based choice as ours) with pyarrow, then filtered."""
-    from components.drift_sampling import list_log_files
+    from components.monitor.sampling import list_log_files
 
     until = since + timedelta(hours=1)
     files = list_log_files(log_dir, since, until)

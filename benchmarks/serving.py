@@ -85,7 +85,7 @@ def train_digits(out_dir: Path, seconds: float = 8.0) -> bytes:
     import torch
     from sklearn.datasets import load_digits
 
-    from components.models import Classifier, EncoderSpec, save_classifier
+    from components.core.models import Classifier, EncoderSpec, save_classifier
     from serving.client import encode_png
 
     digits = load_digits()
@@ -629,8 +629,14 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from serving import archive
     from serving.client import read_token
-    from serving.server import (DEFAULT_JOB_QUEUE_SIZE, DEFAULT_NETTY_CLIENT_THREADS, DEFAULT_NETTY_THREADS,
-                                DEFAULT_VMARGS, LocalTorchServe, free_port)
+    from serving.server import (
+        DEFAULT_JOB_QUEUE_SIZE,
+        DEFAULT_NETTY_CLIENT_THREADS,
+        DEFAULT_NETTY_THREADS,
+        DEFAULT_VMARGS,
+        LocalTorchServe,
+        free_port,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per measurement (default 8)")

@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from components.checkpoint import Checkpointer  # noqa: E402
-from components.data import Splits  # noqa: E402
-from components.models import Classifier, Encoder, EncoderSpec  # noqa: E402
-from components.training import augment, finetune_classifier, finetune_policy, warmup_cosine  # noqa: E402
+from components.core.checkpoint import Checkpointer  # noqa: E402
+from components.core.data import Splits  # noqa: E402
+from components.core.models import Classifier, Encoder, EncoderSpec  # noqa: E402
+from components.train.training import augment, finetune_classifier, finetune_policy, warmup_cosine  # noqa: E402
 
 EPOCHS = 3
 BATCH = 64

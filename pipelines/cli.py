@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"  try:         {curl_example(status)}")
         return 0 if status["running"] and status["healthy"] else 1
     # start: serve a released model (the latest, or the named run's)
-    from components.deploy import deploy_local
+    from components.deploy.local import deploy_local
     from pipelines.local import latest_released_run, read_summary, release_problem
 
     run_dir = Path(args.runs_dir) / args.run_id if args.run_id else latest_released_run(args.runs_dir)
@@ -128,7 +128,7 @@ def _user() -> str:
 
 def _record_served_run(home: Path, run_id: str, override: dict | None) -> None:
     """Which run the server serves, and an override if there was one (state.json, plus the override log)."""
-    from components.models import atomic_write_json
+    from components.core.models import atomic_write_json
 
     state_file = home / "state.json"
     state = json.loads(state_file.read_text())
@@ -151,8 +151,8 @@ def _parse_time(value: str | None) -> dt.datetime | None:
 
 def served_references(served: dict, state_file: Path) -> tuple[str, str | None]:
     """The monitoring references of the model a local server serves: (image features, model reference or None)."""
-    from components.data import REFERENCE_FILE
-    from components.features import MODEL_REFERENCE_FILE
+    from components.core.data import REFERENCE_FILE
+    from components.core.features import MODEL_REFERENCE_FILE
 
     if not served:
         raise FileNotFoundError(f"no serving state at {state_file}: pass --reference (the training reference of the "
@@ -172,8 +172,15 @@ def served_references(served: dict, state_file: Path) -> tuple[str, str | None]:
 def cmd_monitor(args: argparse.Namespace) -> int:
     import tempfile
 
-    from components.features import MODEL_REFERENCE_FILE
-    from components.monitor import VERDICT_FILE, last_window, location_exists, monitor, parse_duration, result_dir
+    from components.core.features import MODEL_REFERENCE_FILE
+    from components.monitor.monitor import (
+        VERDICT_FILE,
+        last_window,
+        location_exists,
+        monitor,
+        parse_duration,
+        result_dir,
+    )
 
     cfg = _load_config(args)
     since, until = _parse_time(args.since), _parse_time(args.until)
@@ -213,7 +220,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from pipelines.retrain import RETRAIN_MARKER
 
     if remote:  # a retrain already recorded for this window must be seen before deciding to start one
-        from components import storage
+        from components.core import storage
 
         if storage.exists(f"{target}/{RETRAIN_MARKER}"):
             storage.get_file(f"{target}/{RETRAIN_MARKER}", out_dir / RETRAIN_MARKER)
@@ -241,7 +248,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
         tmp.replace(out_dir / VERDICT_FILE)
     if remote:
-        from components import storage
+        from components.core import storage
 
         storage.put_dir(out_dir, target)
         verdict.update({k: f"{target}/{Path(verdict[k]).name}" for k in ("report_html", "verdict_json", "metrics_prom")})

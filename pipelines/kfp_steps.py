@@ -7,7 +7,7 @@ is embedded in the compiled pipeline. So the KFP function is written here, from
 the step function's signature and the config fields: one input per field of the
 step's areas (named like the root parameter it is wired to, ``finetune_epochs``),
 documented with the field's help. Its body decodes the inputs into typed settings
-(``components.settings``) and calls the step function, which the image has
+(``components.core.settings``) and calls the step function, which the image has
 installed. A field added to a config dataclass therefore reaches the step with
 no other edit, and every value travels as a plain typed KFP parameter (nothing
 is substituted into text).
@@ -95,7 +95,7 @@ def kfp_function_source(step: str, function: Callable[..., Any], inputs: list[St
     """
     import json
 
-    from components.settings import decode
+    from components.core.settings import decode
     from {function.__module__} import {function.__name__}
 
     values = {values_src}

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from components.models import atomic_write_json
+from components.core.models import atomic_write_json
 from pipelines.config import LOCAL, Config, to_dict
 
 SUMMARY_FILE = "summary.json"

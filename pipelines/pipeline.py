@@ -25,15 +25,15 @@ from typing import Any, Callable
 
 from kfp import dsl, kubernetes
 
-from components.deploy import deploy_component
-from components.evaluate import evaluate_component
-from components.finetune import finetune_component
-from components.ingest import ingest_component
-from components.monitor import monitor_component
-from components.pretrain import pretrain_component
-from components.privacy import privacy_component
-from components.robustness import robustness_component
-from components import settings
+from components.core import settings
+from components.deploy.component import deploy_component
+from components.evaluate.component import evaluate_component
+from components.finetune.component import finetune_component
+from components.ingest.component import ingest_component
+from components.monitor.component import monitor_component
+from components.pretrain.component import pretrain_component
+from components.privacy.component import privacy_component
+from components.robustness.component import robustness_component
 from pipelines.config import CLUSTER, LOCAL, ClusterConfig, Config, Parameter, parameters
 from pipelines.config import defaults as config_defaults
 from pipelines.kfp_steps import StepInput, kfp_function
@@ -80,7 +80,7 @@ RETRYABLE_STEPS = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "rob
 # exchange, the model store and its champion, request logs). The others only use KFP artifacts, which
 # KFP's launcher moves with its own credentials, so they get no S3 keys at all.
 STORAGE_STEPS = ("ingest", "pretrain", "evaluate", "deploy", "monitor")
-# Env var (what components/storage.py and boto3 read) -> key in the storage ConfigMap
+# Env var (what components/core/storage.py and boto3 read) -> key in the storage ConfigMap
 # (manifests/base/storage-configmap.yaml uses the same names).
 STORAGE_CONFIG_ENV = ("S3_ENDPOINT_URL", "AWS_REGION", "S3_ADDRESSING_STYLE", "AWS_MAX_ATTEMPTS", "KFP_MLOPS_MODEL_STORE")
 
@@ -182,7 +182,7 @@ class RootParameter:
     The stock KFP run form (``NewRunParametersV2``) takes a default that is falsy in JavaScript
     (``0``, ``false``, ``""``) for a missing value and keeps Start disabled, so a field whose
     default is falsy is declared as text (``"0"``, ``"false"``, ``'""'``); the step decodes it
-    with the field's own type (``components.settings``).
+    with the field's own type (``components.core.settings``).
     """
 
     field: Parameter
@@ -346,7 +346,7 @@ def apply_cluster_settings(task, step: str, cluster: ClusterConfig, settings: St
             })
         if cluster.storage_config_map:
             # optional: a key the ConfigMap lacks (no endpoint on AWS) leaves the env unset,
-            # and components/storage.py falls back to its default.
+            # and components/core/storage.py falls back to its default.
             kubernetes.use_config_map_as_env(task, config_map_name=cluster.storage_config_map,
                                              config_map_key_to_env={k: k for k in STORAGE_CONFIG_ENV}, optional=True)
     if step in gpu_steps(cluster):

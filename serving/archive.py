@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from components.models import METADATA_FILE, WEIGHTS_FILE
+from components.core.models import METADATA_FILE, WEIGHTS_FILE
 
 HANDLER_FILE = Path(__file__).with_name("handler.py")
 

@@ -65,8 +65,18 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from serving.http_framing import (READ_SIZE, FramingError, Request, RequestStream, Response, Upstream,
-                                  encode_request, encode_response, forwardable_fields, no_delay)
+from serving.http_framing import (
+    READ_SIZE,
+    FramingError,
+    Request,
+    RequestStream,
+    Response,
+    Upstream,
+    encode_request,
+    encode_response,
+    forwardable_fields,
+    no_delay,
+)
 
 MIN_TOKEN_CHARS = 16  # a guessable client token would make the whole gate pointless
 # (method, path pattern) pairs that reach TorchServe; everything else is refused here.

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import requests
@@ -71,3 +72,47 @@ def predict(endpoint: str, body: bytes, token: str, timeout: float = 30.0,
     if response.status_code != 200:
         raise RuntimeError(f"prediction request to {endpoint} failed with HTTP {response.status_code}: {response.text[:300]}")
     return response.json()
+
+
+SMOKE_SOURCE = "smoke-test"  # request-log 'source' of the smoke test's requests, so the monitor can skip them
+
+
+def smoke_test(endpoint: str, token_file: str | Path | None, images, labels, class_names: list[str],
+               model_version: str | None = None, *, token: str | None = None,
+               send: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Send each image as PNG to the endpoint; return counts, accuracy, latency and what went wrong.
+
+    ``token_file``: a plain-text token file (the local server's ``source-token``, so the
+    proxy passes ``X-Request-Source`` on) or TorchServe's ``key_file.json``; ``token`` (e.g.
+    the cluster's client token) replaces reading it; ``send`` replaces
+    ``serving.client.predict`` (same signature; tests inject one).
+    """
+    token = token if token is not None else read_token(token_file)
+    send = send or predict
+    problems: list[str] = []
+    correct, latencies = 0, []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        t0 = time.perf_counter()
+        try:
+            answer = send(endpoint, encode_png(image), token, source=SMOKE_SOURCE)
+        except Exception as err:  # noqa: BLE001 - every failure is reported, none hidden
+            problems.append(f"image {i}: {err}")
+            continue
+        latencies.append(time.perf_counter() - t0)
+        missing = {"label", "class_index", "confidence", "probabilities", "model_version"} - set(answer if isinstance(answer, dict) else {})
+        if missing:
+            problems.append(f"image {i}: response lacks {sorted(missing)}: {str(answer)[:200]}")
+            continue
+        if model_version is not None and answer["model_version"] != model_version:
+            problems.append(f"image {i}: served model_version {answer['model_version']!r}, expected {model_version!r}")
+        if answer["label"] != class_names[answer["class_index"]]:
+            problems.append(f"image {i}: label {answer['label']!r} does not match class_index {answer['class_index']}")
+        correct += int(answer["class_index"] == int(label))
+    n = len(labels)
+    return {
+        "images": n,
+        "answered": len(latencies),
+        "accuracy": correct / n if n else 0.0,
+        "latency_ms_mean": 1000 * sum(latencies) / len(latencies) if latencies else None,
+        "problems": problems,
+    }

@@ -76,7 +76,7 @@ from safetensors.torch import load_file
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from components.models import METADATA_FILE, WEIGHTS_FILE, build_classifier
+from components.core.models import METADATA_FILE, WEIGHTS_FILE, build_classifier
 from serving.request_log import REQUEST_LOG_ENV, LogBatch, RequestLogger, close_on_shutdown
 
 logger = logging.getLogger(__name__)

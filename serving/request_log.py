@@ -7,7 +7,7 @@ touches a file. When ``queue_batches`` batches are already waiting, the batch is
 dropped and counted (``stats()["dropped"]``) rather than slowing an answer down.
 A daemon thread collects what piled up every ``poll_s`` (0.2 s), computes the
 monitoring features of the whole block at once
-(``components.features.image_features`` and ``embedding_projection``) and
+(``components.core.features.image_features`` and ``embedding_projection``) and
 appends the lines to a :class:`RotatingJsonl` file.
 
 Files are ``requests-<host>-<pid>-<UTC start>-<seq>.jsonl`` and are rotated when
@@ -18,7 +18,7 @@ complete line, so a reader never finds half a line followed by more lines. The
 destination is a local directory (files are written there directly; the
 monitor reads every ``*.jsonl`` in it) or an ``s3://`` prefix: then files are
 written to a local spool directory and each closed file is uploaded with
-``components.storage.put_file`` and removed. A failed upload is retried every 30 s.
+``components.core.storage.put_file`` and removed. A failed upload is retried every 30 s.
 
 Which process owns a spooled file is told by an advisory lock (``flock``) that
 its writer holds while the file is open, and that an uploader holds while it
@@ -122,7 +122,7 @@ def _rows(batches: LogBatch | list[LogBatch]) -> tuple[list[str], list[tuple]]:
     call: their fixed cost (a DataFrame, the projection matrix) is paid once per block.
     Batches whose images or embeddings differ in shape (two models in one block) are computed apart.
     """
-    from components.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, embedding_projection, image_features
+    from components.core.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, embedding_projection, image_features
 
     batches = [batches] if isinstance(batches, LogBatch) else [b for b in batches if len(b.predicted)]
     float_columns = ["confidence", *FEATURE_COLUMNS, *EMBEDDING_COLUMNS]
@@ -252,7 +252,7 @@ def _upload_spooled(path: Path, prefix: str, one_request: bool = False) -> str:
     holds it now). Raises what the upload raised; the file is then kept. ``one_request``: a single PUT, no
     transfer threads (during interpreter exit no new thread may start; files up to ``SINGLE_PUT_MAX_BYTES``).
     """
-    from components import storage
+    from components.core import storage
 
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -613,7 +613,7 @@ class RequestLogger:
 
     def _prepare_uploads(self) -> None:
         """Create the S3 client now: during interpreter exit importing boto3 fails (it registers an exit hook)."""
-        from components import storage
+        from components.core import storage
 
         try:
             storage.Storage().client

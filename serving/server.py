@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import requests
 
-from components.models import atomic_write_json
+from components.core.models import atomic_write_json
 from serving.client import read_token
 from serving.request_log import MAX_AGE_ENV, MAX_BYTES_ENV, REQUEST_LOG_ENV, SPOOL_ENV, drain, pid_alive
 
@@ -490,7 +490,7 @@ class LocalTorchServe:
         print(f"[serve] starting TorchServe for model '{model_name}' on {host}:{inference_port} behind the auth proxy "
               f"(home {self.home})", flush=True)
         pid = self._launch_torchserve(env, log_config)
-        from components.features import MODEL_REFERENCE_FILE  # imports pandas: only once a server starts
+        from components.core.features import MODEL_REFERENCE_FILE  # imports pandas: only once a server starts
 
         model_reference = Path(model_dir).resolve() / MODEL_REFERENCE_FILE if model_dir else None
         record = {

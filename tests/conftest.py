@@ -6,7 +6,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from components.data import Splits, save_splits
+from components.core.data import Splits, save_splits
 
 
 def digits_splits(seed: int = 0, test: float = 0.2, val: float = 0.15, pool: float = 0.2) -> Splits:
@@ -87,6 +87,6 @@ def settings_of(**areas):
     """Step settings (what a step function's ``cfg`` holds) from config dataclasses: ``settings_of(data=DataConfig())``."""
     import dataclasses
 
-    from components.settings import Settings
+    from components.core.settings import Settings
 
     return Settings(**{name: Settings(**dataclasses.asdict(value)) for name, value in areas.items()})

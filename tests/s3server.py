@@ -100,7 +100,7 @@ def _no_proxy_opener():
 
 
 def s3_env(endpoint: str, **extra: str) -> dict[str, str]:
-    """Environment for components.storage against ``endpoint``, isolated from any real AWS config."""
+    """Environment for components.core.storage against ``endpoint``, isolated from any real AWS config."""
     return {
         "S3_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from components import checkpoint as ckpt_module
-from components.checkpoint import (
+from components.core import checkpoint as ckpt_module
+from components.core.checkpoint import (
     POINTER,
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     flatten,
     load_checkpoint,
     save_checkpoint,

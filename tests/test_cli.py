@@ -128,9 +128,9 @@ def fake_deploy(monkeypatch, tmp_path):
         served.append(model_dir)
         return record
 
-    import components.deploy
+    import components.deploy.local
 
-    monkeypatch.setattr(components.deploy, "deploy_local", deploy_local)
+    monkeypatch.setattr(components.deploy.local, "deploy_local", deploy_local)
     return served
 
 
@@ -194,7 +194,7 @@ def test_serve_start_never_serves_a_run_without_finished_gates(tmp_path, fake_de
 
 
 def test_monitor_compares_against_the_served_models_references_not_the_latest_runs(tmp_path, monkeypatch, run_cli):
-    import components.monitor
+    import components.monitor.monitor
 
     runs, home = tmp_path / "runs", tmp_path / "serving"
     served = _run(runs, "served", mtime=1000)
@@ -213,7 +213,7 @@ def test_monitor_compares_against_the_served_models_references_not_the_latest_ru
                     model_version=kwargs.get("model_version"))
         return {"status": "ok", "drift_detected": False, "alert": False, "message": "", "report_html": "r"}
 
-    monkeypatch.setattr(components.monitor, "monitor", monitor)
+    monkeypatch.setattr(components.monitor.monitor, "monitor", monitor)
     code, out, err = run_cli(["monitor", "--runs-dir", str(runs), "--serving-home", str(home)])
     assert code == 0, err
     assert seen == {"reference": str(served / "dataset" / "reference.csv"),

@@ -6,10 +6,9 @@ import os
 import re
 from pathlib import Path
 
-import yaml
 import pytest
+import yaml
 
-from pipelines import config
 from pipelines.config import CLUSTER, ClusterConfig, parameters
 from pipelines.pipeline import STEP_AREAS, STEPS, compile_pipeline
 
@@ -185,7 +184,12 @@ def test_cli_compile(tmp_path):
 # --- Kubernetes settings of every step (kfp-kubernetes), asserted on the compiled spec ---
 
 from pipelines.pipeline import (  # noqa: E402
-    RETRYABLE_STEPS, STEP_DEFAULTS, STORAGE_CONFIG_ENV, STORAGE_STEPS, build_pipeline, step_settings,
+    RETRYABLE_STEPS,
+    STEP_DEFAULTS,
+    STORAGE_CONFIG_ENV,
+    STORAGE_STEPS,
+    build_pipeline,
+    step_settings,
 )
 
 

@@ -11,12 +11,14 @@ import pytest
 from conftest import settings_of
 from kfp.dsl import Artifact, Dataset, Metrics, Model
 
-from components.data import Splits, save_splits
-from components.deploy import deploy_component, deploy_local
-from components.models import Classifier, EncoderSpec, save_classifier
+from components.core.data import Splits, save_splits
+from components.core.models import Classifier, EncoderSpec, save_classifier
+from components.deploy.component import deploy_component
+from components.deploy.local import deploy_local
 from pipelines.config import ServingConfig
 from serving.client import encode_png, predict, read_token
 from serving.server import LocalTorchServe, _is_auth_proxy, _is_torchserve, free_port, port_in_use
+
 try:  # tests/ is on sys.path under pytest's default import mode
     from test_serving import DIGIT_NAMES, train_digits_classifier
 except ImportError:  # tests/ made a package
@@ -126,7 +128,7 @@ def test_deploy_component_passes_the_request_log_settings_to_the_local_server(tm
         return {"endpoint": "http://127.0.0.1:1/predictions/digits", "model_version": "v", "token_file": "t",
                 "smoke_test_images": 1, "smoke_test_accuracy": 1.0, "smoke_test_latency_ms_mean": 1.0}
 
-    monkeypatch.setattr("components.deploy.deploy_local", fake_deploy_local)
+    monkeypatch.setattr("components.deploy.local.deploy_local", fake_deploy_local)
     common = dict(model=Model(name="model", uri=str(tmp_path / "model")),
                   dataset=Dataset(name="dataset", uri=str(tmp_path / "dataset")))
     serving = dict(home=str(tmp_path / "serving"), host="127.0.0.1", inference_port=1, management_port=2,

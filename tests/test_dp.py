@@ -1,4 +1,4 @@
-"""Tests of DP-SGD fine-tuning (components.dp): layer fixes, accounting, sampling, the loop, the ε gate."""
+"""Tests of DP-SGD fine-tuning (components.train.dp): layer fixes, accounting, sampling, the loop, the ε gate."""
 
 import json
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from components.data import Splits, save_splits
-from components.dp import (
+from components.core.data import Splits, save_splits
+from components.core.models import Classifier, Encoder, EncoderSpec, load_classifier, save_encoder
+from components.train.dp import (
     DP_TRAINABLE,
     DPFinetune,
     DPSettings,
@@ -21,7 +22,6 @@ from components.dp import (
     standardize_embedding,
     validate_dp_settings,
 )
-from components.models import Classifier, Encoder, EncoderSpec, load_classifier, save_encoder
 
 SPEC = EncoderSpec(width=8, embed_dim=16)
 
@@ -147,8 +147,8 @@ def test_all_problems_are_reported_at_once():
 @pytest.fixture(scope="module")
 def dp_model(dirs):
     """DP-SGD through the project's finetune() (what the pipeline step calls), with adversarial examples too."""
-    from components.finetune import finetune
-    from components.robustness import RobustTraining
+    from components.finetune.finetune import finetune
+    from components.train.adversarial import RobustTraining
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -181,7 +181,7 @@ def test_dp_finetune_spends_at_most_the_target_and_records_it(dp_model, splits):
 
 
 def test_privacy_gate_checks_the_spent_epsilon(dp_model, dirs):
-    from components.privacy import privacy_check
+    from components.privacy.privacy import privacy_check
 
     _, model_dir = dp_model
     allowed = privacy_check(str(dirs / "dataset"), str(model_dir), max_mia_auc=1.0, max_dp_epsilon=10.0)
@@ -193,8 +193,8 @@ def test_privacy_gate_checks_the_spent_epsilon(dp_model, dirs):
 
 
 def test_dp_finetune_leaves_the_frozen_layers_untouched(dirs, splits):
-    from components.models import load_encoder
-    from components.training import finetune_classifier
+    from components.core.models import load_encoder
+    from components.train.training import finetune_classifier
 
     encoder, _ = load_encoder(dirs / "encoder")
     dp = DPFinetune(DPSettings(target_epsilon=8.0, delta=1e-4, batch_size=64, epochs=1, trainable="projection",
@@ -256,9 +256,9 @@ def test_standardisation_without_reference_images_is_logged_and_reported(splits)
 
 
 def test_a_dp_linear_probe_learns_far_more_on_the_standardised_embedding(dirs, splits):
-    from components.models import load_encoder
-    from components.robustness import accuracy
-    from components.training import finetune_classifier
+    from components.core.models import load_encoder
+    from components.robustness.robustness import accuracy
+    from components.train.training import finetune_classifier
 
     encoder, _ = load_encoder(dirs / "encoder")
     results = {}

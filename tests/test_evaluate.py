@@ -12,17 +12,25 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from conftest import settings_of
 import torch
+from conftest import settings_of
 from kfp import dsl
 from PIL import Image
 from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from components.champion import ChampionNotComparable, check_comparable, extract_mar, from_serving_home, resolve_champion
-from components.data import Splits, save_splits
-from components.evaluate import (
+from components.core.data import Splits, save_splits
+from components.core.models import Classifier, EncoderSpec, save_classifier
+from components.evaluate.champion import (
+    ChampionNotComparable,
+    check_comparable,
+    extract_mar,
+    from_serving_home,
+    resolve_champion,
+)
+from components.evaluate.component import evaluate_component
+from components.evaluate.evaluate import (
     REPORT_FILE,
     RESULT_FILE,
     calibration,
@@ -30,7 +38,6 @@ from components.evaluate import (
     confusion_matrix,
     evaluate,
     evaluate_and_gate,
-    evaluate_component,
     expected_calibration_error,
     heatmap_rgb,
     pick_examples,
@@ -40,8 +47,7 @@ from components.evaluate import (
     render_report_html,
     saliency_maps,
 )
-from components.models import Classifier, EncoderSpec, save_classifier
-from components.training import predict_logits
+from components.train.training import predict_logits
 from pipelines.config import GateConfig, ServingConfig
 
 
@@ -195,7 +201,7 @@ def test_saliency_of_a_linear_model_is_its_weights(samples):
 
 
 def test_saliency_of_the_classifier_defaults_to_the_predicted_class(splits, known_model):
-    from components.models import load_classifier
+    from components.core.models import load_classifier
 
     model, _ = load_classifier(known_model[0])
     model.train()
@@ -251,7 +257,7 @@ def test_evaluate_matches_scikit_learn_on_a_known_model(tmp_path, dataset_dir, s
     assert result["n_test"] == len(splits.test_y)
     assert result["model_version"] == "known-1"
     # Calibration from the same softmax outputs, recomputed independently.
-    from components.models import load_classifier
+    from components.core.models import load_classifier
 
     probabilities = torch.softmax(predict_logits(load_classifier(model_dir)[0], splits.test_x), 1).numpy()
     assert result["calibration"]["ece"] == pytest.approx(
@@ -297,7 +303,7 @@ def test_full_report_is_self_contained_and_escapes_names(tmp_path, splits, known
     hostile = Splits(splits.train_x, splits.train_y, splits.val_x, splits.val_y, splits.test_x, splits.test_y,
                      splits.pool_x, names)
     save_splits(hostile, tmp_path / "data")
-    model, _ = __import__("components.models", fromlist=["load_classifier"]).load_classifier(known_model[0])
+    model, _ = __import__("components.core.models", fromlist=["load_classifier"]).load_classifier(known_model[0])
     save_classifier(model, tmp_path / "model", {"class_names": names, "model_version": "<v1>"})
     weird = tmp_path / "<script>alert(1)</script>"
     save_classifier(model, weird, {"class_names": names, "model_version": "<v0>"})
@@ -344,7 +350,7 @@ def test_mar_extraction_reads_only_the_model(tmp_path, served_home):
 
 
 def test_explicit_champion_as_mar_dir_and_storage_release(tmp_path, served_home, known_model):
-    from components.storage import publish
+    from components.core.storage import publish
 
     mar = served_home / "model-store" / "digits.mar"
     weights = (known_model[0] / "model.safetensors").read_bytes()
@@ -365,7 +371,7 @@ def test_champion_from_an_s3_release(tmp_path, known_model, monkeypatch):
     pytest.importorskip("moto")
     from s3server import MotoServer, s3_env
 
-    from components.storage import Storage, publish
+    from components.core.storage import Storage, publish
 
     with MotoServer() as server:
         for name, value in s3_env(server.endpoint).items():

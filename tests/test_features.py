@@ -3,11 +3,15 @@
 import numpy as np
 import pytest
 
-from components.features import (
-    EMBEDDING_COLUMNS, FEATURE_COLUMNS, PREDICTION_COLUMNS, embedding_projection, image_features,
+from components.core.features import (
+    EMBEDDING_COLUMNS,
+    FEATURE_COLUMNS,
+    PREDICTION_COLUMNS,
+    embedding_projection,
+    image_features,
     model_reference_features,
 )
-from components.models import Classifier, EncoderSpec
+from components.core.models import Classifier, EncoderSpec
 
 
 def test_image_features_columns_and_known_values():

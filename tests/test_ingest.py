@@ -13,7 +13,7 @@ from kfp.dsl import Dataset, Markdown, Metrics
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 
-from components.data import (
+from components.core.data import (
     CARD_FILE,
     CARD_MARKDOWN,
     REFERENCE_FILE,
@@ -29,8 +29,9 @@ from components.data import (
     split_indices,
     validate,
 )
-from components.features import FEATURE_COLUMNS
-from components.ingest import ingest, ingest_component
+from components.core.features import FEATURE_COLUMNS
+from components.ingest.component import ingest_component
+from components.ingest.ingest import ingest
 from pipelines.config import DataConfig
 
 FRACTIONS = dict(test_fraction=0.2, val_fraction=0.15, pool_fraction=0.2)
@@ -342,7 +343,6 @@ def test_ingest_component_with_kfp_artifacts(tmp_path):
 
 def test_ingest_component_builds_as_a_kfp_component():
     # KFP needs real (not stringified) annotations and an Args docstring entry per parameter.
-    from kfp import dsl
 
     from pipelines.pipeline import step_component
 

@@ -1,4 +1,4 @@
-"""Deploy step on Kubernetes (components/k8s_deploy.py), without a cluster.
+"""Deploy step on Kubernetes (components/deploy/kubernetes.py), without a cluster.
 
 The rendering is checked against the kustomize output of every overlay, with
 ``kubernetes-validate --strict`` like the manifests policy. The rollout and rollback
@@ -34,13 +34,21 @@ from conftest import settings_of
 from kfp.dsl import Artifact, Dataset, Metrics, Model
 from PIL import Image
 
-from components import k8s_deploy
-from components.data import Splits, save_splits
-from pipelines.config import ServingConfig
-from components.k8s_deploy import (
-    DeployError, KubernetesApi, Release, ReleaseRolledBack, RollbackFailed, deploy_kubernetes, label_value,
-    pod_problems, render_release, rollout_state,
+from components.core.data import Splits, save_splits
+from components.deploy import kubernetes as k8s_deploy
+from components.deploy.kubernetes import (
+    DeployError,
+    KubernetesApi,
+    Release,
+    ReleaseRolledBack,
+    RollbackFailed,
+    deploy_kubernetes,
+    label_value,
+    pod_problems,
+    render_release,
+    rollout_state,
 )
+from pipelines.config import ServingConfig
 
 try:  # tests/ is on sys.path under pytest's default import mode
     from test_manifests import KUBERNETES_VERSIONS, TARGETS, find, render
@@ -802,12 +810,12 @@ def test_bad_inputs_are_refused_before_anything_is_published(serve_cluster, inpu
 
 
 def test_end_to_end_with_the_real_archiver_and_model_store(serve_cluster, inputs, tmp_path):
-    """The real .mar builder and components.storage.publish into a local model store: the release the
+    """The real .mar builder and components.core.storage.publish into a local model store: the release the
     Deployment now names is fetchable and holds the archive TorchServe loads."""
     import torch
 
-    from components import storage
-    from components.models import Classifier, EncoderSpec, save_classifier
+    from components.core import storage
+    from components.core.models import Classifier, EncoderSpec, save_classifier
 
     torch.manual_seed(0)
     save_classifier(Classifier(EncoderSpec(width=8, embed_dim=16), 10), inputs.model,
@@ -842,13 +850,13 @@ def test_bad_batching_fails_before_anything_is_published(serve_cluster, inputs):
 
 
 def test_deploy_component_on_kubernetes_writes_the_record(serve_cluster, inputs, tmp_path, monkeypatch):
-    from components.deploy import deploy_component
+    from components.deploy.component import deploy_component
 
     cluster = FakeCluster("deployment-serving.json", "replicasets-serving.json", {8: "rollout-complete.json"})
     api = serve_cluster(cluster)
     service = FakeService(cluster)
     monkeypatch.setattr(KubernetesApi, "from_environment", classmethod(lambda cls: api))
-    monkeypatch.setattr("components.storage.publish", FakeStore())
+    monkeypatch.setattr("components.core.storage.publish", FakeStore())
     monkeypatch.setattr("serving.archive.build_mar", fake_build)
     monkeypatch.setattr("serving.client.predict", service)
     monkeypatch.setattr(k8s_deploy.time, "sleep", lambda s: None)

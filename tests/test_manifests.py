@@ -369,7 +369,7 @@ def test_gpu_overlay_requests_a_gpu_on_gpu_nodes():
 
 # ---------------------------------------------------------------- RBAC: exact allow-lists
 
-# What the project's own code calls (components/k8s_deploy.py; test_k8s_deploy replays each call).
+# What the project's own code calls (components/deploy/kubernetes.py; test_k8s_deploy replays each call).
 PIPELINE_RULES = [
     {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["kfp-mlops-serving"], "verbs": ["get", "patch"]},
     {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
@@ -547,7 +547,7 @@ def test_serving_pod_runs_hardened_torchserve():
     # The init container fetches the release (digits.mar inside) into the model store, which it may
     # replace as a whole: so the store is a directory below the volume, not the mount point itself.
     fetch = next(c for c in spec["initContainers"] if c["name"] == "fetch-model")
-    assert fetch["command"] == ["python", "-m", "components.storage", "fetch", "$(KFP_MLOPS_MODEL_URI)",
+    assert fetch["command"] == ["python", "-m", "components.core.storage", "fetch", "$(KFP_MLOPS_MODEL_URI)",
                                 props["model_store"], "--version", "$(KFP_MLOPS_MODEL_VERSION)"]
     assert {"KFP_MLOPS_MODEL_URI", "KFP_MLOPS_MODEL_VERSION"} <= {e["name"] for e in fetch["env"]}
     fetch_mount = next(m["mountPath"] for m in fetch["volumeMounts"] if props["model_store"].startswith(m["mountPath"] + "/"))
@@ -1016,7 +1016,7 @@ def test_multinode_pretrain_component_grants_trainjobs_and_lets_the_nodes_talk(t
     for obj in render(target):
         for version in KUBERNETES_VERSIONS:
             kubernetes_validate.validate(obj, version, strict=True)
-    from components import trainjob
+    from components.train import trainjob
 
     rules = _roles(target)["kfp-mlops-pipeline-trainjobs"]
     assert rules == [{"apiGroups": [trainjob.GROUP], "resources": [trainjob.PLURAL], "verbs": ["create", "get", "delete"]}]
@@ -1160,7 +1160,7 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
     readiness probe command from the manifest, and check token auth and the closed model API."""
     import torch
 
-    from components.models import Classifier, EncoderSpec, save_classifier
+    from components.core.models import Classifier, EncoderSpec, save_classifier
     from serving.archive import build_mar
 
     spec = pod_spec(find("base", "Deployment", "kfp-mlops-serving"))
@@ -1224,8 +1224,9 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
         assert requests.get(f"{base}/ping", timeout=5).status_code in (400, 401, 403), "token auth is on"
         key = json.loads((home / "key_file.json").read_text())["inference"]["key"]
         image = torch.rand(8, 8).mul(255).byte().numpy()
-        from PIL import Image
         import io
+
+        from PIL import Image
         png = io.BytesIO()
         Image.fromarray(image).save(png, format="PNG")
         answer = requests.post(f"{base}/predictions/digits", data=png.getvalue(), timeout=10,

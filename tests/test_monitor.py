@@ -19,34 +19,27 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import settings_of
 import torch
+from conftest import settings_of
 from kfp.dsl import HTML, Artifact, Dataset, Metrics, Model
 from PIL import Image
 from scipy import ndimage
 from scipy.stats import ks_2samp
 from sklearn.datasets import load_digits, load_sample_images
 
-from components.data import REFERENCE_FILE, Splits, save_splits
-from components.drift_sampling import (
-    dkw_epsilon,
-    dkw_sample_size,
-    index_window,
-    list_log_files,
-    read_index,
-    read_window,
-    window_seed,
-)
-from components.features import (
+from components.core.data import REFERENCE_FILE, Splits, save_splits
+from components.core.features import (
     EMBEDDING_COLUMNS,
     FEATURE_COLUMNS,
     MODEL_REFERENCE_FILE,
     PREDICTION_COLUMNS,
     image_features,
     model_reference_features,
+    write_model_reference,
 )
-from components.models import Classifier, EncoderSpec, save_classifier
-from components.monitor import (
+from components.core.models import Classifier, EncoderSpec, save_classifier
+from components.monitor.component import monitor_component
+from components.monitor.monitor import (
     EXCLUDED_SOURCES,
     MODEL_COLUMNS,
     PREDICTION_METHOD,
@@ -58,17 +51,24 @@ from components.monitor import (
     embedding_drift,
     last_window,
     monitor,
-    monitor_component,
     parse_duration,
     prometheus_metrics,
     read_request_log,
     replay,
     result_dir,
     select_traffic,
-    write_model_reference,
 )
-from serving.client import encode_png
+from components.monitor.sampling import (
+    dkw_epsilon,
+    dkw_sample_size,
+    index_window,
+    list_log_files,
+    read_index,
+    read_window,
+    window_seed,
+)
 from pipelines.config import MonitorConfig
+from serving.client import encode_png
 
 N_REFERENCE = 1100  # like ingest's train+val reference on digits
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -134,7 +134,7 @@ def model_dir(digits_and_labels, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    from components.models import load_classifier
+    from components.core.models import load_classifier
 
     return load_classifier(model_dir)[0]
 
@@ -531,7 +531,7 @@ def test_rotated_files_that_cannot_hold_the_window_are_not_read(tmp_path, held_o
 
 
 def test_without_a_modification_time_the_rotation_age_bounds_a_files_span(monkeypatch):
-    from components.drift_sampling import _may_overlap
+    from components.monitor.sampling import _may_overlap
 
     monkeypatch.delenv("KFP_MLOPS_REQUEST_LOG_MAX_AGE_S", raising=False)
     window = (T0, T0 + timedelta(hours=1))
@@ -1010,8 +1010,8 @@ def test_monitor_component_replays_the_test_split_and_judges_only_that(tmp_path,
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory, digits_and_labels, model_dir):
-    """One real TorchServe for the module (components.deploy.deploy_local, free ports) serving the tiny model."""
-    from components.deploy import deploy_local
+    """One real TorchServe for the module (components.deploy.local.deploy_local, free ports) serving the tiny model."""
+    from components.deploy.local import deploy_local
     from serving.server import LocalTorchServe, free_port
 
     images, labels = digits_and_labels
@@ -1032,7 +1032,7 @@ def real_server(tmp_path_factory, digits_and_labels, model_dir):
 @pytest.mark.slow
 def test_clean_and_shifted_traffic_through_the_real_server_and_its_log(real_server, reference, model_dir, held_out,
                                                                         tmp_path):
-    from components.monitor import wait_for_log
+    from components.monitor.monitor import wait_for_log
 
     record = real_server
     reference.to_csv(tmp_path / "reference.csv", index=False)
@@ -1085,8 +1085,8 @@ def moto(tmp_path_factory):
 def test_monitor_reads_logs_and_references_from_s3_and_writes_results_there(moto, cli_runs, monkeypatch, tmp_path):
     from s3server import s3_env
 
-    from components import storage
-    from components.storage import Storage
+    from components.core import storage
+    from components.core.storage import Storage
 
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)

@@ -5,20 +5,20 @@ import math
 
 import numpy as np
 import pytest
-from conftest import settings_of
 import torch
 import torch.nn.functional as F
+from conftest import settings_of
 from kfp import dsl
 
-from components.data import save_splits
-from components.models import Classifier, EncoderSpec, save_classifier
-from components.privacy import (
+from components.core.data import save_splits
+from components.core.models import Classifier, EncoderSpec, save_classifier
+from components.privacy.component import privacy_component
+from components.privacy.privacy import (
     _balanced_indices,
     average_hash,
     find_leaks,
     membership_inference_audit,
     privacy_check,
-    privacy_component,
     render_privacy_report,
     train_reference_models,
     training_members,
@@ -270,7 +270,7 @@ def test_reference_models_are_fresh_and_seeded(splits):
 
 
 def test_members_are_the_images_the_model_trained_on(splits):
-    from components.training import subsample_labels
+    from components.train.training import subsample_labels
 
     assert np.array_equal(training_members(splits, {}), np.arange(len(splits.train_y)))
     few = training_members(splits, {"label_fraction": 0.1, "seed": 3})
@@ -285,8 +285,8 @@ def dp_model(splits):
     The validation split plays public pretraining data: the encoder never saw a member, so the
     epsilon covers everything the model knows about the train images.
     """
-    from components.dp import DPFinetune, DPSettings
-    from components.training import finetune_classifier
+    from components.train.dp import DPFinetune, DPSettings
+    from components.train.training import finetune_classifier
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -401,9 +401,9 @@ def test_overfit_example_config_is_blocked_by_the_privacy_gate(tmp_path):
     """examples/overfit.yaml through the real step functions (what `mlops run` runs, minus kfp.local)."""
     from pathlib import Path
 
-    from components.finetune import finetune
-    from components.ingest import ingest
-    from components.pretrain import pretrain
+    from components.finetune.finetune import finetune
+    from components.ingest.ingest import ingest
+    from components.pretrain.pretrain import pretrain
     from pipelines import config
 
     cfg = config.load(Path(__file__).parent.parent / "examples" / "overfit.yaml")

@@ -30,10 +30,19 @@ import numpy as np
 import pytest
 import requests
 
-from components.drift_sampling import list_log_files, read_window
+from components.monitor.sampling import list_log_files, read_window
 from serving import request_log
-from serving.request_log import (DEFAULT_MAX_AGE_S, FILE_PATTERN, REQUEST_LOG_ENV, SPOOL_ENV, LogBatch, RequestLogger,
-                                 RotatingJsonl, drain, format_lines)
+from serving.request_log import (
+    DEFAULT_MAX_AGE_S,
+    FILE_PATTERN,
+    REQUEST_LOG_ENV,
+    SPOOL_ENV,
+    LogBatch,
+    RequestLogger,
+    RotatingJsonl,
+    drain,
+    format_lines,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -59,7 +68,7 @@ def _local_lines(directory: Path) -> list[dict]:
 
 
 def _s3_lines(prefix: str) -> list[dict]:
-    from components import storage
+    from components.core import storage
 
     uris = [u for u in storage.list_uris(prefix + "/") if u.endswith(".jsonl")]
     return [r for u in uris for r in _parse_whole_lines(storage.read_bytes(u), u)]
@@ -107,7 +116,7 @@ def s3_prefix(moto_server, monkeypatch, request) -> str:
     """An empty bucket on the moto server, and this process's environment pointed at it."""
     from s3server import s3_env
 
-    from components import storage
+    from components.core import storage
 
     for name, value in s3_env(moto_server.endpoint).items():
         monkeypatch.setenv(name, value)
@@ -121,7 +130,7 @@ def s3_prefix(moto_server, monkeypatch, request) -> str:
 
 def test_files_rotate_within_minutes_and_the_monitor_still_finds_every_request(tmp_path):
     """A file reaches s3:// only when closed: the default rotation is minutes, not hours, and the monitor's
-    file pruning (names and last writes, components/drift_sampling.py) still finds every request."""
+    file pruning (names and last writes, components/monitor/sampling.py) still finds every request."""
     assert DEFAULT_MAX_AGE_S <= 600
     now = [T0]
     files = RotatingJsonl(tmp_path, clock=lambda: now[0])  # the default size and age
@@ -259,7 +268,7 @@ def _record_uploads(monkeypatch) -> list[str]:
         sent.append(uri.rsplit("/", 1)[-1])
         return uri
 
-    monkeypatch.setattr("components.storage.put_file", put_file)
+    monkeypatch.setattr("components.core.storage.put_file", put_file)
     return sent
 
 
@@ -408,7 +417,7 @@ def digits_mar(tmp_path_factory) -> Path:
     """A small untrained classifier packed like the deploy step packs it, with two workers."""
     import torch
 
-    from components.models import Classifier, EncoderSpec, save_classifier
+    from components.core.models import Classifier, EncoderSpec, save_classifier
     from serving.archive import build_mar
 
     root = tmp_path_factory.mktemp("mar")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from components.features import image_features
+from components.core.features import image_features
 from pipelines import config as config_mod
 from pipelines.cli import main
 from pipelines.config import Config
@@ -168,7 +168,7 @@ def test_the_retrain_cronjob_starts_one_run_from_its_pod(drifted_log, kfp_api, m
     The pod's paths are mapped into tmp_path, the s3:// settings to the local drifted hour."""
     import functools
 
-    from components import monitor as monitor_mod
+    from components.monitor import monitor as monitor_mod
     from pipelines.cluster import IN_CLUSTER_HOST
 
     root, _ = drifted_log

@@ -5,32 +5,29 @@ import math
 
 import numpy as np
 import pytest
-from conftest import settings_of
 import torch
 import torch.nn.functional as F
+from conftest import settings_of
 from kfp import dsl
 
-from components.data import Splits, save_splits
-from components.models import Classifier, EncoderSpec, save_classifier
-from components.robustness import (
+from components.core.data import Splits, save_splits
+from components.core.models import Classifier, EncoderSpec, save_classifier
+from components.robustness.component import robustness_component
+from components.robustness.robustness import (
     CORRUPTION_LEVELS,
     MAX_SEVERITY,
-    RobustTraining,
     accuracy,
     brightness,
     contrast,
     corrupt,
     corruption_table,
-    fgsm,
     gaussian_blur,
     gaussian_noise,
-    pgd,
     pixelate,
     render_robustness_report,
-    robust_training,
     robustness_check,
-    robustness_component,
 )
+from components.train.adversarial import RobustTraining, fgsm, pgd, robust_training
 from pipelines.config import DataConfig, GateConfig
 
 DEFAULTS = GateConfig()
@@ -494,8 +491,8 @@ def test_robust_training_perturbs_within_budget_and_is_off_by_default(model, tes
 
 def _finetune_small(splits, customize=None, seed: int = 0):
     """The project's fine-tune loop on a small random-init encoder (no pretraining needed for the comparison)."""
-    from components.models import Encoder
-    from components.training import finetune_classifier
+    from components.core.models import Encoder
+    from components.train.training import finetune_classifier
 
     torch.manual_seed(seed)
     encoder = Encoder(EncoderSpec(width=8, embed_dim=32))

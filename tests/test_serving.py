@@ -26,24 +26,36 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from conftest import settings_of
 import requests
 import torch
+from conftest import settings_of
 from PIL import Image
 from ts.context import Context, RequestProcessor
 from ts.utils.util import PredictionException
 
-from components.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, embedding_projection, image_features
-from components.models import Classifier, EncoderSpec, save_classifier
+from components.core.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, embedding_projection, image_features
+from components.core.models import Classifier, EncoderSpec, save_classifier
+from pipelines.config import ServingConfig
 from serving import request_log as request_log_mod
-from serving.archive import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS, DEFAULT_WORKERS, build_mar, model_config_yaml
+from serving.archive import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_DELAY_MS,
+    DEFAULT_WORKERS,
+    build_mar,
+    model_config_yaml,
+)
 from serving.client import encode_png, predict, read_token
 from serving.handler import REQUEST_LOG_ENV, ImageClassifierHandler
-from serving.request_log import LogBatch, RequestLogger, RotatingJsonl, build_records
-from serving.request_log import pid_alive
-from serving.server import (LocalTorchServe, _is_auth_proxy, _is_torchserve, archive_workers, free_port, port_in_use,
-                            render_config)
-from pipelines.config import ServingConfig
+from serving.request_log import LogBatch, RequestLogger, RotatingJsonl, build_records, pid_alive
+from serving.server import (
+    LocalTorchServe,
+    _is_auth_proxy,
+    _is_torchserve,
+    archive_workers,
+    free_port,
+    port_in_use,
+    render_config,
+)
 
 DIGIT_NAMES = [str(i) for i in range(10)]
 PNG = {"content-type": "image/png"}
@@ -575,7 +587,7 @@ def moto_server():
 def test_s3_destination_uploads_closed_files_and_orphans(moto_server, tmp_path, monkeypatch):
     from s3server import s3_env
 
-    from components import storage
+    from components.core import storage
 
     for name, value in s3_env(moto_server.endpoint).items():
         monkeypatch.setenv(name, value)
@@ -605,7 +617,7 @@ def test_s3_upload_failure_keeps_the_file_for_later(tmp_path, monkeypatch):
         calls.append(uri)
         raise ConnectionError("endpoint down")
 
-    monkeypatch.setattr("components.storage.put_file", failing_put)
+    monkeypatch.setattr("components.core.storage.put_file", failing_put)
     log = RequestLogger("s3://logs/x", max_bytes=1, spool_dir=tmp_path)
     log.submit(_log_batch(1))
     log.close()
@@ -774,8 +786,9 @@ def test_deploy_component_passes_batching_and_workers_on(tmp_path, monkeypatch, 
     """serving.batch_size / max_batch_delay_ms / workers reach the step that builds the .mar, on both targets."""
     from kfp.dsl import Artifact, Dataset, Metrics, Model
 
-    import components.deploy as deploy_mod
-    import components.k8s_deploy as k8s_mod
+    import components.deploy.kubernetes as k8s_mod
+    import components.deploy.local as deploy_mod
+    from components.deploy.component import deploy_component
 
     seen = {}
 
@@ -786,7 +799,7 @@ def test_deploy_component_passes_batching_and_workers_on(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(deploy_mod, "deploy_local", fake)
     monkeypatch.setattr(k8s_mod, "deploy_kubernetes", fake)
-    deploy_mod.deploy_component(
+    deploy_component(
         model=Model(name="model", uri=str(tmp_path / "m")), dataset=Dataset(name="dataset", uri=str(tmp_path / "d")),
         cfg=settings_of(serving=ServingConfig(
             home=str(tmp_path / "home"), host="127.0.0.1", inference_port=1, management_port=2, metrics_port=3,
@@ -799,7 +812,7 @@ def test_deploy_component_passes_batching_and_workers_on(tmp_path, monkeypatch, 
 
 def test_deploy_local_packs_the_given_batching_into_the_archive(gray_model, tmp_path, monkeypatch):
     """deploy_local builds the .mar with non-default batching; what the server would load carries it."""
-    from components import deploy as deploy_mod
+    from components.deploy import local as deploy_mod
 
     built = {}
     real_build = build_mar
@@ -816,7 +829,7 @@ def test_deploy_local_packs_the_given_batching_into_the_archive(gray_model, tmp_
 
     monkeypatch.setattr("serving.archive.build_mar", build)
     monkeypatch.setattr(LocalTorchServe, "start", start)
-    monkeypatch.setattr("components.data.load_splits", lambda d: type("S", (), {"test_y": [1], "test_x": [None]})())
+    monkeypatch.setattr("components.core.data.load_splits", lambda d: type("S", (), {"test_y": [1], "test_x": [None]})())
     with pytest.raises(StopHere):
         deploy_mod.deploy_local(gray_model, tmp_path / "data", tmp_path / "home", workers=2, batch_size=8,
                                 max_batch_delay_ms=7)

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from components.models import Classifier, EncoderSpec, save_classifier
+from components.core.models import Classifier, EncoderSpec, save_classifier
 from serving.archive import build_mar
 from serving.client import encode_png, read_token
 from serving.server import LocalTorchServe, free_port

@@ -1,8 +1,8 @@
-"""The settings a step receives (components/settings.py): typed again after the trip through the pipeline."""
+"""The settings a step receives (components/core/settings.py): typed again after the trip through the pipeline."""
 
 import pytest
 
-from components import settings
+from components.core import settings
 
 
 @pytest.mark.parametrize(

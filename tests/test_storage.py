@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from s3server import FailingProxy, MotoServer, s3_env
 from sklearn.datasets import load_digits
 
-from components import storage
-from components.data import DataValidationError, load_splits
-from components.storage import (
+from components.core import storage
+from components.core.data import DataValidationError, load_splits
+from components.core.storage import (
     BucketNotFoundError,
     ChecksumMismatchError,
     EndpointUnreachableError,
@@ -36,7 +37,6 @@ from components.storage import (
     StorageAuthError,
     UnsafeSourceError,
 )
-from s3server import FailingProxy, MotoServer, s3_env
 
 MiB = 1024 * 1024
 
@@ -577,7 +577,7 @@ def _assert_durable(calls: list[tuple[int, bool]], path: Path) -> None:
 
 
 def _save_json(dest: Path, data: bytes) -> None:
-    from components.models import atomic_write_json
+    from components.core.models import atomic_write_json
 
     atomic_write_json(dest, {"data": data.decode()})
 
@@ -585,7 +585,7 @@ def _save_json(dest: Path, data: bytes) -> None:
 def _save_safetensors(dest: Path, data: bytes) -> None:
     import torch
 
-    from components.models import atomic_save_safetensors
+    from components.core.models import atomic_save_safetensors
 
     atomic_save_safetensors({"w": torch.tensor(list(data), dtype=torch.uint8)}, dest)
 
@@ -790,7 +790,7 @@ def _digit_pngs(root: Path, per_class: int = 12) -> Path:
 
 @pytest.mark.slow
 def test_ingest_from_s3_image_folders_and_npz(bucket, tmp_path):
-    from components.ingest import ingest
+    from components.ingest.ingest import ingest
 
     folder = _digit_pngs(tmp_path / "photos")
     storage.put_dir(folder, f"s3://{bucket}/raw/photos")

@@ -6,14 +6,22 @@ import json
 
 import numpy as np
 import pytest
-from conftest import settings_of
 import torch
+from conftest import settings_of
 
-from components.data import Splits, load_splits
-from components.finetune import finetune, weights_hash
-from components.models import ENCODER_FILE, METADATA_FILE, WEIGHTS_FILE, Encoder, EncoderSpec, load_classifier, load_encoder
-from components.pretrain import pretrain
-from components.training import (
+from components.core.data import Splits, load_splits
+from components.core.models import (
+    ENCODER_FILE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    Encoder,
+    EncoderSpec,
+    load_classifier,
+    load_encoder,
+)
+from components.finetune.finetune import finetune, weights_hash
+from components.pretrain.pretrain import pretrain
+from components.train.training import (
     AugmentPolicy,
     augment,
     best_epoch,
@@ -99,7 +107,7 @@ def test_digits_are_never_flipped():
 
 
 def test_elastic_distortion_moves_ink_locally_and_is_seeded():
-    from components.training import elastic_displacement
+    from components.train.training import elastic_displacement
 
     field = elastic_displacement(16, 8, torch.Generator().manual_seed(0), alpha=0.1, grid=3)
     assert field.shape == (16, 8, 8, 2)
@@ -125,7 +133,7 @@ def test_handwriting_views_are_distorted_elastically_and_photos_are_not():
 
 
 def test_stroke_jitter_thickens_some_digits_and_thins_others():
-    from components.training import random_stroke_width
+    from components.train.training import random_stroke_width
 
     x = torch.zeros(256, 1, 8, 8)
     x[:, :, 1:7, 3:5] = 1.0  # a 2-pixel-wide bar
@@ -300,8 +308,8 @@ def test_pretrain_then_finetune_write_artifacts_that_load_back(tmp_path, dataset
 def test_components_log_metrics_into_kfp_artifacts(tmp_path, dataset_dir):
     from kfp import dsl
 
-    from components.finetune import finetune_component
-    from components.pretrain import pretrain_component
+    from components.finetune.component import finetune_component
+    from components.pretrain.component import pretrain_component
 
     dataset = dsl.Dataset(uri=str(dataset_dir))
     encoder = dsl.Model(uri=str(tmp_path / "encoder"))
@@ -355,7 +363,7 @@ ARCH_CASES = [("cnn", 0), ("resnet", 10), ("resnet", 18), ("vgg", 11), ("vgg", 1
 @pytest.mark.parametrize("arch,depth", ARCH_CASES)
 @pytest.mark.parametrize("channels,size", [(1, 8), (3, 32)])
 def test_every_encoder_family_embeds_digits_and_photos(arch, depth, channels, size):
-    from components.models import Classifier
+    from components.core.models import Classifier
 
     spec = EncoderSpec(channels, size, width=8, embed_dim=16, arch=arch, depth=depth)
     model = Classifier(spec, num_classes=3)
@@ -385,7 +393,7 @@ def test_old_cnn_artifacts_still_load(tmp_path):
                      "features.10.weight", "features.11.bias", "project.weight", "project.bias"}
     encoder = Encoder(EncoderSpec.from_dict({"in_channels": 1, "image_size": 8, "width": 8, "embed_dim": 16}))
     assert encoder.spec.arch == "cnn" and skeleton_keys <= set(encoder.state_dict())
-    from components.models import Classifier, save_classifier
+    from components.core.models import Classifier, save_classifier
 
     save_classifier(Classifier(TINY, 10), tmp_path, {"class_names": [str(d) for d in range(10)]})
     meta = json.loads((tmp_path / METADATA_FILE).read_text())
@@ -470,7 +478,7 @@ def test_bad_finetune_settings_fail_with_a_clear_message(splits, kwargs, message
 
 def test_compiled_forward_trains_the_same_weights(splits):
     """torch.compile wraps only the forward; state, checkpoints and results are those of the plain model."""
-    from components.training import Runtime
+    from components.train.training import Runtime
 
     eager = Runtime(torch.device("cpu"), compile=True, compile_backend="eager")  # Dynamo without a C++ toolchain
     enc_a, _ = pretrain_encoder(splits.pool_x, TINY, "masked", 1, 64, 3e-3, 0.2, seed=0, log=QUIET, runtime=eager)
@@ -482,7 +490,7 @@ def test_compiled_forward_trains_the_same_weights(splits):
 
 
 def test_cpu_runtime_has_no_autocast_and_no_process_group(monkeypatch):
-    from components.training import make_runtime
+    from components.train.training import make_runtime
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     rt = make_runtime(device="cpu")
@@ -510,7 +518,7 @@ def _no_seconds(history):
 
 @pytest.mark.parametrize("objective", ["contrastive", "masked"])
 def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, splits, objective):
-    from components.checkpoint import Checkpointer
+    from components.core.checkpoint import Checkpointer
 
     args = (splits.pool_x, TINY, objective, 3, 64, 3e-3, 0.2, 0, QUIET)
     reference, ref_history = pretrain_encoder(*args)
@@ -525,7 +533,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, splits, o
 
 
 def test_interrupted_finetuning_resumes_to_the_same_weights_and_metrics(tmp_path, splits):
-    from components.checkpoint import Checkpointer
+    from components.core.checkpoint import Checkpointer
 
     torch.manual_seed(0)
     encoder = Encoder(TINY)
@@ -544,7 +552,7 @@ def test_interrupted_finetuning_resumes_to_the_same_weights_and_metrics(tmp_path
 
 
 def test_fail_at_step_env_fails_once_and_the_retry_resumes(monkeypatch):
-    from components.training import FAIL_AT_STEP_ENV, InjectedFailure, fail_at_step_hook
+    from components.train.training import FAIL_AT_STEP_ENV, InjectedFailure, fail_at_step_hook
 
     assert fail_at_step_hook(0, {}) is None
     hook = fail_at_step_hook(0, {FAIL_AT_STEP_ENV: "3"})
@@ -558,9 +566,10 @@ def test_retried_components_resume_from_their_checkpoints(tmp_path, dataset_dir,
     """A KFP retry runs the component again with the same output URIs: it must resume, not restart."""
     from kfp import dsl
 
-    from components.finetune import finetune_component
-    from components.pretrain import pretrain_component, step_checkpoint_dir
-    from components.training import FAIL_AT_STEP_ENV, InjectedFailure
+    from components.core.checkpoint import step_checkpoint_dir
+    from components.finetune.component import finetune_component
+    from components.pretrain.component import pretrain_component
+    from components.train.training import FAIL_AT_STEP_ENV, InjectedFailure
 
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -613,7 +622,7 @@ def test_torchrun_with_two_processes_writes_one_encoder(tmp_path, dataset_dir):
 @pytest.mark.slow
 def test_an_interrupted_ddp_run_resumes_to_the_same_weights(tmp_path, dataset_dir, monkeypatch):
     """torchrun with 2 ranks crashes at step 5, the rerun resumes from step 4 and matches an uninterrupted run."""
-    from components.training import FAIL_AT_STEP_ENV
+    from components.train.training import FAIL_AT_STEP_ENV
 
     args = dict(TINY_PRETRAIN, epochs=2, batch_size=256)  # 4 steps per epoch
     reference = pretrain(dataset_dir, tmp_path / "reference", **args, log=QUIET, nproc_per_node=2)
@@ -630,7 +639,7 @@ def test_an_interrupted_ddp_run_resumes_to_the_same_weights(tmp_path, dataset_di
 
 GATHER_CHECK = '''
 import torch, torch.distributed as dist
-from components.training import gather_with_grad, nt_xent_loss
+from components.train.training import gather_with_grad, nt_xent_loss
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 g = torch.Generator().manual_seed(0)
@@ -661,7 +670,7 @@ def test_contrastive_negatives_span_ranks_with_exact_gradients(tmp_path):
 
 
 def test_the_command_line_trains_from_local_paths(tmp_path, dataset_dir, capsys):
-    from components.pretrain import main
+    from components.pretrain.pretrain import main
 
     code = main(["--dataset", str(dataset_dir), "--out", str(tmp_path / "enc"), "--epochs", "1", "--batch-size",
                  "128", "--width", "8", "--embed-dim", "16", "--arch", "vgg", "--depth", "11",
@@ -687,11 +696,11 @@ class SimulatedTrainer:
         self.created: dict | None = None
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kwargs):
-        from components.pretrain import main
+        from components.pretrain.pretrain import main
 
         self.created = json.loads(json.dumps(body))
         trainer = body["spec"]["trainer"]
-        assert trainer["command"] == ["torchrun", "--module", "components.pretrain"]
+        assert trainer["command"] == ["torchrun", "--module", "components.pretrain.pretrain"]
         assert main(trainer["args"] + ["--nproc-per-node", "1"]) == 0
         return body
 
@@ -713,9 +722,9 @@ def test_multinode_pretraining_runs_a_trainjob_through_the_exchange(tmp_path, da
     from kfp import dsl
     from s3server import s3_env
 
-    import components.trainjob as trainjob
-    from components.pretrain import pretrain_component
-    from components.storage import Storage, list_uris
+    import components.train.trainjob as trainjob
+    from components.core.storage import Storage, list_uris
+    from components.pretrain.component import pretrain_component
 
     for name, value in s3_env(moto_server.endpoint).items():
         monkeypatch.setenv(name, value)
@@ -751,7 +760,7 @@ def test_multinode_pretraining_runs_a_trainjob_through_the_exchange(tmp_path, da
 def test_multinode_without_an_exchange_says_what_to_configure(tmp_path, dataset_dir, monkeypatch):
     from kfp import dsl
 
-    from components.pretrain import pretrain_component
+    from components.pretrain.component import pretrain_component
 
     monkeypatch.setenv("POD_NAMESPACE", "team-a")
     with pytest.raises(ValueError, match=r"pretrain.num_nodes=2 needs pretrain.exchange_uri: an s3:// prefix"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from components.trainjob import (
+from components.train.trainjob import (
     ANNOTATION_OUTPUT_URI,
     ANNOTATION_SPEC_HASH,
     API_VERSION,
@@ -151,7 +151,7 @@ def test_rendered_trainjob_is_schema_valid_with_the_right_image_command_nodes_an
     trainer = obj["spec"]["trainer"]
     assert trainer["image"] == "ghcr.io/kfp-mlops/kfp-mlops:0.1.0-cuda"
     # torchrun from the image; its rendezvous flags come from the runtime's PET_* env.
-    assert trainer["command"] == ["torchrun", "--module", "components.pretrain"]
+    assert trainer["command"] == ["torchrun", "--module", "components.pretrain.pretrain"]
     assert trainer["args"][:4] == ["--dataset", RECORDED_SPEC["dataset_uri"], "--out", RECORDED_SPEC["output_uri"]]
     assert trainer["args"][4:8] == ["--objective", "contrastive", "--epochs", "30"]
     assert "--batch-size" in trainer["args"] and "--learning-rate" in trainer["args"]
@@ -196,7 +196,7 @@ def test_torchrun_accepts_the_command_with_the_env_the_torch_runtime_injects(mon
     parsed = parse_args(trainer["command"][1:] + trainer["args"])
     assert (parsed.nnodes, parsed.nproc_per_node, parsed.node_rank) == ("2", "4", 1)
     assert parsed.master_addr == f"{NAME}-node-0-0.{NAME}"
-    assert parsed.module and parsed.training_script == "components.pretrain"
+    assert parsed.module and parsed.training_script == "components.pretrain.pretrain"
     assert parsed.training_script_args == trainer["args"]
 
 

@@ -10,21 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from components.settings import Settings
-from kfp.dsl import Dataset, Markdown, Metrics, Output
 
-from components.data import (
+from components.core.data import (
     CARD_FILE,
     CARD_MARKDOWN,
     REFERENCE_FILE,
-    data_card as build_data_card,
-    data_card_markdown,
     check_fractions,
+    data_card_markdown,
     drop_duplicates,
     load_source,
     save_splits,
     split,
     validate,
+)
+from components.core.data import (
+    data_card as build_data_card,
 )
 
 
@@ -52,8 +52,8 @@ def ingest(
     ``out_dir`` receives ``splits.npz``, ``data_card.json``, ``data_card.md`` and
     ``reference.csv`` (image features of train + val plus their ``label`` index).
     """
-    from components.features import image_features
-    from components.models import atomic_write_json  # imports torch: slow, but only paid once
+    from components.core.features import image_features
+    from components.core.models import atomic_write_json  # imports torch: slow, but only paid once
 
     check_fractions(test_fraction, val_fraction, pool_fraction)  # fail before a slow load
     _log(f"loading {source}" + (f" (resizing to {image_size}x{image_size})" if image_size else ""))
@@ -84,50 +84,3 @@ def ingest(
     tmp.replace(out / REFERENCE_FILE)
     _log(f"wrote {out}")
     return card
-
-
-def ingest_component(
-    cfg: Settings,
-    dataset: Output[Dataset],
-    data_card: Output[Markdown],
-    metrics: Output[Metrics],
-):
-    """Load, validate and split the data into train/val/test and an unlabeled pretraining pool.
-
-    Args:
-        cfg: The run's ``data`` settings (source, seed, fractions, image size) as the pipeline passes them.
-        dataset: Output directory: splits.npz, data_card.json, data_card.md and reference.csv.
-        data_card: Output Markdown data card (counts, class balance, pixel statistics).
-        metrics: Output split sizes, duplicates removed and the step's cost.
-    """
-    import os
-
-    from components.cost import log_metrics, measure
-    from components.data import data_card_markdown
-    from components.ingest import ingest
-
-    data = cfg.data
-    with measure() as cost:
-        card = ingest(
-            data.source, dataset.path, seed=data.seed, test_fraction=data.test_fraction,
-            val_fraction=data.val_fraction, pool_fraction=data.pool_fraction, image_size=data.image_size,
-        )
-    os.makedirs(os.path.dirname(data_card.path) or ".", exist_ok=True)
-    with open(data_card.path, "w") as f:
-        f.write(data_card_markdown(card))
-    dataset.metadata.update(
-        {"n_classes": card["n_classes"], "image_shape": card["image_shape"], "class_names": card["class_names"]}
-    )
-    counts = card["counts"]
-    log_metrics(
-        metrics,
-        {
-            "n_train": counts["train"],
-            "n_val": counts["val"],
-            "n_test": counts["test"],
-            "n_pool": counts["pool"],
-            "n_classes": card["n_classes"],
-            "duplicates_removed": card["duplicates_removed"],
-            **cost.as_metrics(),
-        },
-    )

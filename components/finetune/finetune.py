@@ -13,7 +13,7 @@ steps into a directory keyed by the output artifact's URI (under
 ``checkpoint_root`` when set, else the local temp dir), so a retried step
 resumes where the failed attempt stopped and ends with the same weights.
 Variants of the loop (DP-SGD, adversarial training) plug in through
-``customize`` (see ``components.training.FinetuneParts``).
+``customize`` (see ``components.train.training.FinetuneParts``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from components.settings import Settings
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
-
 from pipelines.config import FinetuneConfig
 
 _DEFAULTS = FinetuneConfig()
@@ -32,7 +29,7 @@ _DEFAULTS = FinetuneConfig()
 
 def weights_hash(state_dict) -> str:
     """A short content hash of a model's weights: same weights, same version."""
-    from components.models import state_dict_sha256
+    from components.core.models import state_dict_sha256
 
     return state_dict_sha256(state_dict)[:12]
 
@@ -55,8 +52,8 @@ def finetune(dataset_dir: str | Path, encoder_dir: str | Path, out_dir: str | Pa
     or 'linear_probe'. ``checkpoint_dir``: a local directory or ``s3://`` URI
     to checkpoint into and resume from (None: no checkpoints). ``customize``
     is passed to ``finetune_classifier`` (the hook for variants such as
-    DP-SGD). ``robust``: a ``components.robustness.RobustTraining`` (noise /
-    adversarial examples in each batch). ``dp``: a ``components.dp.DPSettings``
+    DP-SGD). ``robust``: a ``components.robustness.robustness.RobustTraining`` (noise /
+    adversarial examples in each batch). ``dp``: a ``components.train.dp.DPSettings``
     to fine-tune with DP-SGD (its own epochs, batches, optimizer and trainable
     layers); the spent epsilon goes into the metadata (``dp``) and the summary
     (``dp_epsilon``). Returns a summary: model_version, val_accuracy, val_loss,
@@ -65,11 +62,10 @@ def finetune(dataset_dir: str | Path, encoder_dir: str | Path, out_dir: str | Pa
     """
     import numpy as np
 
-    from components.checkpoint import Checkpointer
-    from components.data import load_splits
-    from components.models import load_encoder, save_classifier
-    from components.pretrain import checkpoint_location
-    from components.training import best_epoch, finetune_classifier, make_runtime, subsample_labels
+    from components.core.checkpoint import Checkpointer, checkpoint_location
+    from components.core.data import load_splits
+    from components.core.models import load_encoder, save_classifier
+    from components.train.training import best_epoch, finetune_classifier, make_runtime, subsample_labels
 
     splits = load_splits(dataset_dir)
     encoder, encoder_meta = load_encoder(encoder_dir)
@@ -78,12 +74,12 @@ def finetune(dataset_dir: str | Path, encoder_dir: str | Path, out_dir: str | Pa
              "label_fraction": label_fraction, "seed": seed, "mode": mode, "unfreeze_blocks": unfreeze_blocks,
              "encoder_lr_scale": encoder_lr_scale, "min_epoch_samples": min_epoch_samples,
              "probe_epochs": probe_epochs}
-    # Privacy / robustness variants plug in through `customize` (components.dp, components.robustness).
+    # Privacy / robustness variants plug in through `customize` (components.train.dp, components.robustness.robustness).
     dp_run = None
     if dp is not None:
         from dataclasses import asdict
 
-        from components.dp import DPFinetune
+        from components.train.dp import DPFinetune
 
         dp_run = DPFinetune(dp, len(subsample_labels(splits.train_y, label_fraction, seed)), seed, log=log,
                             reference_images=splits.val_x)  # standardise the embedding with val statistics
@@ -145,70 +141,3 @@ def finetune(dataset_dir: str | Path, encoder_dir: str | Path, out_dir: str | Pa
         "history": history,
     })
     return {**summary, "label_counts": label_counts}
-
-
-def finetune_component(
-    dataset: Input[Dataset],
-    encoder: Input[Model],
-    cfg: Settings,
-    model: Output[Model],
-    metrics: Output[Metrics],
-):
-    """Fine-tune the pretrained encoder plus a linear head on the labeled train split.
-
-    Args:
-        dataset: The dataset artifact written by ingest.
-        encoder: The encoder artifact written by pretrain.
-        cfg: The run's ``finetune`` settings (schedule, mode, checkpoints, robust training, DP-SGD) and
-            ``data.seed`` (head initialisation, label subsample, batch order, augmentations).
-        model: Output directory for the classifier weights (safetensors) and metadata.
-        metrics: Validation accuracy and loss, best epoch, label count and the step's cost.
-    """
-    import os
-    import shutil
-
-    from components.cost import log_metrics, measure
-    from components.dp import DPSettings
-    from components.finetune import finetune
-    from components.pretrain import checkpoint_location, step_checkpoint_dir
-    from components.robustness import robust_training
-
-    seed = cfg.data.seed
-    cfg = cfg.finetune
-    os.makedirs(model.path, exist_ok=True)
-    robust = robust_training(cfg.augment_noise_sigma, cfg.adversarial_epsilon, cfg.adversarial_fraction)
-    dp = None
-    if cfg.dp_epsilon > 0:
-        dp = DPSettings(target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, max_grad_norm=cfg.dp_max_grad_norm,
-                        batch_size=cfg.dp_batch_size, learning_rate=cfg.dp_learning_rate,
-                        trainable=cfg.dp_trainable, epochs=cfg.dp_epochs)
-    ckpt = step_checkpoint_dir("finetune", model.uri, cfg.checkpoint_root)
-    with measure() as cost:
-        summary = finetune(dataset.path, encoder.path, model.path, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                           learning_rate=cfg.learning_rate, patience=cfg.patience,
-                           label_fraction=cfg.label_fraction, seed=seed, log=lambda line: print(line, flush=True),
-                           mode=cfg.mode, unfreeze_blocks=cfg.unfreeze_blocks,
-                           encoder_lr_scale=cfg.encoder_lr_scale, min_epoch_samples=cfg.min_epoch_samples,
-                           probe_epochs=cfg.probe_epochs, compile=cfg.compile, checkpoint_dir=ckpt,
-                           checkpoint_every_steps=cfg.checkpoint_every_steps,
-                           checkpoint_every_epochs=cfg.checkpoint_every_epochs, robust=robust, dp=dp)
-    local_ckpt, _ = checkpoint_location(ckpt)
-    shutil.rmtree(local_ckpt, ignore_errors=True)  # done: a later retry has nothing to resume
-    # The monitor's reference for prediction and embedding drift, computed once, at training time.
-    from components.data import load_splits
-    from components.monitor import write_model_reference
-
-    write_model_reference(model.path, load_splits(dataset.path).val_x)
-    model.metadata.update({"model_version": summary["model_version"], "val_accuracy": summary["val_accuracy"]})
-    if "dp_epsilon" in summary:
-        model.metadata.update({"dp_epsilon": summary["dp_epsilon"], "dp_delta": cfg.dp_delta})
-    log_metrics(metrics, {
-        "val_accuracy": summary["val_accuracy"],
-        "val_loss": summary["val_loss"],
-        "best_epoch": summary["best_epoch"],
-        "epochs_run": summary["epochs_run"],
-        "n_labeled": summary["n_labeled"],
-        "finetune_resumed_from_step": summary["resumed_from_step"],
-        **({"dp_epsilon": summary["dp_epsilon"], "dp_delta": cfg.dp_delta} if "dp_epsilon" in summary else {}),
-        **cost.as_metrics(),
-    })

@@ -8,19 +8,19 @@ One entry point at every scale:
 
 * one process (CPU or one GPU): ``pretrain()`` trains in-process;
 * several GPUs in one pod: ``pretrain()`` starts ``torchrun --nproc-per-node N
-  -m components.pretrain ...`` (DDP, one process per GPU) and waits for it;
+  -m components.pretrain.pretrain ...`` (DDP, one process per GPU) and waits for it;
 * several nodes: ``pretrain_component`` with ``num_nodes > 1`` publishes the
   dataset to ``exchange_uri`` and creates a Kubeflow Trainer v2 ``TrainJob``
-  (``components.trainjob``) whose nodes run ``torchrun --module
-  components.pretrain`` with the same flags, then fetches the encoder.
+  (``components.train.trainjob``) whose nodes run ``torchrun --module
+  components.pretrain.pretrain`` with the same flags, then fetches the encoder.
 
 The command line, the same everywhere (``--dataset``/``--out`` may be local
 paths or ``s3://`` URIs)::
 
-    python -m components.pretrain --dataset URI --out URI --objective contrastive --epochs 20 \\
+    python -m components.pretrain.pretrain --dataset URI --out URI --objective contrastive --epochs 20 \\
         --batch-size 128 --learning-rate 0.001 --temperature 0.2 --width 32 --embed-dim 128 --seed 0
 
-Checkpoints (see ``components.checkpoint``): every ``checkpoint_every_epochs``
+Checkpoints (see ``components.core.checkpoint``): every ``checkpoint_every_epochs``
 epochs and/or ``checkpoint_every_steps`` steps into a directory that is stable
 across retries of the same step (derived from the output artifact's URI, under
 ``checkpoint_root`` when set), so a retried pod resumes instead of starting
@@ -43,9 +43,6 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from components.settings import Settings
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
-
 from pipelines.config import PretrainConfig
 
 _DEFAULTS = PretrainConfig()
@@ -59,31 +56,8 @@ def _is_s3(uri) -> bool:
     return str(uri).startswith("s3://")
 
 
-def checkpoint_location(dir_or_uri: str | Path | None) -> tuple[Path | None, str]:
-    """(local checkpoint directory, mirror URI): an ``s3://`` URI is mirrored from a local temp directory."""
-    if not dir_or_uri:
-        return None, ""
-    if _is_s3(dir_or_uri):
-        from components.checkpoint import run_key
-
-        return Path(tempfile.gettempdir()) / "kfp-mlops-checkpoints" / run_key(str(dir_or_uri)), str(dir_or_uri)
-    return Path(dir_or_uri), ""
 
 
-def step_checkpoint_dir(step: str, artifact_uri: str, root: str = "") -> str:
-    """The checkpoint directory (or ``s3://`` URI) of a pipeline step, stable across its retries.
-
-    Keyed by the output artifact's URI, which KFP keeps the same when it retries
-    the step. ``root`` empty: under the local temp dir.
-    """
-    from components.checkpoint import run_key
-
-    key = run_key(step, artifact_uri)
-    if not root:
-        return str(Path(tempfile.gettempdir()) / "kfp-mlops-checkpoints" / step / key)
-    if _is_s3(root):
-        return f"{root.rstrip('/')}/{step}/{key}"
-    return str(Path(root) / step / key)
 
 
 def default_nproc_per_node() -> int:
@@ -110,10 +84,10 @@ def pretrain(dataset_dir: str | Path, out_dir: str | Path, objective: str = _DEF
     rank 0 writes. Returns a summary: objective, arch, epochs, first and final
     loss, n_images, world_size, resumed_from_step, seconds.
     """
-    from components.checkpoint import Checkpointer
-    from components.data import load_splits
-    from components.models import EncoderSpec, save_encoder, state_dict_sha256
-    from components.training import make_runtime, pretrain_encoder
+    from components.core.checkpoint import Checkpointer, checkpoint_location
+    from components.core.data import load_splits
+    from components.core.models import EncoderSpec, save_encoder, state_dict_sha256
+    from components.train.training import make_runtime, pretrain_encoder
 
     if nproc_per_node == 0:
         nproc_per_node = default_nproc_per_node()
@@ -168,7 +142,7 @@ def pretrain(dataset_dir: str | Path, out_dir: str | Path, objective: str = _DEF
 def _launch_torchrun(nproc: int, dataset_dir, out_dir, log, **flags) -> dict:
     """Run this module under ``torchrun --standalone`` (DDP on this machine) and return rank 0's summary."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "components.pretrain", "--dataset", str(dataset_dir), "--out", str(out_dir)]
+           "-m", "components.pretrain.pretrain", "--dataset", str(dataset_dir), "--out", str(out_dir)]
     cmd += cli_flags(flags)
     log(f"pretrain: starting {nproc} processes with torchrun (DDP)")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -205,7 +179,7 @@ def cli_flags(values: dict) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = _DEFAULTS
-    p = argparse.ArgumentParser(prog="python -m components.pretrain",
+    p = argparse.ArgumentParser(prog="python -m components.pretrain.pretrain",
                                 description="Self-supervised pretraining of the encoder (one process, or one rank "
                                             "of torchrun). --dataset/--out: local paths or s3:// URIs.")
     p.add_argument("--dataset", required=True, help="dataset directory written by ingest (local or s3://)")
@@ -233,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _staged(dataset: str, out: str, rt):
     """Local paths for --dataset/--out: an s3:// dataset is downloaded once per node (local rank 0),
     an s3:// output is written locally and uploaded by rank 0 when training succeeded."""
-    from components import storage
-    from components.checkpoint import run_key
+    from components.core import storage
+    from components.core.checkpoint import run_key
 
     work = Path(tempfile.gettempdir()) / "kfp-mlops-pretrain"
     dataset_dir = Path(dataset)
@@ -255,7 +229,7 @@ def _staged(dataset: str, out: str, rt):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from components.training import make_runtime
+    from components.train.training import make_runtime
 
     rt = make_runtime(compile=args.compile) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     log = (lambda line: print(line, flush=True)) if rt is None or rt.is_main else (lambda line: None)
@@ -311,9 +285,9 @@ def pretrain_multinode(dataset_dir: str | Path, out_dir: str | Path, *, run_uri:
     same prefix and adopts the TrainJob it already started); the nodes write
     the encoder to ``.../encoder`` and checkpoint to ``.../checkpoints``.
     """
-    from components import storage
-    from components.checkpoint import run_key
-    from components.trainjob import TrainJobSpec, run_multinode_pretrain, trainjob_name
+    from components.core import storage
+    from components.core.checkpoint import run_key
+    from components.train.trainjob import TrainJobSpec, run_multinode_pretrain, trainjob_name
 
     if not _is_s3(exchange_uri):
         raise ValueError(
@@ -344,69 +318,6 @@ def pretrain_multinode(dataset_dir: str | Path, out_dir: str | Path, *, run_uri:
                                          "n_images", "world_size", "device", "resumed_from_step", "weights_sha256",
                                          "seconds")}
     return {**summary, "trainjob": result["trainjob"], "num_nodes": num_nodes}
-
-
-def pretrain_component(
-    dataset: Input[Dataset],
-    cfg: Settings,
-    encoder: Output[Model],
-    metrics: Output[Metrics],
-    trainjob_image: str = "",
-    trainjob_s3_key_source: str = "",
-):
-    """Self-supervised pretraining of the image encoder on the unlabeled pool plus train images.
-
-    Args:
-        dataset: The dataset artifact written by ingest.
-        cfg: The run's ``pretrain`` settings and ``data.seed`` (initialisation, batch order, augmentations).
-        encoder: Output directory for the encoder weights (safetensors) and metadata.
-        metrics: Pretraining loss, image count and the step's cost.
-        trainjob_image: Image of the TrainJob nodes (num_nodes > 1); the pipeline passes its own image.
-        trainjob_s3_key_source: Name of the Kubernetes Secret whose S3 keys the TrainJob nodes get as env; empty = none (workload identity).
-    """
-    import os
-    import shutil
-
-    from components.cost import log_metrics, measure
-    from components.pretrain import (checkpoint_location, current_namespace, default_nproc_per_node, pretrain,
-                                     pretrain_multinode, step_checkpoint_dir)
-
-    seed = cfg.data.seed
-    cfg = cfg.pretrain
-    os.makedirs(encoder.path, exist_ok=True)
-    log = lambda line: print(line, flush=True)  # noqa: E731
-    with measure() as cost:
-        if cfg.num_nodes > 1:
-            flags = {"objective": cfg.objective, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                     "learning_rate": cfg.learning_rate, "temperature": cfg.temperature, "width": cfg.width,
-                     "embed_dim": cfg.embed_dim, "seed": seed, "arch": cfg.arch, "depth": cfg.depth,
-                     "compile": cfg.compile, "checkpoint_every_steps": cfg.checkpoint_every_steps,
-                     "checkpoint_every_epochs": cfg.checkpoint_every_epochs}
-            summary = pretrain_multinode(
-                dataset.path, encoder.path, run_uri=encoder.uri, exchange_uri=cfg.exchange_uri,
-                num_nodes=cfg.num_nodes, gpus_per_node=cfg.gpus_per_node, image=trainjob_image,
-                namespace=current_namespace(), s3_secret_name=trainjob_s3_key_source, flags=flags, log=log)
-        else:
-            ckpt = step_checkpoint_dir("pretrain", encoder.uri, cfg.checkpoint_root)
-            summary = pretrain(dataset.path, encoder.path, objective=cfg.objective, epochs=cfg.epochs,
-                               batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                               temperature=cfg.temperature, width=cfg.width, embed_dim=cfg.embed_dim, seed=seed,
-                               log=log, arch=cfg.arch, depth=cfg.depth, compile=cfg.compile, checkpoint_dir=ckpt,
-                               checkpoint_every_steps=cfg.checkpoint_every_steps,
-                               checkpoint_every_epochs=cfg.checkpoint_every_epochs,
-                               nproc_per_node=default_nproc_per_node())
-            local_ckpt, _ = checkpoint_location(ckpt)
-            shutil.rmtree(local_ckpt, ignore_errors=True)  # done: a later retry has nothing to resume
-    encoder.metadata.update({"objective": cfg.objective, "arch": summary["arch"], "final_loss": summary["final_loss"]})
-    log_metrics(metrics, {
-        "pretrain_first_loss": summary["first_loss"],
-        "pretrain_final_loss": summary["final_loss"],
-        "pretrain_epochs": summary["epochs"],
-        "pretrain_world_size": summary["world_size"],
-        "pretrain_resumed_from_step": summary["resumed_from_step"],
-        "n_images": summary["n_images"],
-        **cost.as_metrics(),
-    })
 
 
 if __name__ == "__main__":

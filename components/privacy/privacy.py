@@ -26,7 +26,7 @@ Three questions, one gate:
    by the RMS pixel distance after removing each image's mean brightness.
 
 3. **Differential privacy.** When the model was fine-tuned with DP-SGD
-   (``components.dp``), its metadata holds the ε spent; the gate checks it.
+   (``components.train.dp``), its metadata holds the ε spent; the gate checks it.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from components.settings import Settings
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
@@ -382,7 +380,7 @@ def training_members(splits, metadata: dict[str, Any]) -> np.ndarray:
     fraction = float(metadata.get("label_fraction", 1.0))
     if fraction >= 1.0:
         return np.arange(len(splits.train_y))
-    from components.training import subsample_labels
+    from components.train.training import subsample_labels
 
     return subsample_labels(splits.train_y, fraction, int(metadata.get("seed", 0)))
 
@@ -396,11 +394,11 @@ def privacy_check(dataset_dir: str, model_dir: str, max_mia_auc: float, seed: in
     Members are the train images the model trained on (see ``training_members``), non-members
     the test split; ``reference_models`` > 0 adds the reference-calibrated attack with that many
     models trained on the validation split. Returns every number, the leak list (``leaks``), the
-    DP record (``dp``, or None) and the verdict of ``components.gates.decide``.
+    DP record (``dp``, or None) and the verdict of ``components.core.gates.decide``.
     """
-    from components.data import load_splits
-    from components.gates import Limit, decide, validate_override
-    from components.models import build_classifier, load_classifier
+    from components.core.data import load_splits
+    from components.core.gates import Limit, decide, validate_override
+    from components.core.models import build_classifier, load_classifier
 
     validate_privacy_limits(max_mia_auc, max_dp_epsilon, max_leaks, near_duplicate_distance, reference_models)
     validate_override(override, override_reason)
@@ -450,7 +448,7 @@ def privacy_check(dataset_dir: str, model_dir: str, max_mia_auc: float, seed: in
 
 def privacy_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The numbers of a ``privacy_check`` result for KFP Metrics (no lists, no text)."""
-    from components.gates import verdict_metrics
+    from components.core.gates import verdict_metrics
 
     skip = {"seed", "leaks", "dp", "strongest_attack", "reason", "blocked_by", "limits_checked", "override_reason"}
     return {**{k: v for k, v in result.items() if k not in skip}, **verdict_metrics(result)}
@@ -458,7 +456,7 @@ def privacy_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def render_privacy_report(result: dict[str, Any]) -> str:
     """A Markdown report of a ``privacy_check`` result for the KFP UI."""
-    from components.gates import verdict_banner, verdict_word
+    from components.core.gates import verdict_banner, verdict_word
 
     r = result
     attack_rows = [f"| loss threshold | {r['loss_attack_auc']:.3f} | {r.get('loss_attack_tpr_at_1pct_fpr', float('nan')):.3f} |",
@@ -534,40 +532,3 @@ removing mean brightness <= {r['near_duplicate_distance']:g}, average-hash pre-f
 * **Duplicates** between train and test mean the test accuracy is partly measured on training data;
   remove them at ingest (exact copies are already dropped there) or split by source.
 """
-
-
-def privacy_component(
-    dataset: Input[Dataset],
-    model: Input[Model],
-    cfg: Settings,
-    metrics: Output[Metrics],
-    report: Output[Markdown],
-) -> bool:
-    """Privacy gate: membership-inference audit, train/test leakage and the DP budget of the fine-tuned model.
-
-    Args:
-        dataset: the dataset artifact from ingest (train split = members, test split = non-members).
-        model: the classifier artifact from finetune.
-        cfg: the run's ``gates`` settings (limits, reference models, override) and ``data.seed`` (member
-            subsampling and reference models).
-        metrics: attack AUCs and TPRs at 1% FPR, duplicate counts, DP epsilon, the limits, the verdict
-            (passed, passed_checks, overridden, blocked_by_<limit>) and the step's cost.
-        report: Markdown report of the audit, the duplicate list and the verdict.
-
-    Returns:
-        True when every limit holds, or when ``gates.override`` is set.
-    """
-    from components.cost import measure
-    from components.gates import publish_verdict
-    from components.privacy import privacy_check, privacy_metrics, render_privacy_report
-
-    gates = cfg.gates
-    print(f"privacy: membership-inference audit, leakage and DP check of {model.path}", flush=True)
-    with measure() as cost:
-        result = privacy_check(dataset.path, model.path, max_mia_auc=gates.max_mia_auc, seed=cfg.data.seed,
-                               max_dp_epsilon=gates.max_dp_epsilon, max_leaks=gates.max_leaks,
-                               near_duplicate_distance=gates.near_duplicate_distance,
-                               reference_models=gates.mia_reference_models, override=gates.override,
-                               override_reason=gates.override_reason)
-    return publish_verdict("privacy", result, privacy_metrics(result), cost.as_metrics(), metrics, report.path,
-                           render_privacy_report(result))

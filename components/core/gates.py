@@ -101,7 +101,7 @@ def publish_verdict(step: str, result: dict[str, Any], metrics: dict[str, float]
     """What a gate component does with its verdict: KFP metrics, the report file, a console line; returns ``passed``."""
     import os
 
-    from components.cost import log_metrics
+    from components.core.cost import log_metrics
 
     log_metrics(metrics_artifact, metrics)
     log_metrics(metrics_artifact, cost_metrics)

@@ -30,7 +30,7 @@ selection on the validation split. On digits at epsilon 8 it lifted a DP linear 
 a little: 0.961 (lr 0.5, raw embedding) -> 0.967 on seeds 0-2 (0.962 over seeds 0-5).
 
 This module does not fork the training loop: ``DPFinetune`` is a ``customize``
-hook for ``components.training.finetune_classifier`` that swaps in the per-sample
+hook for ``components.train.training.finetune_classifier`` that swaps in the per-sample
 gradient model (``GradSampleModule``), the noisy optimizer (``DPOptimizer``), the
 Poisson batches and a fresh schedule. Validation-based model selection (early
 stopping on the validation split) is post-processing with respect to the train
@@ -257,7 +257,7 @@ class DPFinetune:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
-        from components.training import NO_AUGMENTATION, make_scheduler
+        from components.train.training import NO_AUGMENTATION, make_scheduler
 
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:

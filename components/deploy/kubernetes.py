@@ -7,7 +7,7 @@ before step 4, and every failure after it ends in a known state:
    live serving Deployment (installed once with ``kubectl apply -k manifests/overlays/<env>``;
    this step changes only the release fields of it, never sizes, placement or security).
 2. Pack the model into ``<model>.mar`` and publish it to the model store with
-   ``components.storage.publish``: a content-addressed release whose id (a sha256) the
+   ``components.core.storage.publish``: a content-addressed release whose id (a sha256) the
    pods' init container fetches, so a revision always means the same bytes.
 3. Render the release: a server-side-apply configuration holding only the release
    fields (``render_release``): the init container's ``KFP_MLOPS_MODEL_URI`` and
@@ -110,7 +110,7 @@ class Release:
 
     model_name: str
     model_version: str  # the model's own version (finetune: a hash of its weights)
-    release_id: str  # the version id ``components.storage.publish`` returned (sha256 of the manifest)
+    release_id: str  # the version id ``components.core.storage.publish`` returned (sha256 of the manifest)
     model_uri: str  # the model store (``base_uri`` of the release)
     image: str = ""  # set every container's image; "" keeps what the Deployment runs (overlays differ: CPU/CUDA)
     run_id: str = ""  # the pipeline run that released it, for the change-cause
@@ -515,7 +515,7 @@ def deploy_kubernetes(
 
     ``namespace`` "" = the pod's own; ``model_store_uri`` "" = where the Deployment's init
     container fetches from now; ``image`` "" = keep the images. ``api``, ``publish``
-    (``components.storage.publish``), ``build_archive`` (``serving.archive.build_mar``) and
+    (``components.core.storage.publish``), ``build_archive`` (``serving.archive.build_mar``) and
     ``send`` (``serving.client.predict``) are injectable for tests. ``workers``, ``batch_size``
     and ``max_batch_delay_ms`` (None = ``serving.archive``'s defaults) go into the .mar's model
     config, which the pods' TorchServe reads when it loads the model (it wins over the ConfigMap).
@@ -527,9 +527,9 @@ def deploy_kubernetes(
     """
     import tempfile
 
-    from components.data import load_splits
-    from components.deploy import smoke_test
-    from components.models import METADATA_FILE
+    from components.core.data import load_splits
+    from components.core.models import METADATA_FILE
+    from serving.client import smoke_test
 
     ApiException = _api_exception_type()
     sleep, clock = sleep or time.sleep, clock or time.monotonic
@@ -583,7 +583,7 @@ def deploy_kubernetes(
     }
     archive.model_config_yaml(**model_config)  # bad values fail here, before anything is published
     if publish is None:
-        from components.storage import publish
+        from components.core.storage import publish
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         release_dir = Path(tmp) / "release"
         mar = build_archive(model_dir, release_dir, model_name, model_version, **model_config)

@@ -31,7 +31,7 @@ with a clear message instead of being silently resumed.
 
 ``mirror_uri``: an optional ``s3://`` prefix (or second local directory) the
 files are copied to after each save, pointer last, through
-``components.storage``; a fresh pod with an empty local directory restores from
+``components.core.storage``; a fresh pod with an empty local directory restores from
 it. That is what makes a retried pod on another node resume.
 """
 
@@ -323,7 +323,7 @@ class Checkpointer:
     # Remote files alternate between two slots (the one the pointer does not name is overwritten),
     # so the mirror holds at most two checkpoints without needing deletes.
     def _push(self, name: str) -> None:
-        from components import storage
+        from components.core import storage
 
         if self._mirror_slot is None:  # first push of this process: which slot does the remote pointer name?
             pointer_uri = storage.join(self.mirror_uri, POINTER)
@@ -337,7 +337,7 @@ class Checkpointer:
         self._mirror_slot = slot
 
     def _pull(self) -> None:
-        from components import storage
+        from components.core import storage
 
         pointer_uri = storage.join(self.mirror_uri, POINTER)
         if not storage.exists(pointer_uri):
@@ -355,3 +355,26 @@ class Checkpointer:
 def run_key(*parts: str) -> str:
     """A short stable key for a checkpoint directory (e.g. from an output artifact URI)."""
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def checkpoint_location(dir_or_uri: str | Path | None) -> tuple[Path | None, str]:
+    """(local checkpoint directory, mirror URI): an ``s3://`` URI is mirrored from a local temp directory."""
+    if not dir_or_uri:
+        return None, ""
+    if str(dir_or_uri).startswith("s3://"):
+        return Path(tempfile.gettempdir()) / "kfp-mlops-checkpoints" / run_key(str(dir_or_uri)), str(dir_or_uri)
+    return Path(dir_or_uri), ""
+
+
+def step_checkpoint_dir(step: str, artifact_uri: str, root: str = "") -> str:
+    """The checkpoint directory (or ``s3://`` URI) of a pipeline step, stable across its retries.
+
+    Keyed by the output artifact's URI, which KFP keeps the same when it retries
+    the step. ``root`` empty: under the local temp dir.
+    """
+    key = run_key(step, artifact_uri)
+    if not root:
+        return str(Path(tempfile.gettempdir()) / "kfp-mlops-checkpoints" / step / key)
+    if root.startswith("s3://"):
+        return f"{root.rstrip('/')}/{step}/{key}"
+    return str(Path(root) / step / key)

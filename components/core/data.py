@@ -122,12 +122,12 @@ def load_source(source: str, image_size: int = 0) -> tuple[np.ndarray, np.ndarra
 def _load_s3(source: str, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Download an ``s3://`` .npz object or image-folder prefix to a temp dir and load it from there.
 
-    Endpoint and credentials come from the environment (see ``components.storage``).
+    Endpoint and credentials come from the environment (see ``components.core.storage``).
     Messages about the files name the s3:// URI, not the temp dir.
     """
     import tempfile
 
-    from components import storage
+    from components.core import storage
 
     with tempfile.TemporaryDirectory(prefix="ingest-s3-") as tmp:
         if source.endswith(".npz"):

@@ -224,7 +224,7 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from components.storage import atomic_write_file  # temp sibling, fsync, rename, fsync of the directory
+    from components.core.storage import atomic_write_file  # temp sibling, fsync, rename, fsync of the directory
 
     atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
 
@@ -235,7 +235,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    from components.storage import atomic_write_file
+    from components.core.storage import atomic_write_file
 
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_file(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from components.settings import Settings
-from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 RESULT_FILE = "evaluation.json"
 REPORT_FILE = "report.html"
@@ -314,9 +312,9 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, out_dir: str | Path
     """
     import torch
 
-    from components.data import load_splits
-    from components.models import load_classifier
-    from components.training import pick_device, predict_logits
+    from components.core.data import load_splits
+    from components.core.models import load_classifier
+    from components.train.training import pick_device, predict_logits
 
     splits = load_splits(dataset_dir)
     device = pick_device()
@@ -346,7 +344,7 @@ def evaluate(dataset_dir: str | Path, model_dir: str | Path, out_dir: str | Path
 
 def write_result(result: dict[str, Any], out_dir: str | Path) -> None:
     """The result as JSON (written atomically) and the HTML report next to it."""
-    from components.models import atomic_write_json
+    from components.core.models import atomic_write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -420,13 +418,13 @@ def evaluate_and_gate(dataset_dir: str | Path, model_dir: str | Path, min_test_a
     ``champion_model``: ``"serving"`` (the model served from ``serving_home``), ``"store"``
     (the latest release in ``model_store_uri``), ``"none"`` to skip the comparison, or a
     model dir, a .mar or a storage release (local dir or ``s3://`` base URI, optionally
-    ending in ``/latest``); see :func:`components.champion.resolve_champion`.
+    ending in ``/latest``); see :func:`components.evaluate.champion.resolve_champion`.
     Returns the ``evaluate`` result plus ``gate`` (see :func:`release_gate`).
     """
     import tempfile
 
-    from components.champion import ChampionNotComparable, check_comparable, resolve_champion
-    from components.data import load_splits
+    from components.core.data import load_splits
+    from components.evaluate.champion import ChampionNotComparable, check_comparable, resolve_champion
 
     if not -1.0 <= max_regression <= 1.0:
         raise ValueError(f"max_regression must be in [-1, 1] (an accuracy difference), got {max_regression}")
@@ -613,69 +611,3 @@ caption {{ text-align: left; font-weight: bold; padding-bottom: 0.4rem; }}
 # ---------------------------------------------------------------------------
 # The KFP component
 # ---------------------------------------------------------------------------
-
-
-def evaluate_component(
-    dataset: Input[Dataset],
-    model: Input[Model],
-    cfg: Settings,
-    metrics: Output[Metrics],
-    classification_metrics: Output[ClassificationMetrics],
-    report: Output[HTML],
-) -> bool:
-    """Score the fine-tuned classifier on the test split, compare it with the model in production, and gate its release.
-
-    The gate passes when the test accuracy reaches ``gates.min_test_accuracy`` AND the
-    challenger is at least as accurate as the champion (the model in production,
-    scored on the same test split) minus ``gates.max_regression``. With no champion,
-    or one trained on other classes or image shapes, the champion check passes with
-    the reason stated in the report and the log.
-
-    Args:
-        dataset: The dataset artifact written by ingest.
-        model: The classifier artifact written by finetune (the challenger).
-        cfg: The run's ``gates`` settings (accuracy floor, regression margin, where the champion is) and
-            ``serving`` settings (the local serving home and the model store the champion may come from).
-        metrics: Test accuracy, macro F1, ECE, the gate's numbers, the champion's accuracy and version, and the step's cost.
-        classification_metrics: The confusion matrix, shown by the KFP UI.
-        report: A self-contained HTML page: headline numbers, the release decision and champion comparison, per-class scores, confusion matrix, reliability diagram and saliency maps.
-
-    Returns:
-        True when both the accuracy floor and the champion check pass.
-    """
-    import os
-    from pathlib import Path
-
-    from components.cost import log_metrics, measure
-    from components.evaluate import evaluate_and_gate, render_report_html
-
-    gates, serving = cfg.gates, cfg.serving
-    home = Path(serving.home) if serving.home else None
-    if home is not None and not home.is_absolute():
-        home = Path.cwd() / home
-    with measure() as cost:
-        result = evaluate_and_gate(dataset.path, model.path, gates.min_test_accuracy, gates.max_regression,
-                                   champion_model=gates.champion_model, serving_home=home,
-                                   model_store_uri=serving.model_store_uri)
-    gate, check = result["gate"], result["gate"]["champion"]
-    log_metrics(metrics, {
-        "test_accuracy": result["test_accuracy"], "macro_f1": result["macro_f1"], "n_test": result["n_test"],
-        "ece": result["calibration"]["ece"], "min_test_accuracy": gate["min_test_accuracy"],
-        "max_regression": check["max_regression"], "challenger_accuracy": check["challenger_accuracy"],
-        "champion_accuracy": check.get("champion_accuracy"), "champion_compared": check["status"] == "compared",
-        **cost.as_metrics(),
-    })
-    if check.get("champion_model_version"):
-        metrics.metadata["champion_model_version"] = str(check["champion_model_version"])  # a hash: text, not a number
-    classification_metrics.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
-    report.metadata.update({"passed": gate["passed"], "reason": gate["reason"]})
-    parent = os.path.dirname(report.path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(report.path, "w", encoding="utf-8") as f:
-        f.write(render_report_html(result))
-    also = "" if check["reason"] in gate["reason"] else f"; champion check: {check['reason']}"
-    print(f"evaluation gate {'PASSED' if gate['passed'] else 'FAILED'}: {gate['reason']}{also} "
-          f"(macro F1 {result['macro_f1']:.4f}, ECE {result['calibration']['ece']:.4f}, "
-          f"{result['n_test']} test images)", flush=True)
-    return gate["passed"]

@@ -46,13 +46,12 @@ feature alone does not make a window drifted. Inverted, noised (sigma 0.1 and 0.
 100/200/500-row windows. Right-angle rotations keep every image feature except the
 centre of mass (2 of 8 move); the model-side checks are what catch them.
 
-Large windows are sampled (``components.drift_sampling``): at most n = 6,623 rows by
+Large windows are sampled (``components.monitor.sampling``): at most n = 6,623 rows by
 default, drawn uniformly with a DKW error bound of eps = 0.02 at alpha = 0.01 on every
 feature's CDF, seeded by (model version, window) so a rerun gives the same result.
 """
 
 from __future__ import annotations
-
 
 import hashlib
 import html
@@ -66,15 +65,13 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from components.settings import Settings
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from components.drift_sampling import DEFAULT_ALPHA, DEFAULT_EPSILON, parse_utc, read_window, window_seed
-from components.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, MODEL_REFERENCE_FILE, PREDICTION_COLUMNS
+from components.core.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, MODEL_REFERENCE_FILE, PREDICTION_COLUMNS
+from components.monitor.sampling import DEFAULT_ALPHA, DEFAULT_EPSILON, parse_utc, read_window, window_seed
 
 # Evidently phones home unless told not to; set before it is imported (lazily, below).
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -87,7 +84,7 @@ EMBEDDING_ALPHA = 0.01  # the classifier test on the embedding projection
 EMBEDDING_METHOD = ("Evidently ModelDriftMethod (SGD logistic classifier on the standardised projection and its "
                     "squares, ROC AUC on a held-out half) with a Mann-Whitney p-value")
 MOSTLY_NAN = 0.5  # a column NaN in more than this share of the window is schema drift
-EXCLUDED_SOURCES = ("smoke-test",)  # request-log sources that are not traffic (see components.deploy)
+EXCLUDED_SOURCES = ("smoke-test",)  # request-log sources that are not traffic (see components.deploy.local)
 REPLAY_SOURCE = "replay"  # the X-Request-Source of the monitor's own replayed requests
 DEFAULT_SOURCE = "client"  # what the handler logs when a request names no source
 REPORT_FILE = "drift_report.html"
@@ -141,7 +138,7 @@ class Verdict:
 def read_csv(location: str | Path) -> pd.DataFrame:
     """A CSV from a local path or an ``s3://`` URI."""
     if str(location).startswith("s3://"):
-        from components import storage
+        from components.core import storage
 
         return pd.read_csv(io.BytesIO(storage.read_bytes(str(location))))
     return pd.read_csv(location)
@@ -150,7 +147,7 @@ def read_csv(location: str | Path) -> pd.DataFrame:
 def location_exists(location: str | Path) -> bool:
     """Whether a local file or an ``s3://`` object exists."""
     if str(location).startswith("s3://"):
-        from components import storage
+        from components.core import storage
 
         return storage.exists(str(location))
     return Path(location).is_file()
@@ -165,7 +162,7 @@ def read_request_log(log_dir: str | Path, since: datetime | None = None,
     that is not a JSON object with a valid ``timestamp`` is skipped and counted in
     ``df.attrs["bad_lines"]``. Naive ``since``/``until`` are taken as UTC. The ``timestamp``
     column comes back as UTC datetimes, rows sorted by time. Reads everything; the monitor
-    itself samples large windows (``components.drift_sampling.read_window``).
+    itself samples large windows (``components.monitor.sampling.read_window``).
     """
     window = read_window(log_dir, since, until, epsilon=None)
     if window.bad_lines:
@@ -268,7 +265,7 @@ def check_window(reference: pd.DataFrame, current: pd.DataFrame, min_rows: int =
 
     missing = [c for c in monitored if c not in current.columns]
     if missing:
-        hint = ("The serving handler no longer logs them; check that it uses components.features."
+        hint = ("The serving handler no longer logs them; check that it uses components.core.features."
                 if set(missing) & set(FEATURE_COLUMNS) else
                 "The serving handler does not log the model's prediction and embedding (it predates them, or its "
                 "log changed); update it, or monitor without the model reference (image features only).")
@@ -278,7 +275,7 @@ def check_window(reference: pd.DataFrame, current: pd.DataFrame, min_rows: int =
     unexpected = [str(c) for c in current.columns if c not in LOG_COLUMNS]
     if unexpected:
         return stop("schema_drift", f"Unexpected columns in the request log: {', '.join(unexpected)}. The serving "
-                    "handler logs fields the monitor does not know; update LOG_COLUMNS in components.monitor "
+                    "handler logs fields the monitor does not know; update LOG_COLUMNS in components.monitor.monitor "
                     "together with the handler.",
                     schema_problems=[f"unexpected: {c}" for c in unexpected])
 
@@ -776,7 +773,7 @@ def load_model_reference(location: str | Path | None) -> tuple[pd.DataFrame | No
         return None, {"path": str(location), "found": False,
                       "note": f"Model reference {location} not found: prediction and embedding drift were not "
                               "checked, image features only. Finetune writes it into the model artifact; re-run "
-                              "training or call components.monitor.write_model_reference."}
+                              "training or call components.monitor.monitor.write_model_reference."}
     frame = read_csv(location)
     check_model_reference(frame)
     return frame, {"path": str(location), "found": True, "rows": len(frame)}
@@ -887,23 +884,6 @@ def last_window(period: timedelta, settle: timedelta = timedelta(0),
     return until - period, until
 
 
-def write_model_reference(model_dir: str | Path, images: np.ndarray) -> Path:
-    """Write ``reference_model.csv`` into a model artifact: the training-time reference for prediction
-    and embedding drift, from held-out images (the validation split) the model did not train on.
-
-    Finetune calls it after saving the classifier: ``write_model_reference(out_dir, splits.val_x)``.
-    """
-    from components.features import model_reference_features
-    from components.models import load_classifier
-
-    images = np.asarray(images)
-    if images.ndim != 4 or len(images) < 30:
-        raise ValueError(f"the model reference needs at least 30 held-out images shaped [N, C, H, W], got "
-                         f"shape {images.shape}; use the validation split")
-    model, _ = load_classifier(model_dir)
-    path = Path(model_dir) / MODEL_REFERENCE_FILE
-    _atomic_write_text(path, model_reference_features(model, images).to_csv(index=False))
-    return path
 
 
 # ---------------------------------------------------------------------------
@@ -955,88 +935,3 @@ def wait_for_log(log_dir: str | Path, since: datetime, expected_rows: int, model
 
 # ---------------------------------------------------------------------------
 # KFP component
-
-
-def monitor_component(
-    dataset: Input[Dataset],
-    deployment: Input[Artifact],
-    cfg: Settings,
-    drift_report: Output[HTML],
-    verdict: Output[Artifact],
-    metrics: Output[Metrics],
-    model: Optional[Input[Model]] = None,
-):
-    """Replay the test split to the deployed endpoint, then check the logged traffic for drift.
-
-    Args:
-        dataset: Dataset artifact from ingest (splits.npz and the reference.csv of training features).
-        deployment: Deployment record JSON from deploy (endpoint, token files, request_log_dir, model_version).
-        cfg: The run's ``monitor`` settings (drift share, replay size, sampling bound).
-        drift_report: Output HTML: Evidently's drift report, or a page saying why no test ran.
-        verdict: Output JSON with status, drifted features and per-feature test results.
-        metrics: Output metrics: drift_detected, drift_share, row counts, replayed requests and cost.
-        model: Optional model artifact from finetune; its reference_model.csv adds prediction and embedding drift.
-    """
-    import json
-    import os
-    import shutil
-    import tempfile
-    from datetime import datetime, timedelta, timezone
-    from pathlib import Path
-
-    from components.cost import log_metrics, measure
-    from components.data import REFERENCE_FILE, load_splits
-    from components.features import MODEL_REFERENCE_FILE
-    from components.monitor import REPLAY_SOURCE, monitor, replay, wait_for_log
-
-    cfg = cfg.monitor
-    with measure() as cost:
-        record_path = Path(deployment.path)
-        if not record_path.is_file():
-            raise FileNotFoundError(f"deployment record {record_path} not found: the deploy step writes it")
-        record = json.loads(record_path.read_text())
-        missing = [k for k in ("endpoint", "token_file", "request_log_dir", "model_version") if k not in record]
-        if missing:
-            raise KeyError(f"deployment record {record_path} lacks {missing}; re-run deploy")
-        splits = load_splits(dataset.path)
-        model_reference = str(Path(model.path) / MODEL_REFERENCE_FILE) if model is not None else None
-
-        # The window is this replay's own requests: from just before it (1 s of slack for clock
-        # granularity), of the deployed model version, tagged with the replay source, so neither
-        # the smoke test nor earlier replays or clients mix in.
-        since = datetime.now(timezone.utc) - timedelta(seconds=1)
-        # The pipeline's own token: its requests may say they are a replay (clients' tokens may not).
-        token_file = record.get("source_token_file") or record["token_file"]
-        sent = replay(record["endpoint"], token_file, splits.test_x, limit=cfg.replay_limit, source=REPLAY_SOURCE)
-        logged = wait_for_log(record["request_log_dir"], since, sent, model_version=record["model_version"],
-                              source=REPLAY_SOURCE)
-        if logged < sent:
-            print(f"[monitor] only {logged} of {sent} replayed requests reached the log", flush=True)
-        until = datetime.now(timezone.utc) + timedelta(seconds=1)
-
-        with tempfile.TemporaryDirectory() as tmp:
-            result = monitor(Path(dataset.path) / REFERENCE_FILE, record["request_log_dir"], tmp,
-                             drift_share=cfg.drift_share, since=since, until=until,
-                             model_version=record["model_version"], source=REPLAY_SOURCE,
-                             model_reference_csv=model_reference, sample_epsilon=cfg.sample_epsilon or None,
-                             sample_alpha=cfg.sample_alpha)
-            for src, dst in ((result["report_html"], drift_report.path), (result["verdict_json"], verdict.path)):
-                os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-                shutil.copyfile(src, dst)
-
-    log_metrics(metrics, {
-        "drift_detected": result["drift_detected"],
-        "drift_alert": result["alert"],
-        "drift_share": result["drift_share"],
-        "drift_share_threshold": cfg.drift_share,
-        "drifted_features": len(result["drifted_features"]),
-        "checks": len(result["checks"]),
-        **{f"{group}_drifted": info["drifted"] for group, info in result["groups"].items()},
-        "current_rows": result["current_rows"],
-        "reference_rows": result["reference_rows"],
-        "requests_replayed": sent,
-        "requests_logged": logged,
-        "log_bad_lines": result["log"]["bad_lines"],
-        **cost.as_metrics(),
-    })
-    print(f"[monitor] verdict {result['status']} written to {verdict.path}", flush=True)

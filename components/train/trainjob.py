@@ -13,7 +13,7 @@ injects ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``,
 ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT`` into the ``node`` container, and
 rejects a TrainJob that sets any of them itself. ``torchrun`` reads exactly
 those variables as the defaults of its flags, so our command is
-``torchrun --module components.pretrain`` and the arguments are the pretrain
+``torchrun --module components.pretrain.pretrain`` and the arguments are the pretrain
 CLI's; torchrun then starts ``numProcPerNode`` ranks per node with ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR`` set for DDP.
 
@@ -99,7 +99,7 @@ class TrainJobSpec:
     runtime_name: str = "torch-distributed"
     runtime_kind: str = "ClusterTrainingRuntime"
     gpu_resource: str = "nvidia.com/gpu"
-    entry_module: str = "components.pretrain"
+    entry_module: str = "components.pretrain.pretrain"
     # Pretrain hyperparameters, rendered as --kebab-case flags after --dataset/--out (True -> bare flag, False -> omitted).
     entry_args: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # non-secret settings, e.g. AWS_ENDPOINT_URL, AWS_REGION

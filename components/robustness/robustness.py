@@ -25,15 +25,14 @@ and FGSM examples to fine-tuning batches (``finetune_augment_noise_sigma``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from components.settings import Settings
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 from torch import nn
+
+from components.train.adversarial import as_tensor, fgsm, model_device, pgd
 
 # Severity 1..5 parameters of each corruption (pixels in [0, 1]); chosen so accuracy falls step by step.
 CORRUPTION_LEVELS: dict[str, tuple[float, ...]] = {
@@ -46,21 +45,15 @@ CORRUPTION_LEVELS: dict[str, tuple[float, ...]] = {
 MAX_SEVERITY = 5
 
 
-def _as_tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
-    return x.to(dtype) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=dtype)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Any, y: Any, batch_size: int = 512) -> float:
     """Share of images ``x`` ``[N, C, H, W]`` that ``model`` labels as ``y``, computed in batches."""
-    x, y = _as_tensor(x, torch.float32), _as_tensor(y, torch.int64)
+    x, y = as_tensor(x, torch.float32), as_tensor(y, torch.int64)
     if len(x) == 0:
         raise ValueError("accuracy of an empty set is undefined: the split has no images")
-    device, correct = _device(model), 0
+    device, correct = model_device(model), 0
     for i in range(0, len(x), batch_size):
         logits = model(x[i : i + batch_size].to(device))
         correct += int((logits.argmax(dim=1).cpu() == y[i : i + batch_size]).sum())
@@ -75,7 +68,7 @@ def gaussian_noise(x: Any, sigma: float, generator: torch.Generator | None = Non
     """``x`` plus N(0, sigma^2) pixel noise, clipped back to [0, 1]. ``generator`` makes it reproducible."""
     if not sigma >= 0:
         raise ValueError(f"noise sigma must be >= 0, got {sigma}")
-    x = _as_tensor(x, torch.float32)
+    x = as_tensor(x, torch.float32)
     device = generator.device if generator is not None else x.device
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
     return (x + sigma * noise).clamp(0.0, 1.0)
@@ -85,7 +78,7 @@ def gaussian_blur(x: Any, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with standard deviation ``sigma`` pixels (edges replicated)."""
     if not sigma > 0:
         raise ValueError(f"blur sigma must be > 0, got {sigma}")
-    x = _as_tensor(x, torch.float32)
+    x = as_tensor(x, torch.float32)
     radius = max(1, math.ceil(3 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
@@ -100,21 +93,21 @@ def contrast(x: Any, factor: float) -> torch.Tensor:
     """Pull every pixel towards its image's mean: ``factor`` 1 keeps the image, 0 makes it flat grey."""
     if not 0 <= factor <= 1:
         raise ValueError(f"contrast factor must be in [0, 1], got {factor}")
-    x = _as_tensor(x, torch.float32)
+    x = as_tensor(x, torch.float32)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return ((x - mean) * factor + mean).clamp(0.0, 1.0)
 
 
 def brightness(x: Any, shift: float) -> torch.Tensor:
     """Add ``shift`` to every pixel (clipped): an over-exposed scan."""
-    return (_as_tensor(x, torch.float32) + shift).clamp(0.0, 1.0)
+    return (as_tensor(x, torch.float32) + shift).clamp(0.0, 1.0)
 
 
 def pixelate(x: Any, share: float) -> torch.Tensor:
     """Average down to ``share`` of the side, then blow back up with nearest-neighbour: blocky pixels."""
     if not 0 < share <= 1:
         raise ValueError(f"pixelate share must be in (0, 1], got {share}")
-    x = _as_tensor(x, torch.float32)
+    x = as_tensor(x, torch.float32)
     h, w = x.shape[-2:]
     coarse = F.interpolate(x, size=(max(1, round(h * share)), max(1, round(w * share))), mode="area")
     # "nearest-exact" samples block centres; plain "nearest" shifts uneven blocks and can make a coarser
@@ -138,154 +131,6 @@ def corrupt(x: Any, corruption: str, severity: int, seed: int = 0) -> torch.Tens
 # ---------------------------------------------------------------------------
 # Adversarial attacks (L-infinity, white box)
 # ---------------------------------------------------------------------------
-
-def _input_gradient_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x), y)
-    (grad,) = torch.autograd.grad(loss, x)  # w.r.t. the input only: parameters and their .grad stay untouched
-    return grad.sign()
-
-
-def fgsm(model: nn.Module, x: Any, y: Any, epsilon: float, batch_size: int = 512) -> torch.Tensor:
-    """Fast gradient sign method: ``x + epsilon * sign(grad_x cross_entropy)``, clipped to [0, 1].
-
-    The model is run in eval mode (so normalisation and dropout behave as at serving time) and
-    restored to its previous mode afterwards; gradients are taken with respect to the input only,
-    so the model's parameters and their ``.grad`` are left untouched.
-    """
-    if not 0 <= epsilon <= 1:
-        raise ValueError(f"FGSM epsilon must be in [0, 1] (pixels are in [0, 1]), got {epsilon}")
-    x, y = _as_tensor(x, torch.float32), _as_tensor(y, torch.int64)
-    device, was_training = _device(model), model.training
-    model.eval()
-    adversarial = []
-    try:
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-            adversarial.append((xb + epsilon * _input_gradient_sign(model, xb, yb)).clamp(0.0, 1.0).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(adversarial) if adversarial else x.clone()
-
-
-def pgd(model: nn.Module, x: Any, y: Any, epsilon: float, steps: int = 10, step_size: float = 0.0,
-        random_start: bool = True, seed: int = 0, batch_size: int = 512) -> torch.Tensor:
-    """Projected gradient descent in the L-infinity ball of radius ``epsilon`` (Madry et al. 2018).
-
-    Starts from a uniform random point in the ball (``random_start``) or from ``x``, takes
-    ``steps`` signed-gradient steps of ``step_size`` (0 = ``2.5 * epsilon / steps``, Madry's
-    choice, enough to reach the ball's edge from anywhere), and projects back onto the ball and
-    onto [0, 1] after each. Eval mode and untouched parameters, as ``fgsm``.
-    """
-    if not 0 <= epsilon <= 1:
-        raise ValueError(f"PGD epsilon must be in [0, 1] (pixels are in [0, 1]), got {epsilon}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"PGD steps must be a whole number >= 1, got {steps!r}")
-    if not step_size >= 0:
-        raise ValueError(f"PGD step size must be >= 0 (0 = 2.5 * epsilon / steps), got {step_size}")
-    step_size = step_size or 2.5 * epsilon / steps
-    x, y = _as_tensor(x, torch.float32), _as_tensor(y, torch.int64)
-    device, was_training = _device(model), model.training
-    generator = torch.Generator().manual_seed(seed)
-    model.eval()
-    adversarial = []
-    try:
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-            start = torch.zeros_like(xb, device="cpu")
-            if random_start:
-                start = torch.rand(xb.shape, generator=generator) * 2 * epsilon - epsilon
-            xa = (xb + start.to(device)).clamp(0.0, 1.0)
-            for _ in range(steps):
-                xa = xa + step_size * _input_gradient_sign(model, xa, yb)
-                xa = torch.min(torch.max(xa, xb - epsilon), xb + epsilon).clamp(0.0, 1.0)
-            adversarial.append(xa.detach().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(adversarial) if adversarial else x.clone()
-
-
-# ---------------------------------------------------------------------------
-# Robust training: what fine-tuning can do about a blocked model
-# ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RobustTraining:
-    """Extra perturbations of fine-tuning batches, applied after the usual augmentation.
-
-    * ``noise_sigma`` > 0: every image gets Gaussian noise with its own sigma drawn from
-      U(0, noise_sigma), so the model sees clean-ish and very noisy images alike;
-    * ``adversarial_epsilon`` > 0: a share ``adversarial_fraction`` of each batch is replaced
-      by FGSM examples with a random start ("fast adversarial training", Wong et al. 2020),
-      made against the current weights.
-    """
-
-    noise_sigma: float = 0.0
-    adversarial_epsilon: float = 0.0
-    adversarial_fraction: float = 0.5
-
-    def __post_init__(self):
-        validate_robust_training(self.noise_sigma, self.adversarial_epsilon, self.adversarial_fraction)
-
-    @property
-    def active(self) -> bool:
-        return self.noise_sigma > 0 or (self.adversarial_epsilon > 0 and self.adversarial_fraction > 0)
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Perturb a batch ``x`` (on the generator's device) for the current ``model``."""
-        if self.noise_sigma > 0:
-            sigma = torch.rand((len(x), 1, 1, 1), generator=g, device=g.device) * self.noise_sigma
-            noise = torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype)
-            x = (x + sigma.to(x.device) * noise.to(x.device)).clamp(0.0, 1.0)
-        if self.adversarial_epsilon > 0 and self.adversarial_fraction > 0:
-            chosen = (torch.rand((len(x),), generator=g, device=g.device) < self.adversarial_fraction).to(x.device)
-            if chosen.any():
-                eps = self.adversarial_epsilon
-                start = (torch.rand(x.shape, generator=g, device=g.device) * 2 - 1).to(x.device) * eps
-                xs = (x[chosen] + start[chosen]).clamp(0.0, 1.0)
-                was_training = model.training
-                # Under DP-SGD the model is Opacus' GradSampleModule: this backward must not leave
-                # per-example gradients behind, so its hooks are off while the attack runs.
-                hooks = getattr(model, "disable_hooks", None) and getattr(model, "hooks_enabled", False)
-                if hooks:
-                    model.disable_hooks()
-                model.eval()
-                try:
-                    step = _input_gradient_sign(model, xs, y[chosen])
-                finally:
-                    model.train(was_training)
-                    if hooks:
-                        model.enable_hooks()
-                xa = xs + 1.25 * eps * step  # Wong et al.: step 1.25 eps from the random start, then project
-                xa = torch.min(torch.max(xa, x[chosen] - eps), x[chosen] + eps).clamp(0.0, 1.0)
-                x = x.clone()
-                x[chosen] = xa.detach()
-        return x
-
-    def batch_transform(self, forward: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                        g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``FinetuneParts.batch_transform`` signature of the fine-tune loop."""
-        return self(forward, x, y, g), y
-
-    def customize(self, parts):
-        """A ``customize`` hook for ``components.training.finetune_classifier``."""
-        parts.batch_transform = self.batch_transform
-        return parts
-
-
-def validate_robust_training(noise_sigma: float, adversarial_epsilon: float, adversarial_fraction: float) -> None:
-    checks = (("augment_noise_sigma", noise_sigma, 0.0, 1.0), ("adversarial_epsilon", adversarial_epsilon, 0.0, 1.0),
-              ("adversarial_fraction", adversarial_fraction, 0.0, 1.0))
-    for name, value, low, high in checks:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise ValueError(f"{name} must be a number in [{low:g}, {high:g}] (pixels are in [0, 1]), got {value!r}")
-
-
-def robust_training(noise_sigma: float = 0.0, adversarial_epsilon: float = 0.0,
-                    adversarial_fraction: float = 0.5) -> "RobustTraining | None":
-    """The batch perturbation for fine-tuning, or None when both are off (plain training)."""
-    policy = RobustTraining(noise_sigma, adversarial_epsilon, adversarial_fraction)
-    return policy if policy.active else None
 
 
 # ---------------------------------------------------------------------------
@@ -363,11 +208,11 @@ def robustness_check(
 
     Returns the accuracies (clean, noise, FGSM, PGD, mean corruption) and their relative drops
     from clean, the per-corruption table (``corruptions``), the limits, and the verdict of
-    ``components.gates.decide``: ``passed``, ``passed_checks``, ``overridden``, ``blocked_by``, ``reason``.
+    ``components.core.gates.decide``: ``passed``, ``passed_checks``, ``overridden``, ``blocked_by``, ``reason``.
     """
-    from components.data import load_splits
-    from components.gates import Limit, decide, validate_override
-    from components.models import load_classifier
+    from components.core.data import load_splits
+    from components.core.gates import Limit, decide, validate_override
+    from components.core.models import load_classifier
 
     validate_robustness_limits(noise_sigma, fgsm_epsilon, min_noise_accuracy, min_fgsm_accuracy, pgd_epsilon,
                                pgd_steps, pgd_step_size, min_pgd_accuracy, min_corruption_accuracy,
@@ -430,7 +275,7 @@ def robustness_check(
 
 def robustness_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The numbers of a ``robustness_check`` result for KFP Metrics (no tables, no text)."""
-    from components.gates import verdict_metrics
+    from components.core.gates import verdict_metrics
 
     skip = {"seed", "corruptions", "reason", "blocked_by", "limits_checked", "override_reason"}
     numbers = {k: v for k, v in result.items() if k not in skip}
@@ -439,7 +284,7 @@ def robustness_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def render_robustness_report(result: dict[str, Any]) -> str:
     """A Markdown report of a ``robustness_check`` result for the KFP UI."""
-    from components.gates import verdict_banner, verdict_word
+    from components.core.gates import verdict_banner, verdict_word
 
     r = result
 
@@ -489,45 +334,3 @@ pixelate as the share of the side the image is averaged down to.
 * A blocked model can be retrained with `finetune.augment_noise_sigma` (noise) or
   `finetune.adversarial_epsilon` (FGSM adversarial training).
 """
-
-
-def robustness_component(
-    dataset: Input[Dataset],
-    model: Input[Model],
-    cfg: Settings,
-    metrics: Output[Metrics],
-    report: Output[Markdown],
-) -> bool:
-    """Robustness gate: test accuracy under noise, common corruptions, FGSM and PGD.
-
-    Args:
-        dataset: the dataset artifact from ingest (the test split is used).
-        model: the classifier artifact from finetune.
-        cfg: the run's ``gates`` settings (perturbations, attacks, limits, override) and ``data.seed``
-            (the Gaussian noise, the noise corruption and PGD's random start).
-        metrics: every accuracy and relative drop, the limits, the verdict (passed, passed_checks,
-            overridden, blocked_by_<limit>) and the step's cost.
-        report: Markdown tables (perturbations, corruptions by severity) and the verdict.
-
-    Returns:
-        True when every limit holds, or when ``gates.override`` is set.
-    """
-    from components.cost import measure
-    from components.gates import publish_verdict
-    from components.robustness import render_robustness_report, robustness_check, robustness_metrics
-
-    g = cfg.gates
-    print(f"robustness: noise sigma {g.noise_sigma}, FGSM epsilon {g.fgsm_epsilon}, PGD epsilon {g.pgd_epsilon} "
-          f"x {g.pgd_steps} steps, corruptions 1-{g.corruption_severities} on {model.path}", flush=True)
-    with measure() as cost:
-        result = robustness_check(
-            dataset.path, model.path,
-            noise_sigma=g.noise_sigma, fgsm_epsilon=g.fgsm_epsilon,
-            min_noise_accuracy=g.min_noise_accuracy, min_fgsm_accuracy=g.min_fgsm_accuracy, seed=cfg.data.seed,
-            pgd_epsilon=g.pgd_epsilon, pgd_steps=g.pgd_steps, pgd_step_size=g.pgd_step_size,
-            pgd_random_start=g.pgd_random_start, min_pgd_accuracy=g.min_pgd_accuracy,
-            corruption_severities=g.corruption_severities, min_corruption_accuracy=g.min_corruption_accuracy,
-            max_corruption_drop=g.max_corruption_drop, override=g.override, override_reason=g.override_reason,
-        )
-    return publish_verdict("robustness", result, robustness_metrics(result), cost.as_metrics(), metrics, report.path,
-                           render_robustness_report(result))

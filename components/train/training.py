@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.checkpoint import Checkpointer
-from components.data import Splits
-from components.models import Classifier, Encoder, EncoderSpec
+from components.core.checkpoint import Checkpointer
+from components.core.data import Splits
+from components.core.models import Classifier, Encoder, EncoderSpec
 
 OBJECTIVES = ("contrastive", "masked")
 FINETUNE_MODES = ("linear_probe", "partial", "full")

@@ -142,7 +142,7 @@ def list_log_files(log_dir: str | Path, since: datetime | None = None, until: da
     hi = parse_utc(until) if until is not None else None
     location = str(log_dir)
     if location.startswith("s3://"):
-        from components import storage
+        from components.core import storage
 
         listed = storage.Storage().list_modified(location.rstrip("/") + "/")
         uris = [u for u, modified in listed
@@ -429,7 +429,7 @@ class WindowSample:
 
 
 def _frame(records: list[dict]) -> pd.DataFrame:
-    from components.features import FEATURE_COLUMNS
+    from components.core.features import FEATURE_COLUMNS
 
     df = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=["timestamp", *FEATURE_COLUMNS])
     df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True, format="ISO8601")

@@ -7,6 +7,8 @@ can never disagree on a definition. Cheap enough to run on the request path.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -83,7 +85,7 @@ def embedding_projection(embeddings: np.ndarray, dim: int = EMBEDDING_DIM) -> np
 def model_reference_features(model, images: np.ndarray, batch_size: int = 512) -> pd.DataFrame:
     """Image features plus the model's prediction, confidence and projected embedding for each image.
 
-    ``model`` is a ``components.models.Classifier``. Written once at training time
+    ``model`` is a ``components.core.models.Classifier``. Written once at training time
     (on held-out images) as the reference for prediction and embedding drift.
     """
     import torch
@@ -110,3 +112,23 @@ def model_reference_features(model, images: np.ndarray, batch_size: int = 512) -
     for i, col in enumerate(EMBEDDING_COLUMNS):
         out[col] = projected[:, i]
     return out
+
+
+def write_model_reference(model_dir: str | Path, images: np.ndarray) -> Path:
+    """Write ``reference_model.csv`` into a model artifact: the training-time reference for prediction
+    and embedding drift, from held-out images (the validation split) the model did not train on.
+
+    Finetune calls it after saving the classifier: ``write_model_reference(out_dir, splits.val_x)``.
+    """
+    from components.core.models import load_classifier
+    from components.core.storage import atomic_write_file
+
+    images = np.asarray(images)
+    if images.ndim != 4 or len(images) < 30:
+        raise ValueError(f"the model reference needs at least 30 held-out images shaped [N, C, H, W], got "
+                         f"shape {images.shape}; use the validation split")
+    model, _ = load_classifier(model_dir)
+    path = Path(model_dir) / MODEL_REFERENCE_FILE
+    table = model_reference_features(model, images).to_csv(index=False)
+    atomic_write_file(path, lambda tmp: tmp.write_text(table))
+    return path

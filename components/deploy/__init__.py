@@ -1,0 +1,1 @@
+"""The deploy step: serve the released model locally or roll it out on Kubernetes."""

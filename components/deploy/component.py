@@ -1,0 +1,98 @@
+"""The KFP entry of the deploy step: its artifacts and settings in, the logic of this package called.
+
+pipelines/kfp_steps.py writes the KFP function around it (one typed input per config field).
+"""
+
+from __future__ import annotations
+
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.core.settings import Settings
+
+
+def deploy_component(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    cfg: Settings,
+    deployment: Output[Artifact],
+    metrics: Output[Metrics],
+    namespace: str = "",
+    serving_image: str = "",
+    run_id: str = "",
+    pipeline_auth_file: str = "/var/run/secrets/kfp-mlops/serving-source-token/token",
+) -> str:
+    """Serve the released model (a local TorchServe, or the cluster's serving Deployment) and smoke-test it.
+
+    ``serving.deploy_target="local"``: the server keeps running after the step (it lives in
+    its own session); stop it with ``mlops serve stop``. Clients reach it on ``serving.host``
+    through the auth proxy (a bearer token from ``<serving.home>/token``, bodies over 10 MiB
+    refused with 413); TorchServe itself listens on loopback only, with token authorization
+    on and the model-management API off.
+
+    ``serving.deploy_target="kubernetes"``: publishes the .mar to the model store, server-side
+    applies the release to the Deployment ``kfp-mlops-serving``, waits for the rollout,
+    smoke-tests through the Service and rolls back to the previous revision when any of
+    that fails (components/deploy/kubernetes.py). The local server's settings (host, ports, home,
+    request log) are not used there: the serving pods' request log is set in the manifests
+    (kfp-mlops-storage).
+
+    ``serving.workers``, ``batch_size`` and ``max_batch_delay_ms`` go into the .mar's model
+    config on both targets (TorchServe reads them from the archive when it loads the model).
+
+    Args:
+        model: Classifier artifact (model.safetensors + metadata.json) that passed every gate.
+        dataset: Dataset artifact; the first test-split images are the smoke test.
+        cfg: The run's ``serving`` settings.
+        deployment: Output: the deployment record as JSON (endpoint, token_file, source_token_file, request_log_dir, model_dir, ...).
+        metrics: Output: smoke-test accuracy and latency, and the step's cost.
+        namespace: Kubernetes only: namespace of the serving Deployment; empty = the step pod's own namespace.
+        serving_image: Kubernetes only: image for the serving pods; empty keeps the images the Deployment runs (CPU or CUDA build per overlay).
+        run_id: Kubernetes only: the pipeline run, written into the change-cause annotation that kubectl rollout history shows.
+        pipeline_auth_file: Kubernetes only: the pipeline's own token for the serving pods' auth proxy (the Secret kfp-mlops-serving-source-token, mounted by the pipeline), for the smoke test; a path, never the token.
+
+    Returns:
+        The prediction endpoint URL.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from components.core.cost import log_metrics, measure
+    from components.deploy.local import deploy_local
+
+    s = cfg.serving
+    with measure() as cost:
+        if s.deploy_target == "kubernetes":
+            from components.deploy.kubernetes import deploy_kubernetes
+
+            store = s.model_store_uri or os.environ.get("KFP_MLOPS_MODEL_STORE", "")  # the storage ConfigMap's
+            record = deploy_kubernetes(model.path, dataset.path, namespace=namespace, model_name=s.model_name,
+                                       model_store_uri=store, image=serving_image, token_file=pipeline_auth_file,
+                                       run_id=run_id,
+                                       rollout_timeout_s=s.rollout_timeout_s, workers=s.workers,
+                                       batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms)
+        elif s.deploy_target == "local":
+            home = Path(s.home)
+            home = home if home.is_absolute() else Path.cwd() / home
+            record = deploy_local(model.path, dataset.path, home, model_name=s.model_name, host=s.host,
+                                  inference_port=s.inference_port, management_port=s.management_port,
+                                  metrics_port=s.metrics_port, workers=s.workers, startup_timeout_s=s.startup_timeout_s,
+                                  batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms,
+                                  request_log_dir=s.request_log_dir or None,
+                                  request_log_max_bytes=int(s.request_log_max_mb * 2**20),
+                                  request_log_max_age_s=s.request_log_max_age_s)
+        else:
+            raise ValueError(f"serving.deploy_target must be 'local' or 'kubernetes', got {s.deploy_target!r}")
+    os.makedirs(os.path.dirname(deployment.path) or ".", exist_ok=True)
+    with open(deployment.path, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+    deployment.metadata.update({"endpoint": record["endpoint"], "model_version": record["model_version"],
+                                "token_file": record["token_file"]})
+    log_metrics(metrics, {
+        "smoke_test_images": record["smoke_test_images"],
+        "smoke_test_accuracy": record["smoke_test_accuracy"],
+        "smoke_test_latency_ms_mean": record["smoke_test_latency_ms_mean"],
+        **({"rollout_seconds": record["rollout_seconds"]} if "rollout_seconds" in record else {}),
+        **cost.as_metrics(),
+    })
+    return record["endpoint"]

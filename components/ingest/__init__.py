@@ -1,0 +1,1 @@
+"""The ingest step: load, validate, split and describe the data."""

@@ -1,0 +1,1 @@
+"""The monitor step: drift of served traffic against the training-time references."""

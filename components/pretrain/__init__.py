@@ -1,0 +1,1 @@
+"""The pretrain step: self-supervised pretraining of the encoder (one node, or a TrainJob)."""

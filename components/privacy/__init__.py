@@ -1,0 +1,1 @@
+"""The privacy step: membership inference, train/test leakage and the DP budget, as a gate."""

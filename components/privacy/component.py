@@ -1,0 +1,47 @@
+"""The KFP entry of the privacy step: its artifacts and settings in, the logic of this package called.
+
+pipelines/kfp_steps.py writes the KFP function around it (one typed input per config field).
+"""
+
+from __future__ import annotations
+
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.core.settings import Settings
+
+
+def privacy_component(
+    dataset: Input[Dataset],
+    model: Input[Model],
+    cfg: Settings,
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+) -> bool:
+    """Privacy gate: membership-inference audit, train/test leakage and the DP budget of the fine-tuned model.
+
+    Args:
+        dataset: the dataset artifact from ingest (train split = members, test split = non-members).
+        model: the classifier artifact from finetune.
+        cfg: the run's ``gates`` settings (limits, reference models, override) and ``data.seed`` (member
+            subsampling and reference models).
+        metrics: attack AUCs and TPRs at 1% FPR, duplicate counts, DP epsilon, the limits, the verdict
+            (passed, passed_checks, overridden, blocked_by_<limit>) and the step's cost.
+        report: Markdown report of the audit, the duplicate list and the verdict.
+
+    Returns:
+        True when every limit holds, or when ``gates.override`` is set.
+    """
+    from components.core.cost import measure
+    from components.core.gates import publish_verdict
+    from components.privacy.privacy import privacy_check, privacy_metrics, render_privacy_report
+
+    gates = cfg.gates
+    print(f"privacy: membership-inference audit, leakage and DP check of {model.path}", flush=True)
+    with measure() as cost:
+        result = privacy_check(dataset.path, model.path, max_mia_auc=gates.max_mia_auc, seed=cfg.data.seed,
+                               max_dp_epsilon=gates.max_dp_epsilon, max_leaks=gates.max_leaks,
+                               near_duplicate_distance=gates.near_duplicate_distance,
+                               reference_models=gates.mia_reference_models, override=gates.override,
+                               override_reason=gates.override_reason)
+    return publish_verdict("privacy", result, privacy_metrics(result), cost.as_metrics(), metrics, report.path,
+                           render_privacy_report(result))

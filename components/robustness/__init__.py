@@ -1,0 +1,1 @@
+"""The robustness step: accuracy under noise, corruptions and attacks, as a gate."""

@@ -1,0 +1,52 @@
+"""The KFP entry of the robustness step: its artifacts and settings in, the logic of this package called.
+
+pipelines/kfp_steps.py writes the KFP function around it (one typed input per config field).
+"""
+
+from __future__ import annotations
+
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.core.settings import Settings
+
+
+def robustness_component(
+    dataset: Input[Dataset],
+    model: Input[Model],
+    cfg: Settings,
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+) -> bool:
+    """Robustness gate: test accuracy under noise, common corruptions, FGSM and PGD.
+
+    Args:
+        dataset: the dataset artifact from ingest (the test split is used).
+        model: the classifier artifact from finetune.
+        cfg: the run's ``gates`` settings (perturbations, attacks, limits, override) and ``data.seed``
+            (the Gaussian noise, the noise corruption and PGD's random start).
+        metrics: every accuracy and relative drop, the limits, the verdict (passed, passed_checks,
+            overridden, blocked_by_<limit>) and the step's cost.
+        report: Markdown tables (perturbations, corruptions by severity) and the verdict.
+
+    Returns:
+        True when every limit holds, or when ``gates.override`` is set.
+    """
+    from components.core.cost import measure
+    from components.core.gates import publish_verdict
+    from components.robustness.robustness import render_robustness_report, robustness_check, robustness_metrics
+
+    g = cfg.gates
+    print(f"robustness: noise sigma {g.noise_sigma}, FGSM epsilon {g.fgsm_epsilon}, PGD epsilon {g.pgd_epsilon} "
+          f"x {g.pgd_steps} steps, corruptions 1-{g.corruption_severities} on {model.path}", flush=True)
+    with measure() as cost:
+        result = robustness_check(
+            dataset.path, model.path,
+            noise_sigma=g.noise_sigma, fgsm_epsilon=g.fgsm_epsilon,
+            min_noise_accuracy=g.min_noise_accuracy, min_fgsm_accuracy=g.min_fgsm_accuracy, seed=cfg.data.seed,
+            pgd_epsilon=g.pgd_epsilon, pgd_steps=g.pgd_steps, pgd_step_size=g.pgd_step_size,
+            pgd_random_start=g.pgd_random_start, min_pgd_accuracy=g.min_pgd_accuracy,
+            corruption_severities=g.corruption_severities, min_corruption_accuracy=g.min_corruption_accuracy,
+            max_corruption_drop=g.max_corruption_drop, override=g.override, override_reason=g.override_reason,
+        )
+    return publish_verdict("robustness", result, robustness_metrics(result), cost.as_metrics(), metrics, report.path,
+                           render_robustness_report(result))
