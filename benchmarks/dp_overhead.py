@@ -33,6 +33,7 @@ Run from the repo root: ``python benchmarks/dp_overhead.py``. The last line is J
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -47,7 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from components.core.settings import Settings  # noqa: E402
 from components.robustness.robustness import accuracy  # noqa: E402
+from components.train.augment import NO_AUGMENTATION  # noqa: E402
 from components.train.dp import (  # noqa: E402
     DPFinetune,
     DPSettings,
@@ -56,8 +59,8 @@ from components.train.dp import (  # noqa: E402
     set_dp_trainable,
     standardize_embedding,
 )
-from components.train.training import NO_AUGMENTATION, finetune_classifier, make_scheduler  # noqa: E402
-from pipelines.config import FinetuneConfig  # noqa: E402
+from components.train.loops import finetune_classifier, make_scheduler  # noqa: E402
+from pipelines.config import DataConfig, FinetuneConfig, PretrainConfig  # noqa: E402
 
 SEEDS = int(os.environ.get("SEEDS", "3"))
 THREADS = int(os.environ.get("THREADS", "1"))
@@ -91,7 +94,7 @@ def digits_splits(tmp: Path):
     from components.core.data import load_splits
     from components.ingest.ingest import ingest
 
-    ingest("digits", tmp / "dataset", seed=0)
+    ingest("digits", tmp / "dataset", Settings(data=Settings(**dataclasses.asdict(DataConfig(seed=0)))))
     return load_splits(tmp / "dataset")
 
 
@@ -100,7 +103,8 @@ def pretrained_encoder(tmp: Path):
     from components.pretrain.pretrain import pretrain
 
     t0 = time.perf_counter()
-    pretrain(tmp / "dataset", tmp / "encoder", log=lambda _: None)  # the pipeline's defaults
+    defaults = Settings(data=Settings(seed=0), pretrain=Settings(**dataclasses.asdict(PretrainConfig())))
+    pretrain(tmp / "dataset", tmp / "encoder", defaults, log=lambda _: None)  # the pipeline's defaults
     print(f"pretrained the encoder (pipeline defaults) in {time.perf_counter() - t0:.0f} s", flush=True)
     return load_encoder(tmp / "encoder")[0]
 

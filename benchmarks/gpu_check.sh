@@ -95,19 +95,28 @@ from components.ingest.ingest import ingest
 from components.core.models import load_classifier
 from components.pretrain.pretrain import default_nproc_per_node, pretrain
 from components.core.data import load_splits
-from components.train.training import predict_logits
+from components.core.settings import Settings
+from components.train.loops import predict_logits
+from pipelines.config import DataConfig, FinetuneConfig, PretrainConfig
+import dataclasses
+
+def settings(**areas):  # config dataclasses as the steps receive them
+    return Settings(**{name: Settings(**dataclasses.asdict(area)) for name, area in areas.items()})
 
 work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-ingest("digits", work / "dataset", seed=0, image_size=32)  # digits upscaled to 32x32: the 32x32 code path
+ingest("digits", work / "dataset", settings(data=DataConfig(seed=0, image_size=32)))  # digits upscaled to 32x32: the 32x32 code path
 nproc = 1 if dry else default_nproc_per_node()
 arch, depth = ("resnet", 10) if dry else ("resnet", 18)
 p_epochs, f_epochs = (1, 1) if dry else (10, 10)
 with measure() as cost_p:
-    p = pretrain(work / "dataset", work / "encoder", epochs=p_epochs, batch_size=256, learning_rate=2e-3,
-                 width=8 if dry else 32, embed_dim=128, seed=0, arch=arch, depth=depth, nproc_per_node=nproc,
-                 log=lambda line: print("  " + line, flush=True))
+    p = pretrain(work / "dataset", work / "encoder",
+                 settings(data=DataConfig(seed=0), pretrain=PretrainConfig(
+                     epochs=p_epochs, batch_size=256, learning_rate=2e-3, width=8 if dry else 32, embed_dim=128,
+                     arch=arch, depth=depth)),
+                 nproc_per_node=nproc, log=lambda line: print("  " + line, flush=True))
 with measure() as cost_f:
-    f = finetune(work / "dataset", work / "encoder", work / "model", epochs=f_epochs, batch_size=128, seed=0,
+    f = finetune(work / "dataset", work / "encoder", work / "model",
+                 settings(data=DataConfig(seed=0), finetune=FinetuneConfig(epochs=f_epochs, batch_size=128)),
                  log=lambda line: print("  " + line, flush=True))
 meta = json.loads((work / "encoder" / "metadata.json").read_text())
 pre_rate = statistics.median(p["n_images"] / row["seconds"] for row in meta["history"][1:] or meta["history"])

@@ -36,10 +36,11 @@ import torch  # noqa: E402
 
 from components.core.data import load_splits  # noqa: E402
 from components.core.models import Encoder, load_encoder  # noqa: E402
+from components.core.settings import Settings  # noqa: E402
 from components.ingest.ingest import ingest  # noqa: E402
 from components.pretrain.pretrain import pretrain  # noqa: E402
-from components.train.training import finetune_classifier, predict_logits, subsample_labels  # noqa: E402
-from pipelines.config import FinetuneConfig, PretrainConfig  # noqa: E402
+from components.train.loops import finetune_classifier, predict_logits, subsample_labels  # noqa: E402
+from pipelines.config import DataConfig, FinetuneConfig, PretrainConfig  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 1.0)
 SEEDS = tuple(int(s) for s in os.environ.get("SEEDS", "0,1,2,3,4").split(","))
@@ -71,12 +72,12 @@ def main() -> None:
         for seed in SEEDS:
             t0 = time.perf_counter()
             data_dir, enc_dir = Path(tmp) / f"dataset-{seed}", Path(tmp) / f"encoder-{seed}"
-            ingest("digits", data_dir, seed=seed)
+            cfg = Settings(data=Settings(**dataclasses.asdict(DataConfig(seed=seed))),
+                           pretrain=Settings(**dataclasses.asdict(p)))
+            ingest("digits", data_dir, cfg)
             splits = load_splits(data_dir)
             n_test = len(splits.test_y)
-            pretrain(data_dir, enc_dir, objective=p.objective, epochs=p.epochs, batch_size=p.batch_size,
-                     learning_rate=p.learning_rate, temperature=p.temperature, width=p.width, embed_dim=p.embed_dim,
-                     seed=seed, log=QUIET, arch=p.arch, depth=p.depth)
+            pretrain(data_dir, enc_dir, cfg, log=QUIET)
             t_pre = time.perf_counter() - t0
             encoder, _ = load_encoder(enc_dir)
             for fraction in FRACTIONS:

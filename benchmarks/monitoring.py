@@ -147,10 +147,12 @@ def write_window(log_dir: Path, pool: dict, n: int, start: datetime, seed: int) 
 
 def ours(work: Path, log_dir: Path, since: datetime) -> tuple[float, dict]:
     from components.monitor.monitor import monitor
+    from pipelines.config import MonitorConfig
 
     t0 = time.perf_counter()
-    verdict = monitor(work / "reference.csv", log_dir, work / "out", since=since, until=since + timedelta(hours=1),
-                      model_version=MODEL_VERSION, model_reference_csv=work / MODEL_REFERENCE_FILE)
+    verdict = monitor(work / "reference.csv", log_dir, work / "out", MonitorConfig(), since=since,
+                      until=since + timedelta(hours=1), model_version=MODEL_VERSION,
+                      model_reference_csv=work / MODEL_REFERENCE_FILE)
     return time.perf_counter() - t0, verdict
 
 

@@ -36,7 +36,8 @@ import torch.nn.functional as F  # noqa: E402
 from components.core.checkpoint import Checkpointer  # noqa: E402
 from components.core.data import Splits  # noqa: E402
 from components.core.models import Classifier, Encoder, EncoderSpec  # noqa: E402
-from components.train.training import augment, finetune_classifier, finetune_policy, warmup_cosine  # noqa: E402
+from components.train.augment import augment, finetune_policy  # noqa: E402
+from components.train.loops import finetune_classifier, warmup_cosine  # noqa: E402
 
 EPOCHS = 3
 BATCH = 64

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 from pipelines import config as config_mod
+from pipelines.cluster.connection import ClusterError, Connection, resolve_connection
+from pipelines.cluster.schedules import DEFAULT_SCHEDULE_NAME
 
 
 def _add_config_args(parser: argparse.ArgumentParser, areas: tuple[str, ...]) -> None:
@@ -94,13 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     artifacts = summary["artifacts"]
     s = cfg.serving
     try:
-        record = deploy_local(artifacts["model"], artifacts["dataset"], home, model_name=s.model_name, host=s.host,
-                              inference_port=s.inference_port, management_port=s.management_port,
-                              metrics_port=s.metrics_port, workers=s.workers, startup_timeout_s=s.startup_timeout_s,
-                              batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms,
-                              request_log_dir=s.request_log_dir or None,
-                              request_log_max_bytes=int(s.request_log_max_mb * 2**20),
-                              request_log_max_age_s=s.request_log_max_age_s)
+        record = deploy_local(artifacts["model"], artifacts["dataset"], s)
     except (RuntimeError, TimeoutError) as err:  # port taken, server died at startup, smoke test failed
         print(f"mlops serve start: {err}", file=sys.stderr)
         return 1
@@ -128,7 +124,7 @@ def _user() -> str:
 
 def _record_served_run(home: Path, run_id: str, override: dict | None) -> None:
     """Which run the server serves, and an override if there was one (state.json, plus the override log)."""
-    from components.core.models import atomic_write_json
+    from components.core.localfiles import atomic_write_json
 
     state_file = home / "state.json"
     state = json.loads(state_file.read_text())
@@ -169,20 +165,18 @@ def served_references(served: dict, state_file: Path) -> tuple[str, str | None]:
     return str(Path(dataset_dir) / REFERENCE_FILE), model_reference
 
 
-def cmd_monitor(args: argparse.Namespace) -> int:
-    import tempfile
+VERDICT_FILES = ("report_html", "verdict_json", "metrics_prom")  # the verdict's entries that name its own files
 
-    from components.core.features import MODEL_REFERENCE_FILE
-    from components.monitor.monitor import (
-        VERDICT_FILE,
-        last_window,
-        location_exists,
-        monitor,
-        parse_duration,
-        result_dir,
-    )
 
-    cfg = _load_config(args)
+def _findings(verdict: dict) -> dict:
+    """The verdict without the paths of its own files: what verdict.json holds and a retrain records."""
+    return {k: v for k, v in verdict.items() if k not in VERDICT_FILES}
+
+
+def _monitor_window(args: argparse.Namespace) -> tuple[dt.datetime | None, dt.datetime]:
+    """The window of requests to judge: --last, or --since/--until; it ends now when no end is given."""
+    from components.monitor.windows import last_window, parse_duration
+
     since, until = _parse_time(args.since), _parse_time(args.until)
     if args.last:
         if since or until:
@@ -193,6 +187,14 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if until is None:  # close the window now: its results are then reproducible (and keyed by it)
         now = dt.datetime.now(dt.timezone.utc)
         until = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    return since, until
+
+
+def _monitor_sources(args: argparse.Namespace, cfg: config_mod.Config) -> tuple[str, str | None, str, str | None]:
+    """(feature reference, model reference or None, request log, model version or None): from the flags, else
+    the model the local server serves."""
+    from components.core.features import MODEL_REFERENCE_FILE
+    from components.monitor.monitor import location_exists
 
     state_file = Path(cfg.serving.home).resolve() / "state.json"
     served = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -210,7 +212,19 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if log_dir is None:
         raise SystemExit(f"no serving state at {state_file}: pass --log-dir (or serving.request_log_dir), or start "
                          "serving with 'mlops serve start'")
+    return reference, model_reference, log_dir, model_version
 
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from components.monitor.monitor import monitor
+    from components.monitor.report import VERDICT_FILE
+    from components.monitor.windows import result_dir
+
+    cfg = _load_config(args)
+    since, until = _monitor_window(args)
+    reference, model_reference, log_dir, model_version = _monitor_sources(args, cfg)
     out_root = args.out or (str(reference).rsplit("/", 1)[0] + "/verdicts" if str(reference).startswith("s3://")
                             else str(Path(args.runs_dir) / "monitor"))
     target = result_dir(out_root, model_version, since, until)
@@ -220,22 +234,19 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from pipelines.retrain import RETRAIN_MARKER
 
     if remote:  # a retrain already recorded for this window must be seen before deciding to start one
-        from components.core import storage
+        from components.core import blobs
 
-        if storage.exists(f"{target}/{RETRAIN_MARKER}"):
-            storage.get_file(f"{target}/{RETRAIN_MARKER}", out_dir / RETRAIN_MARKER)
-    epsilon = cfg.monitor.sample_epsilon or None  # 0 reads every request
-    verdict = monitor(reference, log_dir, out_dir, drift_share=cfg.monitor.drift_share, since=since, until=until,
+        if blobs.exists(f"{target}/{RETRAIN_MARKER}"):
+            blobs.get_file(f"{target}/{RETRAIN_MARKER}", out_dir / RETRAIN_MARKER)
+    verdict = monitor(reference, log_dir, out_dir, cfg=cfg.monitor, since=since, until=until,
                       model_version=model_version, model_reference_csv=model_reference,
-                      sample_epsilon=epsilon, sample_alpha=cfg.monitor.sample_alpha,
                       log_file_max_age_s=cfg.serving.request_log_max_age_s)
     exit_code = 2 if verdict.get("alert", verdict.get("drift_detected")) else 0
     if args.retrain_on_drift and verdict["drift_detected"]:
         from pipelines.retrain import retrain_on_drift
 
-        saved = {k: v for k, v in verdict.items() if k not in ("report_html", "verdict_json", "metrics_prom")}
         try:
-            retrain_on_drift({**saved, "verdict_json": f"{target}/{VERDICT_FILE}"}, cfg, out_dir,
+            retrain_on_drift({**_findings(verdict), "verdict_json": f"{target}/{VERDICT_FILE}"}, cfg, out_dir,
                              runs_dir=args.runs_dir, kfp_host=args.kfp_host, wait=args.retrain_wait,
                              out=lambda line: print(line, flush=True))
         except Exception as exc:  # the verdict stands; a rerun of this window tries the retrain again
@@ -243,15 +254,12 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             exit_code = 1
     if (out_dir / RETRAIN_MARKER).is_file():  # part of this window's verdict, on every rerun
         verdict["retrain"] = json.loads((out_dir / RETRAIN_MARKER).read_text())
-        saved = {k: v for k, v in verdict.items() if k not in ("report_html", "verdict_json", "metrics_prom")}
         tmp = out_dir / f".{VERDICT_FILE}.tmp"
-        tmp.write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json.dumps(_findings(verdict), indent=2, sort_keys=True, default=str) + "\n")
         tmp.replace(out_dir / VERDICT_FILE)
     if remote:
-        from components.core import storage
-
-        storage.put_dir(out_dir, target)
-        verdict.update({k: f"{target}/{Path(verdict[k]).name}" for k in ("report_html", "verdict_json", "metrics_prom")})
+        blobs.put_dir(out_dir, target)
+        verdict.update({k: f"{target}/{Path(verdict[k]).name}" for k in VERDICT_FILES})
         staging.cleanup()
     if args.json:
         print(json.dumps(verdict, default=str))
@@ -263,7 +271,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def _add_connection_args(parser: argparse.ArgumentParser) -> None:
+def _add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """The settings of a command that talks to a KFP cluster: the config with its cluster area, and the connection."""
+    _add_config_args(parser, config_mod.PARAMETER_AREAS + ("cluster",))
     group = parser.add_argument_group("Kubeflow Pipelines connection")
     group.add_argument("--host", help="KFP API URL, e.g. http://localhost:8888 after 'kubectl -n kubeflow port-forward "
                                       "svc/ml-pipeline 8888:8888' (default: cluster.kfp_host; in a pod: the in-cluster service)")
@@ -284,24 +294,17 @@ def _load_cluster_config(args: argparse.Namespace) -> config_mod.Config:
     return cfg
 
 
-def _connection(args: argparse.Namespace, cfg: config_mod.Config):
-    from pipelines.cluster import resolve_connection
-
+def _connection(args: argparse.Namespace, cfg: config_mod.Config) -> Connection:
     return resolve_connection(cfg.cluster, host=args.host, token=args.token, namespace=args.namespace,
                               kube_context=args.kube_context)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines import cluster
+    from pipelines.cluster.runs import submit
 
     cfg = _load_cluster_config(args)
-    try:
-        result = cluster.submit(cfg, _connection(args, cfg), experiment=args.experiment,
-                                pipeline_name=args.pipeline_name, run_name=args.run_name, wait=args.wait,
-                                timeout_s=args.timeout, poll_s=args.poll_s)
-    except cluster.ClusterError as exc:
-        print(f"mlops submit: {exc}", file=sys.stderr)
-        return 1
+    result = submit(cfg, _connection(args, cfg), experiment=args.experiment, pipeline_name=args.pipeline_name,
+                    run_name=args.run_name, wait=args.wait, timeout_s=args.timeout, poll_s=args.poll_s)
     if not args.wait:
         return 0
     print(f"run {result.run_id}: {result.state or 'still running'} (exit code {result.exit_code})")
@@ -309,7 +312,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from pipelines import cluster
+    from pipelines.cluster import schedules
 
     cfg = _load_cluster_config(args)
     action = args.action
@@ -318,38 +321,33 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if action in ("pause", "resume", "delete") and not args.target:
         raise ValueError(f"mlops schedule {action} needs the schedule's NAME or ID (see mlops schedule list)")
     if action == "create" and not args.cron:
-        raise ValueError(f"mlops schedule needs --cron: {cluster.CRON_HELP}")
+        raise ValueError(f"mlops schedule needs --cron: {schedules.CRON_HELP}")
     if action == "create":
-        cluster.kfp_cron(args.cron)  # a bad cron fails before any connection
-    try:
-        conn = _connection(args, cfg)
-        if action == "create":
-            cluster.create_schedule(cfg, conn, cron=args.cron, name=args.name, max_concurrency=args.max_concurrency,
-                                    experiment=args.experiment, pipeline_name=args.pipeline_name)
-        elif action == "list":
-            print(cluster.format_schedules(cluster.list_schedules(conn)))
-        elif action in ("pause", "resume"):
-            s = cluster.set_schedule_enabled(conn, args.target, action == "resume")
-            print(f"Schedule {s.name!r} ({s.recurring_run_id}) {'resumed' if s.enabled else 'paused'}.")
-        else:
-            s = cluster.delete_schedule(conn, args.target)
-            print(f"Schedule {s.name!r} ({s.recurring_run_id}) deleted; runs it started are kept.")
-    except cluster.ClusterError as exc:
-        print(f"mlops schedule: {exc}", file=sys.stderr)
-        return 1
+        schedules.kfp_cron(args.cron)  # a bad cron fails before any connection
+    conn = _connection(args, cfg)
+    if action == "create":
+        schedules.create_schedule(cfg, conn, cron=args.cron, name=args.name, max_concurrency=args.max_concurrency,
+                                  experiment=args.experiment, pipeline_name=args.pipeline_name)
+    elif action == "list":
+        print(schedules.format_schedules(schedules.list_schedules(conn)))
+    elif action in ("pause", "resume"):
+        s = schedules.set_schedule_enabled(conn, args.target, action == "resume")
+        print(f"Schedule {s.name!r} ({s.recurring_run_id}) {'resumed' if s.enabled else 'paused'}.")
+    else:
+        s = schedules.delete_schedule(conn, args.target)
+        print(f"Schedule {s.name!r} ({s.recurring_run_id}) deleted; runs it started are kept.")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run_areas = config_mod.PARAMETER_AREAS
 
     p = sub.add_parser("run", help="run the whole pipeline on this machine (kfp.local)",
                        description="Run ingest → pretrain → finetune → evaluate → privacy → robustness → deploy → monitor "
                                    "through kfp.local. Writes runs/<run-id>/summary.json. Exit code 0 = released, "
                                    "3 = a gate blocked the release, 1 = a step failed.")
-    _add_config_args(p, run_areas)
+    _add_config_args(p, config_mod.PARAMETER_AREAS)
     p.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     p.add_argument("--run-id", help="name of the run directory (default: a timestamp)")
     p.add_argument("--serve-after", default=True, action=argparse.BooleanOptionalAction,
@@ -420,8 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the config's run parameters and the pipeline ServiceAccount. With --wait, print "
                                    "each state change; exit code 0 = SUCCEEDED and deployed, 3 = SUCCEEDED but a gate "
                                    "blocked deploy, 1 = FAILED/CANCELED/SKIPPED, 124 = still running at --timeout.")
-    _add_config_args(p, run_areas + ("cluster",))
-    _add_connection_args(p)
+    _add_cluster_args(p)
     p.add_argument("--run-name", help="run name (default: '<pipeline> <UTC time>')")
     p.add_argument("--wait", action="store_true", help="wait for the run to end and stream its states")
     p.add_argument("--timeout", type=float, metavar="S", help="with --wait: stop waiting after S seconds (the run goes on)")
@@ -438,11 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do (default: create)")
     p.add_argument("target", nargs="?", metavar="NAME|ID", help="the schedule to pause, resume or delete")
     p.add_argument("--cron", help="when to run: '0 3 * * *' = 03:00 every day")
-    p.add_argument("--name", default="kfp-mlops-retrain", help="schedule name (default: kfp-mlops-retrain)")
+    p.add_argument("--name", default=DEFAULT_SCHEDULE_NAME, help=f"schedule name (default: {DEFAULT_SCHEDULE_NAME})")
     p.add_argument("--max-concurrency", type=int, default=1,
                    help="runs of this schedule at once, 1-10 (default: 1: a slow run delays the next)")
-    _add_config_args(p, run_areas + ("cluster",))
-    _add_connection_args(p)
+    _add_cluster_args(p)
     p.set_defaults(func=cmd_schedule)
     return parser
 
@@ -454,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:  # before anything ran: a usage error
         print(f"mlops {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, ClusterError) as exc:
         print(f"mlops {args.command}: {exc}", file=sys.stderr)
         return 1
 

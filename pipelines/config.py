@@ -307,6 +307,10 @@ class Parameter:
             return self.cluster_default
         return self.default
 
+    def value_in(self, cfg: Config) -> Any:
+        """This field's value in ``cfg``."""
+        return getattr(getattr(cfg, self.area), self.name)
+
     def range_text(self) -> str:
         """The allowed values in words ('' when any value of the type goes)."""
         if self.choices:
@@ -381,7 +385,7 @@ def coerce(value: Any, typ: type, where: str) -> Any:
 
 def defaults(target: str = LOCAL) -> Config:
     """The default config on ``target`` (a cluster differs where a field says ``cluster=``)."""
-    cfg = Config()
+    cfg = Config(**{area: cls() for area, cls in _area_types().items()})  # the area classes as declared now
     if target == CLUSTER:
         for p in parameters(tuple(_area_types()), CLUSTER):
             if p.cluster_default is not SAME:
@@ -393,7 +397,7 @@ def problems(cfg: Config, target: str = LOCAL) -> list[str]:
     """Every problem of a config: each field's type, range and choices, then each area's own rules."""
     out, flawed = [], set()
     for p in parameters(tuple(_area_types()), target):
-        value = getattr(getattr(cfg, p.area), p.name)
+        value = p.value_in(cfg)
         try:
             value = coerce(value, p.type, p.dotted)
         except ValueError as err:
@@ -488,7 +492,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def flat_parameters(cfg: Config, target: str = LOCAL) -> dict[str, Any]:
     """The run parameters of a config, keyed ``area_field`` as in the pipeline (local-only fields left out on a cluster)."""
-    return {p.key: getattr(getattr(cfg, p.area), p.name) for p in parameters(target=target)}
+    return {p.key: p.value_in(cfg) for p in parameters(target=target)}
 
 
 def add_flags(parser: argparse.ArgumentParser, areas: tuple[str, ...] = tuple(_area_types())) -> None:

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from components.core.models import atomic_write_json
+from components.core.localfiles import atomic_write_json
 from pipelines.config import LOCAL, Config, to_dict
 
 SUMMARY_FILE = "summary.json"
@@ -208,7 +208,7 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
             continue
         metrics = (_artifact(outputs[step], "metrics") or {}).get("metadata", {})
         numbers = {k: v for k, v in metrics.items() if not k.startswith("cost_")}
-        gates[gate] = {"passed": bool(outputs[step].get("parameterValues", {}).get("Output")), **numbers}
+        gates[gate] = {**numbers, "passed": bool(outputs[step].get("parameterValues", {}).get("Output"))}
     blocked_by = [g for g, v in gates.items() if not v["passed"]]
     # A gate released by an explicit override still failed its checks: say so at the top level.
     overridden = [g for g, v in gates.items() if v.get("overridden")]

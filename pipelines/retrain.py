@@ -3,7 +3,7 @@
 ``mlops monitor --retrain-on-drift`` calls :func:`retrain_on_drift` when a window drifted:
 
 * **on a cluster** (``--kfp-host``, ``cluster.kfp_host`` in the config, or inside a pod):
-  ``pipelines.cluster.start_cluster_run`` uploads the pipeline and starts a KFP run whose
+  ``pipelines.cluster.runs.start_cluster_run`` uploads the pipeline and starts a KFP run whose
   description is the reason (groups and features that drifted, model version, window);
 * **locally**: ``python -m pipelines.retrain`` runs ``pipelines.local.run_local`` in a
   background process (a local retrain takes minutes; the monitor does not wait unless
@@ -122,7 +122,7 @@ def retrain_on_drift(verdict: dict[str, Any], cfg: Config, result_dir: str | Pat
         json.dump({"status": "starting", "target": target, "reason": reason}, f)
     try:
         if target == "cluster":
-            from pipelines.cluster import start_cluster_run
+            from pipelines.cluster.runs import start_cluster_run
 
             run_id = start_cluster_run(cfg, host, reason_text(reason), out=out)
             record = {"target": "cluster", "host": host or "in-cluster", "run_id": run_id, "status": "started",

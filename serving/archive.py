@@ -10,16 +10,19 @@ Kubernetes pods serve a model with the same settings.
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from components.core.models import METADATA_FILE, WEIGHTS_FILE
 
 HANDLER_FILE = Path(__file__).with_name("handler.py")
 
-# Shipped defaults, measured on 2 CPU cores with benchmarks/serving.py (see README "Serving").
+# Shipped defaults, chosen with benchmarks/serving.py (docs/benchmarks.md, "Serving").
 DEFAULT_WORKERS = 1
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_BATCH_DELAY_MS = 1
@@ -87,3 +90,15 @@ def build_mar(model_dir: str | Path, export_dir: str | Path, model_name: str, ve
             f"torch-model-archiver failed (exit {result.returncode}) for {model_dir}:\n{(result.stderr or result.stdout)[-2000:]}"
         )
     return mar
+
+
+def archive_workers(mar_path: str | Path) -> int | None:
+    """``minWorkers`` from the .mar's model config (what TorchServe will start), or None if it has none."""
+    try:
+        with zipfile.ZipFile(mar_path) as z:
+            config_file = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"].get("configFile")
+            text = z.read(config_file).decode() if config_file else ""
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    match = re.search(r"^minWorkers:\s*(\d+)\s*$", text, re.MULTILINE)
+    return int(match.group(1)) if match else None

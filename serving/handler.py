@@ -51,7 +51,7 @@ The request log (``serving/request_log.py``) is written by a background
 thread when ``KFP_MLOPS_REQUEST_LOG_DIR`` is set (a directory or an ``s3://``
 prefix); the request path only queues references to arrays it already has. On
 SIGTERM and at exit the worker writes, closes and uploads it before it ends; the
-pod flushes it earlier still, in its preStop hook (``docs/request-log.md``).
+pod flushes it earlier still, in its preStop hook (``docs/serving.md``, "Shutdown and drain").
 """
 
 from __future__ import annotations

@@ -24,34 +24,40 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from string import Template
 from typing import Any, Protocol
 
 import requests
 
-from components.core.models import atomic_write_json
+from components.core.localfiles import atomic_write_json
+from serving.archive import archive_workers
 from serving.client import read_token
-from serving.request_log import MAX_AGE_ENV, MAX_BYTES_ENV, REQUEST_LOG_ENV, SPOOL_ENV, drain, pid_alive
+from serving.processes import LOOPBACK, command_line, descendants, free_ports, pid_alive, port_in_use, terminate
+from serving.request_log import MAX_AGE_ENV, MAX_BYTES_ENV
+from serving.request_spool import REQUEST_LOG_ENV, SPOOL_ENV, drain
+from serving.torchserve_config import (
+    DEFAULT_JOB_QUEUE_SIZE,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_NETTY_CLIENT_THREADS,
+    DEFAULT_NETTY_THREADS,
+    DEFAULT_TOKEN_EXPIRATION_MIN,
+    DEFAULT_VMARGS,
+    render_config,
+)
 
-CONFIG_TEMPLATE = Path(__file__).with_name("config.properties")
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")  # TorchServe's own logs, trimmed (see the file)
 KEY_FILE = "key_file.json"  # TorchServe writes it into its working directory
 TOKEN_FILE = "token"  # the clients' bearer token, plain text
 SOURCE_TOKEN_FILE = "source-token"  # the pipeline's smoke test and replay: may set X-Request-Source
 STATE_FILE = "state.json"
-LOOPBACK = "127.0.0.1"  # every TorchServe port binds here; only the auth proxy listens on the chosen host
 PROXY_MODULE = "serving.auth_proxy"
 PROXY_LOG = "auth_proxy.out"
 # TorchServe's own body limit sits above the proxy's, so only the proxy ever refuses a size: it answers 413
@@ -59,20 +65,6 @@ PROXY_LOG = "auth_proxy.out"
 TORCHSERVE_REQUEST_HEADROOM = 1024 * 1024
 PID_FILE = ".model_server.pid"  # TorchServe's launcher keeps the frontend's pid here, in its temp dir
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
-DEFAULT_TOKEN_EXPIRATION_MIN = 10 * 365 * 24 * 60  # internal keys; see the comment in config.properties
-DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
-DEFAULT_MAX_RESPONSE_BYTES = 1 * 1024 * 1024
-# Frontend threads, measured with benchmarks/serving.py on 2 cores (README "Serving"): Netty's event loops
-# for client connections (0 = one per core, TorchServe's default) and for talking to the workers.
-DEFAULT_NETTY_THREADS = 0
-DEFAULT_NETTY_CLIENT_THREADS = 0
-# JVM options of the frontend (TorchServe's vmargs). C1 only (no C2): on 2 cores the C2 compiler thread was still
-# taking 1-2 s of CPU per 8 s of load after 10-30 s of warm-up, and the Python worker waited for a core meanwhile;
-# without it p99/p50 at concurrency 32 was lower in 11 of 14 interleaved rounds of two A/B runs on a shared machine
-# (medians 5.6 -> 4.1 and 4.9 -> 4.6), for ~0.05 ms more frontend CPU per request (C1 code is slower than C2's).
-# A/B: python benchmarks/serving.py --skip peer nolog defaults inprocess --variant 'c2={"vmargs": ""}'
-DEFAULT_VMARGS = "-XX:TieredStopAtLevel=1"
-DEFAULT_JOB_QUEUE_SIZE = 1000  # requests waiting per model before the frontend answers 503; bounded memory
 
 
 class ServingBackend(Protocol):
@@ -90,108 +82,6 @@ class ServingBackend(Protocol):
     def status(self) -> dict[str, Any]:
         """Whether it serves, and where."""
         ...
-
-
-def _properties_value(value: Any) -> str:
-    """A value as java.util.Properties reads it back unchanged (backslashes are escapes there)."""
-    text = str(value)
-    if "\n" in text or "\r" in text:
-        raise ValueError(f"config value {text!r} may not contain line breaks")
-    return text.replace("\\", "\\\\")
-
-
-def render_config(
-    model_store: str | Path,
-    load_models: str,
-    host: str = "127.0.0.1",
-    inference_port: int = 8080,
-    management_port: int = 8081,
-    metrics_port: int = 8082,
-    grpc_inference_port: int = 7070,
-    grpc_management_port: int = 7071,
-    workers: int = 1,
-    token_expiration_min: int = DEFAULT_TOKEN_EXPIRATION_MIN,
-    max_request_size: int = DEFAULT_MAX_REQUEST_BYTES,
-    max_response_size: int = DEFAULT_MAX_RESPONSE_BYTES,
-    response_timeout_s: int = 60,
-    startup_timeout_s: int = 120,
-    netty_threads: int = DEFAULT_NETTY_THREADS,
-    netty_client_threads: int = DEFAULT_NETTY_CLIENT_THREADS,
-    job_queue_size: int = DEFAULT_JOB_QUEUE_SIZE,
-    workflow_store: str | Path | None = None,
-    vmargs: str = DEFAULT_VMARGS,
-) -> str:
-    """Fill in ``serving/config.properties``: the TorchServe config for one model on ``host``.
-
-    ``load_models`` is TorchServe's ``name=file.mar`` list. Token authorization
-    stays on and the model API off whatever the arguments. ``workflow_store``
-    (default: ``workflow-store`` next to the model store) must be an empty
-    directory: TorchServe has no switch to turn the workflow API off.
-    """
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    if token_expiration_min < 1:
-        raise ValueError(f"token_expiration_min must be at least 1 minute, got {token_expiration_min}")
-    if netty_threads < 0 or netty_client_threads < 0 or job_queue_size < 1:
-        raise ValueError(f"netty threads must be >= 0 (0 = one per core) and job_queue_size >= 1, got "
-                         f"{netty_threads}, {netty_client_threads}, {job_queue_size}")
-    if max_request_size < 1024:
-        raise ValueError(f"max_request_size must be at least 1024 bytes, got {max_request_size}")
-    ports = [inference_port, management_port, metrics_port, grpc_inference_port, grpc_management_port]
-    if len(set(ports)) != len(ports) or not all(0 < p < 65536 for p in ports):
-        raise ValueError(f"the five TorchServe ports must be distinct and in 1..65535, got {ports}")
-    store = Path(model_store).resolve()
-    workflows = Path(workflow_store).resolve() if workflow_store else store.parent / "workflow-store"
-    if workflows == store:
-        raise ValueError("workflow_store must not be the model store: the workflow API would load archives from it")
-    # Java regex of the only place models may come from; re.escape never escapes letters, which Java accepts.
-    allowed_urls = f"file://{re.escape(str(store))}/.*"
-    values = {
-        "host": host, "inference_port": inference_port, "management_port": management_port,
-        "metrics_port": metrics_port, "grpc_inference_port": grpc_inference_port,
-        "grpc_management_port": grpc_management_port, "token_expiration_min": int(token_expiration_min),
-        "model_store": store, "workflow_store": workflows, "load_models": load_models, "workers": int(workers),
-        "allowed_urls": allowed_urls, "max_request_size": int(max_request_size),
-        "max_response_size": int(max_response_size), "response_timeout_s": int(response_timeout_s),
-        "startup_timeout_s": int(startup_timeout_s), "netty_threads": int(netty_threads),
-        "netty_client_threads": int(netty_client_threads), "job_queue_size": int(job_queue_size),
-        "vmargs": vmargs,
-    }
-    return Template(CONFIG_TEMPLATE.read_text()).substitute({k: _properties_value(v) for k, v in values.items()})
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """True when something already listens on host:port (a bind with SO_REUSEADDR fails)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free on host right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def archive_workers(mar_path: str | Path) -> int | None:
-    """``minWorkers`` from the .mar's model config (what TorchServe will start), or None if it has none."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(mar_path) as z:
-            config_file = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"].get("configFile")
-            text = z.read(config_file).decode() if config_file else ""
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-    match = re.search(r"^minWorkers:\s*(\d+)\s*$", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
 
 
 def curl_example(record: dict[str, Any]) -> str:
@@ -225,25 +115,20 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 def _is_torchserve(pid: int | None, home: Path | None = None) -> bool:
     """The pid is alive and is a TorchServe frontend (running in ``home``), not a recycled pid of something else."""
-    if not pid:
+    cmdline = command_line(pid)
+    if cmdline is None or JAVA_MAIN_CLASS.encode() not in cmdline or not pid_alive(pid):
         return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        cwd = os.readlink(f"/proc/{pid}/cwd") if home is not None else None
+        return home is None or os.readlink(f"/proc/{pid}/cwd") == str(home)
     except OSError:
         return False
-    return JAVA_MAIN_CLASS.encode() in cmdline and pid_alive(pid) and (home is None or cwd == str(home))
 
 
 def _is_auth_proxy(pid: int | None, home: Path) -> bool:
     """The pid is alive and is the auth proxy of ``home`` (its --key-file is home's), not a recycled pid."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return (PROXY_MODULE.encode() in cmdline and str(home / KEY_FILE).encode() in cmdline and pid_alive(pid))
+    cmdline = command_line(pid)
+    return (cmdline is not None and PROXY_MODULE.encode() in cmdline and str(home / KEY_FILE).encode() in cmdline
+            and pid_alive(pid))
 
 
 # Proxies started by this process, so stop() can reap them (a dead child stays a zombie until waited for).
@@ -255,51 +140,6 @@ def _reap(pid: int | None) -> None:
     process = _started_proxies.get(pid) if pid else None
     if process is not None and process.poll() is not None:
         del _started_proxies[pid]
-
-
-def _free_ports(count: int, taken: set[int]) -> list[int]:
-    """``count`` distinct ports free on loopback right now, none of them in ``taken``."""
-    found: list[int] = []
-    while len(found) < count:
-        port = free_port(LOOPBACK)
-        if port not in taken and port not in found:
-            found.append(port)
-    return found
-
-
-def _children(pid: int) -> list[int]:
-    """All descendants of pid (the Python workers of the frontend), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                parents[int(entry.name)] = int(fields[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == parent]
-        found += kids
-        frontier += kids
-    return found
-
-
-def _terminate(pids: list[int], timeout_s: float) -> None:
-    """SIGTERM, wait, then SIGKILL whatever is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-            time.sleep(0.2)
-        pids = [p for p in pids if pid_alive(p)]
-        if not pids:
-            return
 
 
 class LocalTorchServe:
@@ -452,7 +292,7 @@ class LocalTorchServe:
             raise FileNotFoundError(f"model archive {mar_path} not found: build it with serving.archive.build_mar")
         workers = archive_workers(mar_path) or workers
         chosen = {inference_port, management_port, metrics_port, grpc_inference_port, grpc_management_port}
-        torchserve_port, *free = _free_ports(3, chosen)
+        torchserve_port, *free = free_ports(3, chosen)
         grpc_inference_port = grpc_inference_port or free[0]
         grpc_management_port = grpc_management_port or free[1]
         self._check_ports(host, {"inference": inference_port, "management": management_port, "metrics": metrics_port,
@@ -650,7 +490,7 @@ class LocalTorchServe:
                 print(f"[serve] no TorchServe is running from {self.home}; nothing to stop.", flush=True)
             return {"stopped": False, "home": str(self.home)}
         if proxy:  # first, so no client reaches a TorchServe that is going away
-            _terminate([proxy_pid], timeout_s=15)  # the proxy finishes the requests in flight on SIGTERM
+            terminate([proxy_pid], timeout_s=15)  # the proxy finishes the requests in flight on SIGTERM
             _reap(proxy_pid)
         if torchserve and state.get("request_log_dir"):
             # The frontend kills its workers without a signal: they flush their request log first.
@@ -659,9 +499,9 @@ class LocalTorchServe:
                 print(f"[serve] the request log was not fully flushed ({drained}); spooled files stay in "
                       f"{self.request_log_spool} and are uploaded by the next server from this home", flush=True)
         if torchserve:
-            workers = _children(pid)  # collected first: once the frontend is gone they are orphans
-            _terminate([pid], timeout_s=30)
-            _terminate([w for w in workers if pid_alive(w)], timeout_s=10)
+            workers = descendants(pid)  # collected first: once the frontend is gone they are orphans
+            terminate([pid], timeout_s=30)
+            terminate([w for w in workers if pid_alive(w)], timeout_s=10)
         self.key_file.unlink(missing_ok=True)  # its keys died with the server
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         atomic_write_json(self.state_file, {**state, "pid": None, "proxy_pid": None,

@@ -1,6 +1,6 @@
 """A loopback stand-in for the Kubeflow Pipelines API (v2beta1) that validates what it is sent.
 
-No KFP server runs here, so ``pipelines/cluster.py`` is tested against this one.
+No KFP server runs here, so ``pipelines/cluster/`` is tested against this one.
 It is fake in what it stores (dicts in memory, runs that move PENDING → RUNNING →
 SUCCEEDED over successive GETs) but strict in what it accepts, so a request the
 real API would reject (or silently misread) fails the test instead:

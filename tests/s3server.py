@@ -1,14 +1,13 @@
 """Test helpers: a real S3-compatible HTTP server (moto's standalone server) on loopback,
 and a forwarding proxy in front of it that can drop connections like a dying server.
 
-Usage from a test module (``tests/`` is on ``sys.path`` under pytest)::
+``tests/conftest.py`` starts one per test process as the ``moto_server`` fixture (and ``bucket``:
+a fresh bucket with the environment pointing at it). Direct use (``tests/`` is on ``sys.path``)::
 
     from s3server import MotoServer, s3_env
 
-    @pytest.fixture(scope="session")
-    def moto_server():
-        with MotoServer() as server:
-            yield server
+    with MotoServer() as server:
+        env = s3_env(server.endpoint)
 """
 
 from __future__ import annotations
@@ -100,7 +99,7 @@ def _no_proxy_opener():
 
 
 def s3_env(endpoint: str, **extra: str) -> dict[str, str]:
-    """Environment for components.core.storage against ``endpoint``, isolated from any real AWS config."""
+    """Environment for components.core.blobs and releases against ``endpoint``, isolated from any real AWS config."""
     return {
         "S3_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,

@@ -369,7 +369,7 @@ def test_gpu_overlay_requests_a_gpu_on_gpu_nodes():
 
 # ---------------------------------------------------------------- RBAC: exact allow-lists
 
-# What the project's own code calls (components/deploy/kubernetes.py; test_k8s_deploy replays each call).
+# What the project's own code calls (components/deploy/kubernetes/; tests/deploy replays each call).
 PIPELINE_RULES = [
     {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["kfp-mlops-serving"], "verbs": ["get", "patch"]},
     {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
@@ -547,7 +547,7 @@ def test_serving_pod_runs_hardened_torchserve():
     # The init container fetches the release (digits.mar inside) into the model store, which it may
     # replace as a whole: so the store is a directory below the volume, not the mount point itself.
     fetch = next(c for c in spec["initContainers"] if c["name"] == "fetch-model")
-    assert fetch["command"] == ["python", "-m", "components.core.storage", "fetch", "$(KFP_MLOPS_MODEL_URI)",
+    assert fetch["command"] == ["python", "-m", "components.core.releases", "fetch", "$(KFP_MLOPS_MODEL_URI)",
                                 props["model_store"], "--version", "$(KFP_MLOPS_MODEL_VERSION)"]
     assert {"KFP_MLOPS_MODEL_URI", "KFP_MLOPS_MODEL_VERSION"} <= {e["name"] for e in fetch["env"]}
     fetch_mount = next(m["mountPath"] for m in fetch["volumeMounts"] if props["model_store"].startswith(m["mountPath"] + "/"))
@@ -651,7 +651,7 @@ def test_serving_pods_shut_down_proxy_first_within_the_grace_period():
     request log, and that drain must end before SIGKILL; after SIGTERM nothing in the container runs on
     (tini's SIGTERM ends the launcher and the container with it)."""
     from serving.auth_proxy import AuthProxyServer
-    from serving.request_log import build_parser
+    from serving.request_spool import build_parser
 
     proxy_drain_s = inspect.signature(AuthProxyServer.shutdown).parameters["grace_s"].default
     for target in TARGETS:
@@ -928,8 +928,9 @@ def test_retrain_overlay_lets_the_monitor_start_runs_on_kfp(target):
     egress to the API, and the RoleBinding multi-user KFP checks; exit codes as in the base."""
     from urllib.parse import urlsplit
 
-    from pipelines import cluster, config
+    from pipelines import config
     from pipelines.cli import build_parser
+    from pipelines.cluster.connection import IN_CLUSTER_HOST, IN_CLUSTER_TOKEN_FILES
 
     cronjob = find(target, "CronJob", "kfp-mlops-monitor")
     spec = pod_spec(cronjob)
@@ -938,7 +939,7 @@ def test_retrain_overlay_lets_the_monitor_start_runs_on_kfp(target):
     parsed = build_parser().parse_args([re.sub(r"\$\((\w+)\)", lambda m: storage[m.group(1)], a) for a in container["args"]])
     assert parsed.command == "monitor" and parsed.json and parsed.last == "1h" and parsed.settle == "10m"
     assert parsed.retrain_on_drift is True and not parsed.retrain_wait
-    assert parsed.kfp_host == cluster.IN_CLUSTER_HOST == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+    assert parsed.kfp_host == IN_CLUSTER_HOST == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 
     # The run's config: a key of a ConfigMap, mounted read-only; it loads as a Config.
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -958,7 +959,7 @@ def test_retrain_overlay_lets_the_monitor_start_runs_on_kfp(target):
     # The token: projected for KFP's audience, read-only, where KF_PIPELINES_SA_TOKEN_PATH says.
     env = {e["name"]: e.get("value") for e in container["env"]}
     token_path = env["KF_PIPELINES_SA_TOKEN_PATH"]
-    assert token_path == cluster.IN_CLUSTER_TOKEN_FILES[0], "KFP's default path, also found without the variable"
+    assert token_path == IN_CLUSTER_TOKEN_FILES[0], "KFP's default path, also found without the variable"
     token_mount = mount_of(token_path)
     assert token_mount["readOnly"] is True
     (source,) = volumes[token_mount["name"]]["projected"]["sources"]
@@ -1271,7 +1272,7 @@ def test_the_serving_pod_as_specified_serves_and_passes_its_probe(tmp_path):
 def test_the_pipelines_model_store_is_where_the_serving_pods_fetch_from():
     """The storage ConfigMap's KFP_MLOPS_MODEL_STORE (the champion and the deploy step's default) and the
     serving Deployment's fetch URI name one store."""
-    from pipelines.pipeline import STORAGE_CONFIG_ENV
+    from pipelines.pod_settings import STORAGE_CONFIG_ENV
 
     storage = find("base", "ConfigMap", "kfp-mlops-storage")["data"]
     assert set(STORAGE_CONFIG_ENV) <= set(storage)

@@ -31,7 +31,7 @@ with a clear message instead of being silently resumed.
 
 ``mirror_uri``: an optional ``s3://`` prefix (or second local directory) the
 files are copied to after each save, pointer last, through
-``components.core.storage``; a fresh pod with an empty local directory restores from
+``components.core.blobs``; a fresh pod with an empty local directory restores from
 it. That is what makes a retried pod on another node resume.
 """
 
@@ -323,29 +323,29 @@ class Checkpointer:
     # Remote files alternate between two slots (the one the pointer does not name is overwritten),
     # so the mirror holds at most two checkpoints without needing deletes.
     def _push(self, name: str) -> None:
-        from components.core import storage
+        from components.core import blobs
 
         if self._mirror_slot is None:  # first push of this process: which slot does the remote pointer name?
-            pointer_uri = storage.join(self.mirror_uri, POINTER)
-            self._mirror_slot = json.loads(storage.read_bytes(pointer_uri)).get("slot", "") \
-                if storage.exists(pointer_uri) else ""
+            pointer_uri = blobs.join(self.mirror_uri, POINTER)
+            self._mirror_slot = json.loads(blobs.read_bytes(pointer_uri)).get("slot", "") \
+                if blobs.exists(pointer_uri) else ""
         slot = "slot-1" if self._mirror_slot == "slot-0" else "slot-0"
         for suffix in (".safetensors", ".json"):
-            storage.put_file(self.directory / f"{name}{suffix}", storage.join(self.mirror_uri, slot + suffix))
+            blobs.put_file(self.directory / f"{name}{suffix}", blobs.join(self.mirror_uri, slot + suffix))
         pointer = {**json.loads((self.directory / POINTER).read_text()), "slot": slot}
-        storage.write_bytes(storage.join(self.mirror_uri, POINTER), json.dumps(pointer, sort_keys=True).encode())
+        blobs.write_bytes(blobs.join(self.mirror_uri, POINTER), json.dumps(pointer, sort_keys=True).encode())
         self._mirror_slot = slot
 
     def _pull(self) -> None:
-        from components.core import storage
+        from components.core import blobs
 
-        pointer_uri = storage.join(self.mirror_uri, POINTER)
-        if not storage.exists(pointer_uri):
+        pointer_uri = blobs.join(self.mirror_uri, POINTER)
+        if not blobs.exists(pointer_uri):
             return
-        pointer = json.loads(storage.read_bytes(pointer_uri))
+        pointer = json.loads(blobs.read_bytes(pointer_uri))
         self.directory.mkdir(parents=True, exist_ok=True)
         for suffix in (".safetensors", ".json"):
-            storage.get_file(storage.join(self.mirror_uri, pointer["slot"] + suffix),
+            blobs.get_file(blobs.join(self.mirror_uri, pointer["slot"] + suffix),
                              self.directory / f"{pointer['name']}{suffix}")
         _write_json(self.directory / POINTER, {k: pointer[k] for k in ("name", "step", "epoch")})
         self._mirror_slot = pointer["slot"]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from components.core.localfiles import atomic_write_file
+
 SPLITS_FILE = "splits.npz"
 CARD_FILE = "data_card.json"
 CARD_MARKDOWN = "data_card.md"
@@ -43,19 +45,19 @@ class Splits:
 def save_splits(splits: Splits, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / SPLITS_FILE
-    tmp = out / (".tmp-" + SPLITS_FILE)
-    with open(tmp, "wb") as f:
-        np.savez_compressed(
-            f,
-            train_x=splits.train_x, train_y=splits.train_y,
-            val_x=splits.val_x, val_y=splits.val_y,
-            test_x=splits.test_x, test_y=splits.test_y,
-            pool_x=splits.pool_x,
-            class_names=np.array(splits.class_names, dtype=str),
-        )
-    tmp.replace(path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz" to the temp name
+            np.savez_compressed(
+                f,
+                train_x=splits.train_x, train_y=splits.train_y,
+                val_x=splits.val_x, val_y=splits.val_y,
+                test_x=splits.test_x, test_y=splits.test_y,
+                pool_x=splits.pool_x,
+                class_names=np.array(splits.class_names, dtype=str),
+            )
+
+    return atomic_write_file(out / SPLITS_FILE, write)
 
 
 def load_splits(dataset_dir: str | Path) -> Splits:
@@ -122,20 +124,20 @@ def load_source(source: str, image_size: int = 0) -> tuple[np.ndarray, np.ndarra
 def _load_s3(source: str, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Download an ``s3://`` .npz object or image-folder prefix to a temp dir and load it from there.
 
-    Endpoint and credentials come from the environment (see ``components.core.storage``).
+    Endpoint and credentials come from the environment (see ``components.core.s3_client``).
     Messages about the files name the s3:// URI, not the temp dir.
     """
     import tempfile
 
-    from components.core import storage
+    from components.core import blobs
 
     with tempfile.TemporaryDirectory(prefix="ingest-s3-") as tmp:
         if source.endswith(".npz"):
             local = Path(tmp) / source.rsplit("/", 1)[-1]
-            storage.get_file(source, local)
+            blobs.get_file(source, local)
         else:
             local = Path(tmp) / "data"
-            storage.get_dir(source, local)
+            blobs.get_dir(source, local)
         print(f"ingest: downloaded {source} to {local}", flush=True)
         try:
             return load_source(str(local), image_size)

@@ -120,8 +120,8 @@ def write_model_reference(model_dir: str | Path, images: np.ndarray) -> Path:
 
     Finetune calls it after saving the classifier: ``write_model_reference(out_dir, splits.val_x)``.
     """
+    from components.core.localfiles import atomic_write_text
     from components.core.models import load_classifier
-    from components.core.storage import atomic_write_file
 
     images = np.asarray(images)
     if images.ndim != 4 or len(images) < 30:
@@ -130,5 +130,5 @@ def write_model_reference(model_dir: str | Path, images: np.ndarray) -> Path:
     model, _ = load_classifier(model_dir)
     path = Path(model_dir) / MODEL_REFERENCE_FILE
     table = model_reference_features(model, images).to_csv(index=False)
-    atomic_write_file(path, lambda tmp: tmp.write_text(table))
+    atomic_write_text(path, table)
     return path

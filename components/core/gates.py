@@ -30,10 +30,13 @@ class Limit:
     limit: float
     kind: str  # "max" or "min"
     detail: str = ""  # context for the reason, e.g. "(loss attack, 359 vs 359)"
+    tolerance: float = 0.0  # float rounding slack: a value this close to the limit holds
 
     @property
     def held(self) -> bool:
-        return self.value <= self.limit if self.kind == "max" else self.value >= self.limit
+        if self.kind == "max":
+            return self.value <= self.limit + self.tolerance
+        return self.value >= self.limit - self.tolerance
 
     def describe(self) -> str:
         op = ("<=" if self.held else ">") if self.kind == "max" else (">=" if self.held else "<")
@@ -51,15 +54,19 @@ def validate_override(override: bool, override_reason: str) -> None:
                          "(it is written into the gate's report and the run summary)")
 
 
-def decide(limits: list[Limit], override: bool = False, override_reason: str = "") -> dict[str, Any]:
-    """The verdict of a gate from its limits (see the module docstring for the keys)."""
+def decide(limits: list[Limit], override: bool = False, override_reason: str = "",
+           notes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The verdict of a gate from its limits (see the module docstring for the keys).
+
+    ``notes``: checks that did not apply, each saying why; a passing verdict's reason ends with them.
+    """
     validate_override(override, override_reason)
     failed = [lim for lim in limits if not lim.held]
     passed_checks = not failed
     if failed:
         reason = "; ".join(lim.describe() for lim in failed)
     else:
-        reason = " and ".join(lim.describe() for lim in limits) or "no limits set"
+        reason = "; ".join([" and ".join(lim.describe() for lim in limits) or "no limits set", *notes])
     return {
         "passed": passed_checks or override,
         "passed_checks": passed_checks,
@@ -80,13 +87,16 @@ def verdict_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+OVERRIDDEN = "OVERRIDDEN — the checks FAILED but the gate let the release through"
+OVERRIDE_NOT_NEEDED = "override was set but not needed: every limit held"
+
+
 def verdict_banner(result: dict[str, Any]) -> str:
     """The first lines of a gate report: the verdict, loudly when an override released a failed gate."""
     if result["overridden"]:
-        return (f"> **⚠️ OVERRIDDEN — the checks FAILED but the gate let the release through** because "
-                f"`override=True`.\n> Reason given: *{result['override_reason']}*\n> Blocked by: "
-                f"{', '.join(result['blocked_by'])}\n\n**{result['reason']}**")
-    note = "\n\n(override was set but not needed: every limit held)" if result["override"] else ""
+        return (f"> **⚠️ {OVERRIDDEN}** because `override=True`.\n> Reason given: *{result['override_reason']}*\n"
+                f"> Blocked by: {', '.join(result['blocked_by'])}\n\n**{result['reason']}**")
+    note = f"\n\n({OVERRIDE_NOT_NEEDED})" if result["override"] else ""
     return f"**{result['reason']}**{note}"
 
 
@@ -106,7 +116,7 @@ def publish_verdict(step: str, result: dict[str, Any], metrics: dict[str, float]
     log_metrics(metrics_artifact, metrics)
     log_metrics(metrics_artifact, cost_metrics)
     os.makedirs(os.path.dirname(report_path) or ".", exist_ok=True)
-    with open(report_path, "w") as f:
+    with open(report_path, "w", encoding="utf-8") as f:
         f.write(report_text)
     word = "OVERRIDDEN" if result["overridden"] else ("PASSED" if result["passed_checks"] else "FAILED")
     print(f"{step}: {word}: {result['reason']}", flush=True)

@@ -2,7 +2,7 @@
 
 Plain PyTorch (no torchvision). Three encoder families, sized by ``EncoderSpec``:
 
-* ``cnn``: the small 4-conv CNN (the digits default: fast, ~0.98 test accuracy);
+* ``cnn``: the small 4-conv CNN (the digits default: fast);
 * ``resnet``: basic residual blocks in four stages (ResNet-10/18/34 layouts);
 * ``vgg``: VGG-style stacks of 3x3 convs in five stages (VGG-11/13/16/19 layouts;
   the seed's example is VGG16), channels scaled by ``width``.
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from components.core.localfiles import atomic_write_file, atomic_write_json
 
 WEIGHTS_FILE = "model.safetensors"
 ENCODER_FILE = "encoder.safetensors"
@@ -223,20 +225,7 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from components.core.storage import atomic_write_file  # temp sibling, fsync, rename, fsync of the directory
-
-    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    from components.core.storage import atomic_write_file
-
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_file(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 

@@ -32,7 +32,7 @@ def deploy_component(
     ``serving.deploy_target="kubernetes"``: publishes the .mar to the model store, server-side
     applies the release to the Deployment ``kfp-mlops-serving``, waits for the rollout,
     smoke-tests through the Service and rolls back to the previous revision when any of
-    that fails (components/deploy/kubernetes.py). The local server's settings (host, ports, home,
+    that fails (components/deploy/kubernetes/). The local server's settings (host, ports, home,
     request log) are not used there: the serving pods' request log is set in the manifests
     (kfp-mlops-storage).
 
@@ -55,34 +55,21 @@ def deploy_component(
     """
     import json
     import os
-    from pathlib import Path
 
     from components.core.cost import log_metrics, measure
     from components.deploy.local import deploy_local
 
-    s = cfg.serving
+    serving = cfg.serving
     with measure() as cost:
-        if s.deploy_target == "kubernetes":
+        if serving.deploy_target == "kubernetes":
             from components.deploy.kubernetes import deploy_kubernetes
 
-            store = s.model_store_uri or os.environ.get("KFP_MLOPS_MODEL_STORE", "")  # the storage ConfigMap's
-            record = deploy_kubernetes(model.path, dataset.path, namespace=namespace, model_name=s.model_name,
-                                       model_store_uri=store, image=serving_image, token_file=pipeline_auth_file,
-                                       run_id=run_id,
-                                       rollout_timeout_s=s.rollout_timeout_s, workers=s.workers,
-                                       batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms)
-        elif s.deploy_target == "local":
-            home = Path(s.home)
-            home = home if home.is_absolute() else Path.cwd() / home
-            record = deploy_local(model.path, dataset.path, home, model_name=s.model_name, host=s.host,
-                                  inference_port=s.inference_port, management_port=s.management_port,
-                                  metrics_port=s.metrics_port, workers=s.workers, startup_timeout_s=s.startup_timeout_s,
-                                  batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms,
-                                  request_log_dir=s.request_log_dir or None,
-                                  request_log_max_bytes=int(s.request_log_max_mb * 2**20),
-                                  request_log_max_age_s=s.request_log_max_age_s)
+            record = deploy_kubernetes(model.path, dataset.path, serving, namespace=namespace, image=serving_image,
+                                       run_id=run_id, token_file=pipeline_auth_file)
+        elif serving.deploy_target == "local":
+            record = deploy_local(model.path, dataset.path, serving)
         else:
-            raise ValueError(f"serving.deploy_target must be 'local' or 'kubernetes', got {s.deploy_target!r}")
+            raise ValueError(f"serving.deploy_target must be 'local' or 'kubernetes', got {serving.deploy_target!r}")
     os.makedirs(os.path.dirname(deployment.path) or ".", exist_ok=True)
     with open(deployment.path, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)

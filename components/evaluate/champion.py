@@ -10,9 +10,9 @@ test split. Where the champion lives:
 * ``champion_model`` a location: a classifier directory (``model.safetensors`` +
   ``metadata.json``), a TorchServe ``.mar`` (a zip holding the same two files),
   a directory holding one of these, or a storage release published with
-  ``components.core.storage.publish`` (an ``s3://`` base URI, optionally ending in
+  ``components.core.releases.publish`` (an ``s3://`` base URI, optionally ending in
   ``/latest``, or a local directory with a ``latest`` pointer) -- fetched and
-  checksum-verified through ``components.core.storage.fetch``.
+  checksum-verified through ``components.core.releases.fetch``.
 * ``champion_model == "serving"`` (or empty): the local serving home. Its ``state.json`` (the
   deployment record) names the served model; the champion is its ``model_dir``
   when the record carries one that still exists, otherwise the ``.mar`` in the
@@ -43,7 +43,7 @@ STORE = "store"  # the latest release in the model store
 MODEL_STORE_ENV = "KFP_MLOPS_MODEL_STORE"  # the cluster's model store (kfp-mlops-storage ConfigMap)
 STATE_FILE = "state.json"  # as serving.server.STATE_FILE; read here without importing the server
 MODEL_STORE = "model-store"
-POINTER_FILE = "latest"  # as components.core.storage.POINTER_NAME
+POINTER_FILE = "latest"  # as components.core.releases.POINTER_NAME
 MANIFEST_FILE = "MAR-INF/MANIFEST.json"
 
 
@@ -137,9 +137,9 @@ def materialize(champion_model: str, work_dir: str | Path) -> tuple[Path, str]:
     base = release_base(spec)
     if base is not None:
         try:
-            from components.core.storage import fetch
+            from components.core.releases import fetch
         except ImportError as err:
-            raise RuntimeError(f"champion_model {spec!r} is a storage release, but components.core.storage cannot be "
+            raise RuntimeError(f"champion_model {spec!r} is a storage release, but components.core.releases cannot be "
                                f"imported ({err}); install the project with its storage dependencies") from None
         manifest = fetch(base, work_dir / "fetched")
         print(f"[champion] fetched release {manifest.get('version', '?')[:12]} from {base}", flush=True)
@@ -214,10 +214,10 @@ def from_model_store(store: str, work_dir: str | Path) -> ChampionLookup:
     if not store:
         raise ValueError(f"champion_model '{STORE}' needs the model store: set serving.model_store_uri or "
                          f"{MODEL_STORE_ENV} (the kfp-mlops-storage ConfigMap), or champion_model '{DISABLED}'")
-    from components.core import storage
+    from components.core import blobs
 
     pointer = f"{store}/{POINTER_FILE}"
-    if not storage.exists(pointer):
+    if not blobs.exists(pointer):
         return ChampionLookup("no_champion", source=pointer,
                               reason=f"no model in production (no release in the model store {store} yet)")
     model_dir, source = materialize(store, work_dir)

@@ -32,39 +32,24 @@ def finetune_component(
 
     from components.core.checkpoint import checkpoint_location, step_checkpoint_dir
     from components.core.cost import log_metrics, measure
+    from components.core.data import load_splits
+    from components.core.features import write_model_reference
     from components.finetune.finetune import finetune
-    from components.train.adversarial import robust_training
-    from components.train.dp import DPSettings
 
-    seed = cfg.data.seed
-    cfg = cfg.finetune
     os.makedirs(model.path, exist_ok=True)
-    robust = robust_training(cfg.augment_noise_sigma, cfg.adversarial_epsilon, cfg.adversarial_fraction)
-    dp = None
-    if cfg.dp_epsilon > 0:
-        dp = DPSettings(target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, max_grad_norm=cfg.dp_max_grad_norm,
-                        batch_size=cfg.dp_batch_size, learning_rate=cfg.dp_learning_rate,
-                        trainable=cfg.dp_trainable, epochs=cfg.dp_epochs)
-    ckpt = step_checkpoint_dir("finetune", model.uri, cfg.checkpoint_root)
+    ckpt = step_checkpoint_dir("finetune", model.uri, cfg.finetune.checkpoint_root)
     with measure() as cost:
-        summary = finetune(dataset.path, encoder.path, model.path, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                           learning_rate=cfg.learning_rate, patience=cfg.patience,
-                           label_fraction=cfg.label_fraction, seed=seed, log=lambda line: print(line, flush=True),
-                           mode=cfg.mode, unfreeze_blocks=cfg.unfreeze_blocks,
-                           encoder_lr_scale=cfg.encoder_lr_scale, min_epoch_samples=cfg.min_epoch_samples,
-                           probe_epochs=cfg.probe_epochs, compile=cfg.compile, checkpoint_dir=ckpt,
-                           checkpoint_every_steps=cfg.checkpoint_every_steps,
-                           checkpoint_every_epochs=cfg.checkpoint_every_epochs, robust=robust, dp=dp)
+        summary = finetune(dataset.path, encoder.path, model.path, cfg, lambda line: print(line, flush=True),
+                           checkpoint_dir=ckpt)
     local_ckpt, _ = checkpoint_location(ckpt)
     shutil.rmtree(local_ckpt, ignore_errors=True)  # done: a later retry has nothing to resume
     # The monitor's reference for prediction and embedding drift, computed once, at training time.
-    from components.core.data import load_splits
-    from components.core.features import write_model_reference
-
     write_model_reference(model.path, load_splits(dataset.path).val_x)
-    model.metadata.update({"model_version": summary["model_version"], "val_accuracy": summary["val_accuracy"]})
-    if "dp_epsilon" in summary:
-        model.metadata.update({"dp_epsilon": summary["dp_epsilon"], "dp_delta": cfg.dp_delta})
+    dp_spent = {}
+    if "dp_epsilon" in summary:  # fine-tuned with DP-SGD: the privacy it spent
+        dp_spent = {"dp_epsilon": summary["dp_epsilon"], "dp_delta": cfg.finetune.dp_delta}
+    model.metadata.update({"model_version": summary["model_version"], "val_accuracy": summary["val_accuracy"],
+                           **dp_spent})
     log_metrics(metrics, {
         "val_accuracy": summary["val_accuracy"],
         "val_loss": summary["val_loss"],
@@ -72,6 +57,6 @@ def finetune_component(
         "epochs_run": summary["epochs_run"],
         "n_labeled": summary["n_labeled"],
         "finetune_resumed_from_step": summary["resumed_from_step"],
-        **({"dp_epsilon": summary["dp_epsilon"], "dp_delta": cfg.dp_delta} if "dp_epsilon" in summary else {}),
+        **dp_spent,
         **cost.as_metrics(),
     })

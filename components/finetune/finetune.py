@@ -13,18 +13,18 @@ steps into a directory keyed by the output artifact's URI (under
 ``checkpoint_root`` when set, else the local temp dir), so a retried step
 resumes where the failed attempt stopped and ends with the same weights.
 Variants of the loop (DP-SGD, adversarial training) plug in through
-``customize`` (see ``components.train.training.FinetuneParts``).
+``customize`` (see ``components.train.loops.FinetuneParts``).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
-from pipelines.config import FinetuneConfig
-
-_DEFAULTS = FinetuneConfig()
+from components.core.settings import Settings
 
 
 def weights_hash(state_dict) -> str:
@@ -34,59 +34,66 @@ def weights_hash(state_dict) -> str:
     return state_dict_sha256(state_dict)[:12]
 
 
-def finetune(dataset_dir: str | Path, encoder_dir: str | Path, out_dir: str | Path,
-             epochs: int = _DEFAULTS.epochs, batch_size: int = _DEFAULTS.batch_size,
-             learning_rate: float = _DEFAULTS.learning_rate, patience: int = _DEFAULTS.patience,
-             label_fraction: float = _DEFAULTS.label_fraction, seed: int = 0, log=print, *,
-             mode: str = _DEFAULTS.mode, unfreeze_blocks: int = _DEFAULTS.unfreeze_blocks,
-             encoder_lr_scale: float = _DEFAULTS.encoder_lr_scale,
-             min_epoch_samples: int = _DEFAULTS.min_epoch_samples, probe_epochs: int = _DEFAULTS.probe_epochs,
-             compile: bool = _DEFAULTS.compile,
-             checkpoint_dir: str | Path | None = None,
-             checkpoint_every_steps: int = _DEFAULTS.checkpoint_every_steps,
-             checkpoint_every_epochs: int = _DEFAULTS.checkpoint_every_epochs,
-             runtime=None, on_step=None, customize=None, robust=None, dp=None) -> dict:
+def dp_settings(area: Settings):
+    """The DP-SGD settings of the finetune settings ``area`` (a ``components.train.dp.DPSettings``); None
+    when ``dp_epsilon`` is 0, i.e. no DP."""
+    from components.train.dp import DPSettings
+
+    if not area.dp_epsilon > 0:
+        return None
+    return DPSettings(target_epsilon=area.dp_epsilon, delta=area.dp_delta, max_grad_norm=area.dp_max_grad_norm,
+                      batch_size=area.dp_batch_size, learning_rate=area.dp_learning_rate,
+                      trainable=area.dp_trainable, epochs=area.dp_epochs)
+
+
+def finetune(dataset_dir: str | Path, encoder_dir: str | Path, out_dir: str | Path, cfg: Settings,
+             log: Callable[[str], None] = print, *, checkpoint_dir: str | Path | None = None, runtime=None,
+             on_step=None, customize=None) -> dict:
     """Fine-tune a classifier from a pretrained encoder and save it to ``out_dir``.
 
-    ``mode``: 'full', 'partial' (the last ``unfreeze_blocks`` encoder stages)
-    or 'linear_probe'. ``checkpoint_dir``: a local directory or ``s3://`` URI
-    to checkpoint into and resume from (None: no checkpoints). ``customize``
-    is passed to ``finetune_classifier`` (the hook for variants such as
-    DP-SGD). ``robust``: a ``components.robustness.robustness.RobustTraining`` (noise /
-    adversarial examples in each batch). ``dp``: a ``components.train.dp.DPSettings``
-    to fine-tune with DP-SGD (its own epochs, batches, optimizer and trainable
-    layers); the spent epsilon goes into the metadata (``dp``) and the summary
-    (``dp_epsilon``). Returns a summary: model_version, val_accuracy, val_loss,
-    best_epoch, epochs_run, n_labeled, mode, resumed_from_step, seconds,
-    label_counts.
+    ``cfg``: the step's settings, ``cfg.finetune`` and ``cfg.data.seed``
+    (head initialisation, label subsample, batch order, augmentations). Its
+    ``mode`` is 'full', 'partial' (the last ``unfreeze_blocks`` encoder
+    stages) or 'linear_probe'; noise and adversarial examples in each batch
+    come with ``augment_noise_sigma`` / ``adversarial_epsilon``
+    (``components.train.adversarial.RobustTraining``); ``dp_epsilon`` > 0
+    fine-tunes with DP-SGD (its own epochs, batches, optimizer and trainable
+    layers: the ``dp_*`` settings), and the spent epsilon goes into the
+    metadata (``dp``) and the summary (``dp_epsilon``). ``checkpoint_dir``: a
+    local directory or ``s3://`` URI to checkpoint into and resume from (None:
+    no checkpoints). ``customize`` is passed to ``finetune_classifier`` (the
+    hook for further variants). Returns a summary: model_version,
+    val_accuracy, val_loss, best_epoch, epochs_run, n_labeled, mode,
+    resumed_from_step, seconds, label_counts.
     """
     import numpy as np
 
     from components.core.checkpoint import Checkpointer, checkpoint_location
     from components.core.data import load_splits
     from components.core.models import load_encoder, save_classifier
-    from components.train.training import best_epoch, finetune_classifier, make_runtime, subsample_labels
+    from components.train.adversarial import robust_training
+    from components.train.loops import best_epoch, finetune_classifier, subsample_labels
+    from components.train.runtime import make_runtime
 
+    f, seed = cfg.finetune, cfg.data.seed
+    robust = robust_training(f.augment_noise_sigma, f.adversarial_epsilon, f.adversarial_fraction)
+    dp = dp_settings(f)
     splits = load_splits(dataset_dir)
     encoder, encoder_meta = load_encoder(encoder_dir)
-    rt = runtime or make_runtime(compile=compile)
-    hyper = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
-             "label_fraction": label_fraction, "seed": seed, "mode": mode, "unfreeze_blocks": unfreeze_blocks,
-             "encoder_lr_scale": encoder_lr_scale, "min_epoch_samples": min_epoch_samples,
-             "probe_epochs": probe_epochs}
-    # Privacy / robustness variants plug in through `customize` (components.train.dp, components.robustness.robustness).
+    rt = runtime or make_runtime(compile=f.compile)
+    hyper = {"epochs": f.epochs, "batch_size": f.batch_size, "learning_rate": f.learning_rate,
+             "patience": f.patience, "label_fraction": f.label_fraction, "seed": seed, "mode": f.mode,
+             "unfreeze_blocks": f.unfreeze_blocks, "encoder_lr_scale": f.encoder_lr_scale,
+             "min_epoch_samples": f.min_epoch_samples, "probe_epochs": f.probe_epochs}
+    # Privacy / robustness variants plug in through `customize` (components.train.dp, components.train.adversarial).
     dp_run = None
     if dp is not None:
-        from dataclasses import asdict
-
         from components.train.dp import DPFinetune
 
-        dp_run = DPFinetune(dp, len(subsample_labels(splits.train_y, label_fraction, seed)), seed, log=log,
+        dp_run = DPFinetune(dp, len(subsample_labels(splits.train_y, f.label_fraction, seed)), seed, log=log,
                             reference_images=splits.val_x)  # standardise the embedding with val statistics
         hyper["dp"] = asdict(dp)
     if robust is not None:
-        from dataclasses import asdict
-
         hyper["robust_training"] = asdict(robust)
     hooks = tuple(h for h in (customize, dp_run, robust.customize if robust is not None else None) if h is not None)
     if hooks:
@@ -97,22 +104,21 @@ def finetune(dataset_dir: str | Path, encoder_dir: str | Path, out_dir: str | Pa
     local_ckpt, mirror = checkpoint_location(checkpoint_dir)
     checkpointer = None
     if local_ckpt is not None:
-        checkpointer = Checkpointer(local_ckpt, every_steps=checkpoint_every_steps,
-                                    every_epochs=checkpoint_every_epochs, mirror_uri=mirror, log=log,
+        checkpointer = Checkpointer(local_ckpt, every_steps=f.checkpoint_every_steps,
+                                    every_epochs=f.checkpoint_every_epochs, mirror_uri=mirror, log=log,
                                     fingerprint={**hyper, "encoder": weights_hash(encoder.state_dict()),
                                                  "n_train": int(len(splits.train_y)), "n_val": int(len(splits.val_y))})
 
     t0 = time.perf_counter()
-    model, history = finetune_classifier(encoder, splits, dp.epochs if dp is not None else epochs, batch_size,
-                                         learning_rate, patience,
-                                         label_fraction, seed, log=log, mode=mode, unfreeze_blocks=unfreeze_blocks,
-                                         encoder_lr_scale=encoder_lr_scale, min_epoch_samples=min_epoch_samples,
-                                         probe_epochs=probe_epochs, runtime=rt, checkpointer=checkpointer,
-                                         on_step=on_step, customize=customize)
+    model, history = finetune_classifier(encoder, splits, dp.epochs if dp is not None else f.epochs, f.batch_size,
+                                         f.learning_rate, f.patience, f.label_fraction, seed, log=log, mode=f.mode,
+                                         unfreeze_blocks=f.unfreeze_blocks, encoder_lr_scale=f.encoder_lr_scale,
+                                         min_epoch_samples=f.min_epoch_samples, probe_epochs=f.probe_epochs,
+                                         runtime=rt, checkpointer=checkpointer, on_step=on_step, customize=customize)
     seconds = time.perf_counter() - t0
     best = best_epoch(history)
     # The same call finetune_classifier made, so these are the labels it trained on.
-    used = splits.train_y[subsample_labels(splits.train_y, label_fraction, seed)]
+    used = splits.train_y[subsample_labels(splits.train_y, f.label_fraction, seed)]
     label_counts = {name: int(np.sum(used == i)) for i, name in enumerate(splits.class_names)}
     summary = {
         "model_version": weights_hash(model.state_dict()),
@@ -121,7 +127,7 @@ def finetune(dataset_dir: str | Path, encoder_dir: str | Path, out_dir: str | Pa
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
         "n_labeled": int(len(used)),
-        "mode": mode,
+        "mode": f.mode,
         "resumed_from_step": checkpointer.resumed_from if checkpointer else 0,
         "seconds": seconds,
     }

@@ -30,12 +30,8 @@ def ingest_component(
     from components.core.data import data_card_markdown
     from components.ingest.ingest import ingest
 
-    data = cfg.data
     with measure() as cost:
-        card = ingest(
-            data.source, dataset.path, seed=data.seed, test_fraction=data.test_fraction,
-            val_fraction=data.val_fraction, pool_fraction=data.pool_fraction, image_size=data.image_size,
-        )
+        card = ingest(cfg.data.source, dataset.path, cfg)
     os.makedirs(os.path.dirname(data_card.path) or ".", exist_ok=True)
     with open(data_card.path, "w") as f:
         f.write(data_card_markdown(card))

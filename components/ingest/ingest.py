@@ -26,36 +26,28 @@ from components.core.data import (
 from components.core.data import (
     data_card as build_data_card,
 )
+from components.core.settings import Settings
 
 
 def _log(message: str) -> None:
     print(f"ingest: {message}", flush=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def ingest(
-    source: str,
-    out_dir: str | Path,
-    seed: int = 0,
-    test_fraction: float = 0.2,
-    val_fraction: float = 0.15,
-    pool_fraction: float = 0.2,
-    image_size: int = 0,
-) -> dict:
+def ingest(source: str, out_dir: str | Path, cfg: Settings) -> dict:
     """Load, validate and split ``source`` into ``out_dir``; return the data card.
 
-    ``out_dir`` receives ``splits.npz``, ``data_card.json``, ``data_card.md`` and
-    ``reference.csv`` (image features of train + val plus their ``label`` index).
+    ``cfg``: the step's settings; ``cfg.data`` gives the split's seed and
+    fractions and the image size (the step passes ``cfg.data.source`` as
+    ``source``). ``out_dir`` receives ``splits.npz``, ``data_card.json``,
+    ``data_card.md`` and ``reference.csv`` (image features of train + val plus
+    their ``label`` index).
     """
     from components.core.features import image_features
-    from components.core.models import atomic_write_json  # imports torch: slow, but only paid once
+    from components.core.localfiles import atomic_write_file, atomic_write_json, atomic_write_text
 
-    check_fractions(test_fraction, val_fraction, pool_fraction)  # fail before a slow load
+    data = cfg.data
+    seed, image_size = data.seed, data.image_size
+    check_fractions(data.test_fraction, data.val_fraction, data.pool_fraction)  # fail before a slow load
     _log(f"loading {source}" + (f" (resizing to {image_size}x{image_size})" if image_size else ""))
     images, labels, class_names = load_source(source, image_size=image_size)
     _log(f"loaded {len(images)} images shaped {tuple(images.shape[1:])}, {len(class_names)} classes")
@@ -65,7 +57,7 @@ def ingest(
         _log(f"removed {report['duplicates_removed']} exact duplicate images (they would leak between splits)")
         images, labels = drop_duplicates(images, labels, report)
 
-    splits = split(images, labels, class_names, seed, test_fraction, val_fraction, pool_fraction)
+    splits = split(images, labels, class_names, seed, data.test_fraction, data.val_fraction, data.pool_fraction)
     _log(f"split (seed {seed}): train {len(splits.train_x)}, val {len(splits.val_x)}, "
          f"test {len(splits.test_x)}, pool {len(splits.pool_x)}")
 
@@ -74,13 +66,11 @@ def ingest(
     save_splits(splits, out)
     card = build_data_card(splits, source, seed, report)
     atomic_write_json(out / CARD_FILE, card)
-    _atomic_write_text(out / CARD_MARKDOWN, data_card_markdown(card))
+    atomic_write_text(out / CARD_MARKDOWN, data_card_markdown(card))
 
     # The monitoring reference: what the model was trained and selected on.
     reference = image_features(np.concatenate([splits.train_x, splits.val_x]))
     reference["label"] = np.concatenate([splits.train_y, splits.val_y])
-    tmp = out / f".tmp-{REFERENCE_FILE}"
-    reference.to_csv(tmp, index=False)
-    tmp.replace(out / REFERENCE_FILE)
+    atomic_write_file(out / REFERENCE_FILE, lambda tmp: reference.to_csv(tmp, index=False))
     _log(f"wrote {out}")
     return card

@@ -42,7 +42,9 @@ def monitor_component(
     from components.core.cost import log_metrics, measure
     from components.core.data import REFERENCE_FILE, load_splits
     from components.core.features import MODEL_REFERENCE_FILE
-    from components.monitor.monitor import REPLAY_SOURCE, monitor, replay, wait_for_log
+    from components.monitor.monitor import monitor
+    from components.monitor.replay import replay, wait_for_log
+    from components.monitor.traffic import REPLAY_SOURCE
 
     cfg = cfg.monitor
     with measure() as cost:
@@ -70,11 +72,9 @@ def monitor_component(
         until = datetime.now(timezone.utc) + timedelta(seconds=1)
 
         with tempfile.TemporaryDirectory() as tmp:
-            result = monitor(Path(dataset.path) / REFERENCE_FILE, record["request_log_dir"], tmp,
-                             drift_share=cfg.drift_share, since=since, until=until,
-                             model_version=record["model_version"], source=REPLAY_SOURCE,
-                             model_reference_csv=model_reference, sample_epsilon=cfg.sample_epsilon or None,
-                             sample_alpha=cfg.sample_alpha)
+            result = monitor(Path(dataset.path) / REFERENCE_FILE, record["request_log_dir"], tmp, cfg,
+                             since=since, until=until, model_version=record["model_version"], source=REPLAY_SOURCE,
+                             model_reference_csv=model_reference)
             for src, dst in ((result["report_html"], drift_report.path), (result["verdict_json"], verdict.path)):
                 os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
                 shutil.copyfile(src, dst)

@@ -1,20 +1,20 @@
 """Reading one time window of the serving request log fast, and sampling it with a stated error bound.
 
-The request log is JSON lines (``serving/request_log.py`` writes them). Parsing a
-million lines with ``json`` takes tens of seconds, and pyarrow's JSON reader took
-14 s for 1M lines (700 MB) on this 2-core machine. The drift tests do not need
-every line, so this module reads only what it needs:
+The request log is JSON lines (``serving/request_log.py`` writes them). Parsing every
+line of a large window with ``json`` or pyarrow is far over the time budget (see
+docs/benchmarks.md), and the drift tests do not need every line, so this module reads
+only what it needs:
 
 1. **Index, don't parse.** Each file is memory-mapped; numpy finds every newline
-   (one vectorised pass, ~0.6 s for 700 MB). Every line the log writer produced
+   (one vectorised pass). Every line the log writer produced
    starts ``{"timestamp":"2026-01-01T12:00:00.123+00:00","model_version":"…"``
    (compact or with spaces after the separators), so the timestamp and the model
    version sit at fixed byte offsets: they are gathered for all lines at once and
    compared as fixed-width strings (same format, UTC, so byte order = time order).
    That gives the exact number of requests in the window and of the model version,
-   without parsing. Lines of any other layout (older writers, ``Z`` suffixes,
+   without parsing. Lines of any other layout (other writers, ``Z`` suffixes,
    damaged lines, a half-written last line) are parsed one by one with ``json``,
-   with the same tolerance as before (bad lines skipped and counted).
+   bad lines skipped and counted.
 2. **Sample with a bound.** If the window holds more than ``FULL_READ_FACTOR`` x n
    lines, ``n`` of them are drawn uniformly *with replacement* (by line index, so
    long and short lines are equally likely) and only those are parsed. Drawn lines
@@ -29,8 +29,8 @@ Kolmogorov-Smirnov statistic is a sup-distance between CDFs, the triangle inequa
 gives, per feature, |KS(reference, sample) - KS(reference, whole window)| <= eps with
 probability >= 1 - alpha. Default eps = 0.02, alpha = 0.01: n = 6,623 rows, whatever
 the window size. The same bound holds for the share of each predicted class (the
-class CDF), so each class share is within 2 eps. ``tests/test_monitor.py`` checks
-the rate empirically.
+class CDF), so each class share is within 2 eps. ``tests/monitor/test_monitor_sampling.py``
+checks the rate empirically.
 
 The sample is seeded from (model version, window), so the same window gives the
 same sample, verdict and report on every run.
@@ -142,9 +142,9 @@ def list_log_files(log_dir: str | Path, since: datetime | None = None, until: da
     hi = parse_utc(until) if until is not None else None
     location = str(log_dir)
     if location.startswith("s3://"):
-        from components.core import storage
+        from components.core import blobs
 
-        listed = storage.Storage().list_modified(location.rstrip("/") + "/")
+        listed = blobs.Storage().list_modified(location.rstrip("/") + "/")
         uris = [u for u, modified in listed
                 if u.endswith(".jsonl") and _may_overlap(u.rsplit("/", 1)[-1], lo, hi, max_file_age_s, modified)]
         cache = Path(cache_dir) if cache_dir else Path(os.environ.get("TMPDIR", "/tmp")) / (
@@ -153,7 +153,7 @@ def list_log_files(log_dir: str | Path, since: datetime | None = None, until: da
         for uri in uris:
             local = cache / uri[len(location.rstrip("/")) + 1:].replace("/", "__")
             if not local.is_file():
-                storage.get_file(uri, local)
+                blobs.get_file(uri, local)
             files.append(local)
         return sorted(files)
     path = Path(location)

@@ -33,35 +33,24 @@ def pretrain_component(
 
     from components.core.checkpoint import checkpoint_location, step_checkpoint_dir
     from components.core.cost import log_metrics, measure
-    from components.pretrain.pretrain import current_namespace, default_nproc_per_node, pretrain, pretrain_multinode
+    from components.pretrain.multinode import current_namespace, pretrain_multinode
+    from components.pretrain.pretrain import default_nproc_per_node, pretrain
 
-    seed = cfg.data.seed
-    cfg = cfg.pretrain
     os.makedirs(encoder.path, exist_ok=True)
     log = lambda line: print(line, flush=True)  # noqa: E731
     with measure() as cost:
-        if cfg.num_nodes > 1:
-            flags = {"objective": cfg.objective, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                     "learning_rate": cfg.learning_rate, "temperature": cfg.temperature, "width": cfg.width,
-                     "embed_dim": cfg.embed_dim, "seed": seed, "arch": cfg.arch, "depth": cfg.depth,
-                     "compile": cfg.compile, "checkpoint_every_steps": cfg.checkpoint_every_steps,
-                     "checkpoint_every_epochs": cfg.checkpoint_every_epochs}
-            summary = pretrain_multinode(
-                dataset.path, encoder.path, run_uri=encoder.uri, exchange_uri=cfg.exchange_uri,
-                num_nodes=cfg.num_nodes, gpus_per_node=cfg.gpus_per_node, image=trainjob_image,
-                namespace=current_namespace(), s3_secret_name=trainjob_s3_key_source, flags=flags, log=log)
+        if cfg.pretrain.num_nodes > 1:
+            summary = pretrain_multinode(dataset.path, encoder.path, cfg, run_uri=encoder.uri, image=trainjob_image,
+                                         namespace=current_namespace(), s3_secret_name=trainjob_s3_key_source,
+                                         log=log)
         else:
-            ckpt = step_checkpoint_dir("pretrain", encoder.uri, cfg.checkpoint_root)
-            summary = pretrain(dataset.path, encoder.path, objective=cfg.objective, epochs=cfg.epochs,
-                               batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                               temperature=cfg.temperature, width=cfg.width, embed_dim=cfg.embed_dim, seed=seed,
-                               log=log, arch=cfg.arch, depth=cfg.depth, compile=cfg.compile, checkpoint_dir=ckpt,
-                               checkpoint_every_steps=cfg.checkpoint_every_steps,
-                               checkpoint_every_epochs=cfg.checkpoint_every_epochs,
+            ckpt = step_checkpoint_dir("pretrain", encoder.uri, cfg.pretrain.checkpoint_root)
+            summary = pretrain(dataset.path, encoder.path, cfg, log, checkpoint_dir=ckpt,
                                nproc_per_node=default_nproc_per_node())
             local_ckpt, _ = checkpoint_location(ckpt)
             shutil.rmtree(local_ckpt, ignore_errors=True)  # done: a later retry has nothing to resume
-    encoder.metadata.update({"objective": cfg.objective, "arch": summary["arch"], "final_loss": summary["final_loss"]})
+    encoder.metadata.update({"objective": cfg.pretrain.objective, "arch": summary["arch"],
+                             "final_loss": summary["final_loss"]})
     log_metrics(metrics, {
         "pretrain_first_loss": summary["first_loss"],
         "pretrain_final_loss": summary["final_loss"],

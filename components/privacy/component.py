@@ -33,15 +33,11 @@ def privacy_component(
     """
     from components.core.cost import measure
     from components.core.gates import publish_verdict
-    from components.privacy.privacy import privacy_check, privacy_metrics, render_privacy_report
+    from components.privacy.privacy import privacy_check, privacy_metrics
+    from components.privacy.report import render_privacy_report
 
-    gates = cfg.gates
     print(f"privacy: membership-inference audit, leakage and DP check of {model.path}", flush=True)
     with measure() as cost:
-        result = privacy_check(dataset.path, model.path, max_mia_auc=gates.max_mia_auc, seed=cfg.data.seed,
-                               max_dp_epsilon=gates.max_dp_epsilon, max_leaks=gates.max_leaks,
-                               near_duplicate_distance=gates.near_duplicate_distance,
-                               reference_models=gates.mia_reference_models, override=gates.override,
-                               override_reason=gates.override_reason)
+        result = privacy_check(dataset.path, model.path, cfg)
     return publish_verdict("privacy", result, privacy_metrics(result), cost.as_metrics(), metrics, report.path,
                            render_privacy_report(result))

@@ -33,20 +33,13 @@ def robustness_component(
     """
     from components.core.cost import measure
     from components.core.gates import publish_verdict
-    from components.robustness.robustness import render_robustness_report, robustness_check, robustness_metrics
+    from components.robustness.report import render_robustness_report
+    from components.robustness.robustness import robustness_check, robustness_metrics
 
     g = cfg.gates
     print(f"robustness: noise sigma {g.noise_sigma}, FGSM epsilon {g.fgsm_epsilon}, PGD epsilon {g.pgd_epsilon} "
           f"x {g.pgd_steps} steps, corruptions 1-{g.corruption_severities} on {model.path}", flush=True)
     with measure() as cost:
-        result = robustness_check(
-            dataset.path, model.path,
-            noise_sigma=g.noise_sigma, fgsm_epsilon=g.fgsm_epsilon,
-            min_noise_accuracy=g.min_noise_accuracy, min_fgsm_accuracy=g.min_fgsm_accuracy, seed=cfg.data.seed,
-            pgd_epsilon=g.pgd_epsilon, pgd_steps=g.pgd_steps, pgd_step_size=g.pgd_step_size,
-            pgd_random_start=g.pgd_random_start, min_pgd_accuracy=g.min_pgd_accuracy,
-            corruption_severities=g.corruption_severities, min_corruption_accuracy=g.min_corruption_accuracy,
-            max_corruption_drop=g.max_corruption_drop, override=g.override, override_reason=g.override_reason,
-        )
+        result = robustness_check(dataset.path, model.path, cfg)
     return publish_verdict("robustness", result, robustness_metrics(result), cost.as_metrics(), metrics, report.path,
                            render_robustness_report(result))

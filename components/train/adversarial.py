@@ -151,7 +151,7 @@ class RobustTraining:
         return self(forward, x, y, g), y
 
     def customize(self, parts):
-        """A ``customize`` hook for ``components.train.training.finetune_classifier``."""
+        """A ``customize`` hook for ``components.train.loops.finetune_classifier``."""
         parts.batch_transform = self.batch_transform
         return parts
 

@@ -12,11 +12,11 @@ model's ``metadata.json`` (``dp``) and the step's metrics, and the privacy gate
 checks it against ``gates.max_dp_epsilon``.
 
 What trains under DP is a recipe choice (``trainable``), because noise grows with
-the number of noised parameters and digits has only ~800 training images:
+the number of noised parameters and digits has few training images:
 
 * ``normalization`` (default): the GroupNorm scales/shifts of the whole encoder, its
   projection and the head — few parameters, yet every layer can adapt
-  (measured best on digits, see ``benchmarks/dp_overhead.py``);
+  (``benchmarks/dp_overhead.py`` compares the choices on digits);
 * ``projection``: the projection and the head; ``head``: a linear probe; ``all``: every weight.
 
 Before DP training starts, the embedding is standardised (``standardize``): the mean
@@ -25,12 +25,11 @@ validation split, never the train split — are folded into the projection layer
 the head starts on zero-mean, unit-variance features (Tramer & Boneh 2021: DP
 learning needs well-conditioned features). The model keeps its architecture, and
 since no train image is touched this costs no privacy of the train split, like model
-selection on the validation split. On digits at epsilon 8 it lifted a DP linear probe
-(``head``, earlier encoder) from 0.945 to 0.955 test accuracy, and the default recipe
-a little: 0.961 (lr 0.5, raw embedding) -> 0.967 on seeds 0-2 (0.962 over seeds 0-5).
+selection on the validation split. It lifts the test accuracy of a DP linear probe
+(``head``) clearly and that of the default recipe a little.
 
 This module does not fork the training loop: ``DPFinetune`` is a ``customize``
-hook for ``components.train.training.finetune_classifier`` that swaps in the per-sample
+hook for ``components.train.loops.finetune_classifier`` that swaps in the per-sample
 gradient model (``GradSampleModule``), the noisy optimizer (``DPOptimizer``), the
 Poisson batches and a fresh schedule. Validation-based model selection (early
 stopping on the validation split) is post-processing with respect to the train
@@ -69,7 +68,7 @@ class DPSettings:
     learning_rate: float = 0.25  # SGD with momentum 0.9
     trainable: str = "normalization"
     epochs: int = 30  # the noise is calibrated for this many epochs
-    accountant: str = "rdp"  # Renyi DP (Mironov 2017): fast; "prv" (Gopi et al. 2021) is tighter but ~3x slower
+    accountant: str = "rdp"  # Renyi DP (Mironov 2017): fast; "prv" (Gopi et al. 2021) is tighter but slower
     augment: bool = False  # the fine-tune augmentation policy inside DP training (per-example, so allowed)
     standardize: bool = True  # standardise the embedding with the reference (validation) images' statistics
 
@@ -257,7 +256,8 @@ class DPFinetune:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
-        from components.train.training import NO_AUGMENTATION, make_scheduler
+        from components.train.augment import NO_AUGMENTATION
+        from components.train.loops import make_scheduler
 
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
