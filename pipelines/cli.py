@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from components.core.localfiles import atomic_write_json
 from pipelines import config as config_mod
 from pipelines.cluster.connection import ClusterError, Connection, resolve_connection
 from pipelines.cluster.schedules import DEFAULT_SCHEDULE_NAME
@@ -124,8 +125,6 @@ def _user() -> str:
 
 def _record_served_run(home: Path, run_id: str, override: dict | None) -> None:
     """Which run the server serves, and an override if there was one (state.json, plus the override log)."""
-    from components.core.localfiles import atomic_write_json
-
     state_file = home / "state.json"
     state = json.loads(state_file.read_text())
     state.update({"run_id": run_id, "override": override})
@@ -254,9 +253,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             exit_code = 1
     if (out_dir / RETRAIN_MARKER).is_file():  # part of this window's verdict, on every rerun
         verdict["retrain"] = json.loads((out_dir / RETRAIN_MARKER).read_text())
-        tmp = out_dir / f".{VERDICT_FILE}.tmp"
-        tmp.write_text(json.dumps(_findings(verdict), indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(out_dir / VERDICT_FILE)
+        atomic_write_json(out_dir / VERDICT_FILE, _findings(verdict), default=str)
     if remote:
         blobs.put_dir(out_dir, target)
         verdict.update({k: f"{target}/{Path(verdict[k]).name}" for k in VERDICT_FILES})

@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 import yaml
 
+from components.core import names
+
 LOCAL, CLUSTER = "local", "cluster"
 TARGETS = (LOCAL, CLUSTER)
 
@@ -238,17 +240,17 @@ class ClusterConfig:
     image_pull_policy: str = knob("IfNotPresent", "imagePullPolicy of every step: IfNotPresent (pinned tag or digest), Always (a moving tag) or Never.", choices=("IfNotPresent", "Always", "Never"))
     run_as_user: int = knob(10001, "UID every step container runs as (non-root; the image's 'mlops' user).", ge=1)
     run_as_group: int = knob(10001, "GID every step container runs as.", ge=1)
-    s3_secret_name: str = knob("kfp-mlops-s3", "Secret whose S3 keys become env vars of the steps that touch storage (ingest, pretrain, evaluate, deploy, monitor); empty for workload identity.")
+    s3_secret_name: str = knob(names.PIPELINE_S3_SECRET, "Secret whose S3 keys become env vars of the steps that touch storage (ingest, pretrain, evaluate, deploy, monitor); empty for workload identity.")
     s3_access_key_id_key: str = knob("AWS_ACCESS_KEY_ID", "Key in that Secret holding the access key id (env AWS_ACCESS_KEY_ID).")
     s3_secret_access_key_key: str = knob("AWS_SECRET_ACCESS_KEY", "Key in that Secret holding the secret access key (env AWS_SECRET_ACCESS_KEY).")
-    storage_config_map: str = knob("kfp-mlops-storage", "ConfigMap with the non-secret storage settings (S3_ENDPOINT_URL, AWS_REGION, S3_ADDRESSING_STYLE, AWS_MAX_ATTEMPTS, KFP_MLOPS_MODEL_STORE) for the same steps; empty to skip.")
+    storage_config_map: str = knob(names.STORAGE_CONFIG_MAP, "ConfigMap with the non-secret storage settings (S3_ENDPOINT_URL, AWS_REGION, S3_ADDRESSING_STYLE, AWS_MAX_ATTEMPTS, KFP_MLOPS_MODEL_STORE) for the same steps; empty to skip.")
     step_overrides: str = knob("", "Per-step pod settings over the built-in defaults, 'step.setting=value' comma-separated (e.g. 'pretrain.timeout_s=43200,finetune.memory_limit=16Gi'); settings: cpu_request, cpu_limit, memory_request, memory_limit, timeout_s, retries.")
     retry_backoff_s: int = knob(30, "Seconds before the first retry of a failed retryable step (ingest, pretrain, finetune, evaluate, privacy, robustness).", ge=0)
     retry_backoff_factor: float = knob(2.0, "Each further retry waits this many times longer.", ge=1.0)
     retry_backoff_max_s: int = knob(3600, "Upper bound on the retry backoff (KFP backoff_max_duration).", ge=0)
     kfp_host: str = knob("", "Kubeflow Pipelines API URL for mlops submit/schedule (e.g. http://localhost:8888 after kubectl port-forward); empty = the in-cluster service when run in a pod.")
     namespace: str = knob("kfp-mlops", "Namespace (KFP profile) of experiments, runs and schedules on multi-user KFP; ignored by single-user KFP.")
-    service_account: str = knob("kfp-mlops-pipeline", "ServiceAccount the run's pods use; set on the run at submit, not per task.")
+    service_account: str = knob(names.PIPELINE_SERVICE_ACCOUNT, "ServiceAccount the run's pods use; set on the run at submit, not per task.")
     experiment: str = knob("kfp-mlops", "KFP experiment runs and schedules go into (created if missing).")
     pipeline_name: str = knob("kfp-mlops", "Name the pipeline is uploaded under; a changed compile becomes a new version of it.")
 

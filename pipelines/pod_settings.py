@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 from kfp import kubernetes
 
+from components.core.names import (
+    INFERENCE_CLIENT_LABEL,
+    SERVING_SOURCE_TOKEN_MOUNT,
+    SERVING_SOURCE_TOKEN_SECRET,
+    STORAGE_CONFIG_ENV,
+)
 from pipelines.config import ClusterConfig
 
-# The pipeline's own token for the serving pods' auth proxy (manifests/base/serving-deployment.yaml):
-# accepted like a client token, and its requests may say they are synthetic (X-Request-Source).
-SERVING_SOURCE_TOKEN_SECRET = "kfp-mlops-serving-source-token"
-SERVING_SOURCE_TOKEN_MOUNT = "/var/run/secrets/kfp-mlops/serving-source-token"
 # Steps that call the serving Service on a cluster: they get that token and the label the serving NetworkPolicy admits.
 INFERENCE_CLIENT_STEPS = ("deploy", "monitor")
 NEVER_CACHED = ("deploy", "monitor")  # they act on the world (a server, live traffic)
@@ -32,9 +34,6 @@ RETRYABLE_STEPS = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "rob
 # exchange, the model store and its champion, request logs). The others only use KFP artifacts, which
 # KFP's launcher moves with its own credentials, so they get no S3 keys at all.
 STORAGE_STEPS = ("ingest", "pretrain", "evaluate", "deploy", "monitor")
-# Env var (what components/core/s3_client.py and boto3 read) -> key in the storage ConfigMap
-# (manifests/base/storage-configmap.yaml uses the same names).
-STORAGE_CONFIG_ENV = ("S3_ENDPOINT_URL", "AWS_REGION", "S3_ADDRESSING_STYLE", "AWS_MAX_ATTEMPTS", "KFP_MLOPS_MODEL_STORE")
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ def apply_cluster_settings(task, step: str, cluster: ClusterConfig, settings: St
         # The pipeline's own token (its requests may say they are synthetic) and the serving NetworkPolicy's label.
         kubernetes.use_secret_as_volume(task, secret_name=SERVING_SOURCE_TOKEN_SECRET,
                                         mount_path=SERVING_SOURCE_TOKEN_MOUNT, optional=True)
-        kubernetes.add_pod_label(task, "kfp-mlops.io/inference-client", "true")
+        kubernetes.add_pod_label(task, INFERENCE_CLIENT_LABEL, "true")
 
 
 def place_on_gpu(task, cluster: ClusterConfig) -> None:

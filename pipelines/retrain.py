@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from components.core.localfiles import atomic_write_json
 from pipelines.config import Config, load, to_dict
 
 RETRAIN_MARKER = "retrain.json"  # next to verdict.json: the retrain of this window, and why
@@ -87,9 +88,7 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, default=str)
 
 
 def retrain_on_drift(verdict: dict[str, Any], cfg: Config, result_dir: str | Path, *, runs_dir: str | Path = "runs",

@@ -65,6 +65,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from components.core import names
 from serving.http_framing import (
     READ_SIZE,
     FramingError,
@@ -136,7 +137,7 @@ class ClientTokens:
     """The accepted tokens: one per non-empty line of a file mounted from a Secret."""
 
     def __init__(self, path: str | Path, check_every_s: float = 1.0, what: str = "client token file",
-                 secret: str = "kfp-mlops-serving-token"):
+                 secret: str = names.SERVING_TOKEN_SECRET):
         self._file = _Watched(path, check_every_s)
         self._what, self._secret = what, secret
         self._digests = self._read()  # fail at start when the file is missing or weak
@@ -260,7 +261,7 @@ class AuthProxyServer:
         self.upstream_host, self.upstream_port = upstream.hostname, upstream.port or 80
         self.tokens = ClientTokens(config.token_file)
         self.source_tokens = None if config.source_token_file is None else ClientTokens(
-            config.source_token_file, what="source token file", secret="kfp-mlops-serving-source-token")
+            config.source_token_file, what="source token file", secret=names.SERVING_SOURCE_TOKEN_SECRET)
         self.pod_key = PodKey(config.key_file)
         self.max_connections = _connections_within_open_files(config.max_connections)
         self.socket = socket.create_server(listen, backlog=128, reuse_port=False)
@@ -494,7 +495,8 @@ class AuthProxyServer:
                 return source
         why = "missing" if not header else "invalid"
         raise _Reply(401, f"{why} bearer token: send 'Authorization: Bearer <token>' with a token from the "
-                          "Secret kfp-mlops-serving-token", {"WWW-Authenticate": 'Bearer realm="kfp-mlops"'}, close=close)
+                          f"Secret {names.SERVING_TOKEN_SECRET}", {"WWW-Authenticate": 'Bearer realm="kfp-mlops"'},
+                     close=close)
 
     @staticmethod
     def _request_source(request: Request, may_tag: bool, close: bool) -> str | None:
@@ -555,8 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving.auth_proxy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", type=_host_port, default=("0.0.0.0", 8080), help="HOST:PORT to serve clients on")
     parser.add_argument("--upstream", default="http://127.0.0.1:8079", help="TorchServe's inference API (loopback)")
-    parser.add_argument("--key-file", default="/var/run/torchserve/key_file.json", help="TorchServe's key_file.json")
-    parser.add_argument("--token-file", default="/etc/kfp-mlops/serving-token/token",
+    parser.add_argument("--key-file", default=names.TORCHSERVE_KEY_FILE, help="TorchServe's key_file.json")
+    parser.add_argument("--token-file", default=names.PROXY_TOKEN_FILE,
                         help="accepted client tokens, one per line (a mounted Secret)")
     parser.add_argument("--source-token-file", default=None,
                         help="tokens that are accepted and may also set X-Request-Source (the pipeline's smoke test "

@@ -55,6 +55,9 @@ from typing import Callable
 
 import numpy as np
 
+from components.core.names import REQUEST_LOG_MAX_AGE_ENV as MAX_AGE_ENV
+from components.core.names import REQUEST_LOG_MAX_BYTES_ENV as MAX_BYTES_ENV
+from components.core.names import REQUEST_LOG_QUEUE_ENV as QUEUE_ENV
 from serving.request_spool import (
     REQUEST_LOG_ENV,
     SPOOL_ENV,
@@ -67,9 +70,6 @@ from serving.request_spool import (
 
 logger = logging.getLogger(__name__)
 
-MAX_BYTES_ENV = "KFP_MLOPS_REQUEST_LOG_MAX_BYTES"
-MAX_AGE_ENV = "KFP_MLOPS_REQUEST_LOG_MAX_AGE_S"
-QUEUE_ENV = "KFP_MLOPS_REQUEST_LOG_QUEUE"
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 # A file reaches s3:// when it is closed: the rotation age bounds what a lost pod can take with it, and how

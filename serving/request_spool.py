@@ -33,12 +33,12 @@ import threading
 import time
 from pathlib import Path
 
+from components.core.names import REQUEST_LOG_ENV
+from components.core.names import REQUEST_LOG_SPOOL_ENV as SPOOL_ENV
 from serving.processes import pid_alive
 
 logger = logging.getLogger("serving.request_log")  # one logger for the whole request log
 
-REQUEST_LOG_ENV = "KFP_MLOPS_REQUEST_LOG_DIR"  # a local directory or an s3:// prefix; unset = no request log
-SPOOL_ENV = "KFP_MLOPS_REQUEST_LOG_SPOOL"  # where s3:// logs are written before upload (default: the temp dir)
 
 DEFAULT_DRAIN_TIMEOUT_S = 40.0
 MAX_SPOOLED_FILES = 200  # s3 destination unreachable for long: keep this many closed files, drop the oldest

@@ -1280,3 +1280,30 @@ def test_the_pipelines_model_store_is_where_the_serving_pods_fetch_from():
                  if c["name"] == "fetch-model")
     env = {e["name"]: e.get("value") for e in fetch["env"]}
     assert storage["KFP_MLOPS_MODEL_STORE"] == env["KFP_MLOPS_MODEL_URI"]
+
+
+def test_the_names_the_code_uses_are_the_names_in_the_manifests():
+    """components/core/names.py holds every name the code shares with the YAML; here they meet."""
+    from components.core import names
+
+    assert find("base", "Deployment", names.SERVING_DEPLOYMENT) and find("base", "Service", names.SERVING_DEPLOYMENT)
+    assert find("base", "ServiceAccount", names.PIPELINE_SERVICE_ACCOUNT)
+    storage = find("base", "ConfigMap", names.STORAGE_CONFIG_MAP)["data"]
+    assert set(names.STORAGE_CONFIG_ENV) | {names.REFERENCE_ENV, names.REQUEST_LOG_ENV} <= set(storage)
+    spec = pod_spec(find("base", "Deployment", names.SERVING_DEPLOYMENT))
+    by_name = {c["name"]: c for c in containers(spec)}
+    fetch_env = {e["name"] for e in by_name["fetch-model"]["env"]}
+    assert {names.MODEL_URI_ENV, names.MODEL_VERSION_ENV} <= fetch_env
+    assert names.REQUEST_LOG_SPOOL_ENV in {e["name"] for e in by_name["torchserve"]["env"]}
+    proxy = by_name["auth-proxy"]
+    args = proxy["command"] + proxy.get("args", [])
+    flag = lambda name: args[args.index(name) + 1]  # noqa: E731
+    assert flag("--token-file") == names.PROXY_TOKEN_FILE
+    assert flag("--source-token-file") == names.PROXY_SOURCE_TOKEN_FILE
+    assert flag("--key-file") == names.TORCHSERVE_KEY_FILE
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    mounts = {m["mountPath"]: secrets.get(m["name"]) for m in proxy["volumeMounts"]}
+    assert mounts[names.PROXY_TOKEN_FILE.rsplit("/", 1)[0]] == names.SERVING_TOKEN_SECRET
+    assert mounts[names.PROXY_SOURCE_TOKEN_FILE.rsplit("/", 1)[0]] == names.SERVING_SOURCE_TOKEN_SECRET
+    policy = find("base", "NetworkPolicy", "kfp-mlops-serving")
+    assert names.INFERENCE_CLIENT_LABEL in yaml.safe_dump(policy)

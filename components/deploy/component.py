@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
+from components.core.names import SERVING_SOURCE_TOKEN_FILE
 from components.core.settings import Settings
 
 
@@ -19,7 +20,7 @@ def deploy_component(
     namespace: str = "",
     serving_image: str = "",
     run_id: str = "",
-    pipeline_auth_file: str = "/var/run/secrets/kfp-mlops/serving-source-token/token",
+    pipeline_auth_file: str = SERVING_SOURCE_TOKEN_FILE,
 ) -> str:
     """Serve the released model (a local TorchServe, or the cluster's serving Deployment) and smoke-test it.
 

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from components.core.models import METADATA_FILE, WEIGHTS_FILE
+from components.core.names import MODEL_STORE_ENV
 
 DISABLED = "none"
 SERVING = "serving"  # the model the local serving home serves
 STORE = "store"  # the latest release in the model store
-MODEL_STORE_ENV = "KFP_MLOPS_MODEL_STORE"  # the cluster's model store (kfp-mlops-storage ConfigMap)
 STATE_FILE = "state.json"  # as serving.server.STATE_FILE; read here without importing the server
 MODEL_STORE = "model-store"
 POINTER_FILE = "latest"  # as components.core.releases.POINTER_NAME

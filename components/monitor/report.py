@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from components.core.localfiles import atomic_write_json, atomic_write_text
 from components.monitor.sampling import parse_utc
 from components.monitor.verdict import STATUSES
 
@@ -29,16 +28,10 @@ def write_outputs(out_dir: str | Path, verdict: dict[str, Any], snapshot, seed: 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"report_html": out / REPORT_FILE, "verdict_json": out / VERDICT_FILE, "metrics_prom": out / METRICS_FILE}
     page = report_html(snapshot, verdict, seed) if snapshot is not None else verdict_html(verdict)
-    _atomic_write_text(paths["report_html"], page)
-    _atomic_write_text(paths["verdict_json"], json.dumps(verdict, indent=2, sort_keys=True, default=str) + "\n")
-    _atomic_write_text(paths["metrics_prom"], prometheus_metrics(verdict))
+    atomic_write_text(paths["report_html"], page)
+    atomic_write_json(paths["verdict_json"], verdict, default=str)
+    atomic_write_text(paths["metrics_prom"], prometheus_metrics(verdict))
     return paths
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------

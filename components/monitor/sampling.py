@@ -52,6 +52,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from components.core.names import REQUEST_LOG_MAX_AGE_ENV as MAX_AGE_ENV
+
 DEFAULT_EPSILON = 0.02  # sup-distance between the sample's and the window's CDF, per feature
 DEFAULT_ALPHA = 0.01  # probability that the bound is exceeded
 FULL_READ_FACTOR = 4  # windows of at most 4n lines are read whole: sampling would repeat rows
@@ -68,7 +70,6 @@ LOG_FILE_NAME = re.compile(r"requests-.+-\d+-(?P<stamp>\d{8}T\d{6}Z)-\d+\.jsonl"
 # than FILE_SPAN_SLACK before the window, or started FILE_START_SLACK after its end, cannot hold its
 # requests: not read, nor downloaded. Without a modification time, the writer's rotation age bounds
 # the file's span (serving.request_log_max_age_s, $KFP_MLOPS_REQUEST_LOG_MAX_AGE_S; default 1 h).
-MAX_AGE_ENV = "KFP_MLOPS_REQUEST_LOG_MAX_AGE_S"
 FILE_SPAN_SLACK = timedelta(minutes=10)
 FILE_START_SLACK = timedelta(minutes=10)
 _CHUNK = 1 << 24  # newline scan in 16 MiB chunks: cache-friendly, bounded temporary memory

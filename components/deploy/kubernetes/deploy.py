@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+from components.core.names import MODEL_STORE_ENV, REQUEST_LOG_ENV
+
+# The pipeline's own bearer token for the pods' auth proxy: accepted like a client token, and its
+# requests may set X-Request-Source (the smoke test's are marked as such in the request log).
+from components.core.names import SERVING_SOURCE_TOKEN_FILE as TOKEN_FILE
+from components.core.names import SERVING_SOURCE_TOKEN_SECRET as TOKEN_SECRET
 from components.deploy.checks import SmokeTest, archive_settings, model_version_of
 from components.deploy.kubernetes.api import KubernetesApi, api_error, api_exception_type
 from components.deploy.kubernetes.release import (
@@ -35,12 +41,6 @@ from components.deploy.kubernetes.release import (
 )
 from components.deploy.kubernetes.rollout import previous_release, wait_for_rollout
 
-REQUEST_LOG_ENV = "KFP_MLOPS_REQUEST_LOG_DIR"
-MODEL_STORE_ENV = "KFP_MLOPS_MODEL_STORE"  # the storage ConfigMap's model store, in the step's environment
-# The pipeline's own bearer token for the pods' auth proxy: accepted like a client token, and its
-# requests may set X-Request-Source (the smoke test's are marked as such in the request log).
-TOKEN_SECRET = "kfp-mlops-serving-source-token"
-TOKEN_FILE = "/var/run/secrets/kfp-mlops/serving-source-token/token"  # where the pipeline mounts that Secret
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 

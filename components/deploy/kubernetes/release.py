@@ -12,15 +12,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-DEPLOYMENT_NAME = "kfp-mlops-serving"
+from components.core.names import MODEL_URI_ENV, MODEL_VERSION_ENV, MODEL_VERSION_LABEL, RELEASE_ANNOTATION
+from components.core.names import SERVING_DEPLOYMENT as DEPLOYMENT_NAME
+
 DEFAULT_NAMESPACE = "kfp-mlops"
 FETCH_CONTAINER = "fetch-model"  # the init container that fetches the release
 SERVER_CONTAINER = "torchserve"
-MODEL_URI_ENV = "KFP_MLOPS_MODEL_URI"
-MODEL_VERSION_ENV = "KFP_MLOPS_MODEL_VERSION"  # the release id in the model store
-MODEL_VERSION_LABEL = "kfp-mlops.io/model-version"
 APP_VERSION_LABEL = "app.kubernetes.io/version"
-RELEASE_ANNOTATION = "kfp-mlops.io/model-release"
 CHANGE_CAUSE = "kubernetes.io/change-cause"
 REVISION = "deployment.kubernetes.io/revision"
 UNRELEASED = "unreleased"  # the base manifests' model-version: nothing released yet
