@@ -9,7 +9,7 @@ expire under a long-running pod and take it out of the Service), and asks
 ``/ping`` with it. Exit 0 only when TorchServe says "Healthy" (every model has
 its minimum workers); otherwise print why and exit 1.
 
-Standard library only: it starts in ~50 ms, and a probe must not import torch.
+Standard library only: a probe runs every few seconds and must start fast (no torch).
 
     python scripts/torchserve_probe.py --key-file /home/model-server/key_file.json
 """

@@ -245,7 +245,7 @@ def _newlines(buf: np.ndarray) -> np.ndarray:
 def _gather(buf: np.ndarray, positions: np.ndarray, width: int) -> np.ndarray:
     """``[len(positions), width]`` bytes starting at each position (``positions + width <= len(buf)``).
 
-    Indexing a sliding-window view copies each row in one go: 3x faster than a fancy index of offsets.
+    Indexing a sliding-window view copies each row in one go, faster than a fancy index of offsets.
     """
     return np.lib.stride_tricks.sliding_window_view(buf, width)[positions]
 
