@@ -1,10 +1,11 @@
-"""Fixtures shared by the test files: the real digits split and one torch thread."""
+"""Fixtures shared by the test files: the real digits split, one torch thread, the Docker engine and the images."""
 
 import os
 import time
 import uuid
 from pathlib import Path
 
+import container_support
 import numpy as np
 import pytest
 import torch
@@ -103,7 +104,7 @@ SAMPLE_FILES = {
     "model.safetensors": os.urandom(3000),
     "metadata.json": b'{"class_names": ["0", "1"]}',
     "nested/deeper/empty.bin": b"",
-    "nested/notes \u00e9t\u00e9.txt": "Unicode names survive".encode(),
+    "nested/notes \u00e9t\u00e9.txt": b"Unicode names survive",
 }
 
 
@@ -445,3 +446,31 @@ def gray_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     save_classifier(Classifier(EncoderSpec(width=8, embed_dim=16), 10), out, {"class_names": DIGIT_NAMES, "model_version": "v-gray"})
     return out
+
+
+# ---------------------------------------------------------------- the container tests (tests/container_support.py)
+
+
+@pytest.fixture(scope="session")
+def container_engine():
+    """The Docker engine's client (docker SDK); the test skips, saying how to get one, when none answers."""
+    return container_support.engine_client()
+
+
+@pytest.fixture(scope="session")
+def project_images(container_engine) -> dict:
+    """``{tag: docker Image}`` of the pipeline and the serving image; the test skips when one is missing (`make
+    image` builds them; the tests do not)."""
+    return container_support.local_images(container_engine, container_support.project_image_tags())
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    container_support.fail_instead_of_skip(outcome.get_result(), item.path)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    container_support.fail_instead_of_skip(outcome.get_result(), collector.path)
