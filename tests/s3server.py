@@ -28,18 +28,20 @@ ACCESS_KEY = "testing-access-key"
 SECRET_KEY = "testing-secret-key"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 class MotoServer:
-    """``python -m moto.server`` as a subprocess on a free loopback port."""
+    """``python -m moto.server`` as a subprocess on a free loopback port (or on ``host``: e.g. the gateway of the
+    local pods' network, for containers to reach)."""
 
-    def __init__(self, port: int | None = None, startup_timeout_s: float = 60):
-        self.port = port or free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+    def __init__(self, port: int | None = None, startup_timeout_s: float = 60, host: str = "127.0.0.1"):
+        self.host = host
+        self.port = port or free_port(host)
+        self.endpoint = f"http://{host}:{self.port}"
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen | None = None
         self._log = None
@@ -50,7 +52,7 @@ class MotoServer:
         # The request log goes to a file: an unread pipe fills up and blocks the server.
         self._log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.monotonic() + self.startup_timeout_s
