@@ -5,6 +5,7 @@ Examples:
     mlops run --config examples/quick.yaml --pretrain-epochs 5
     mlops serve status                              # the local endpoint (start, stop: the same way)
     mlops monitor --last 1h                         # drift of the last whole hour of served traffic
+    mlops releases show 3f2a9c                      # a released model's lineage: run, data, gates, drift, retrain
     mlops compile -o pipeline.yaml --cluster-image registry.example.com/kfp-mlops:0.1.0
     mlops submit --host http://localhost:8888 --wait
     mlops schedule --cron "0 3 * * *" --host http://localhost:8888
@@ -15,12 +16,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 from pathlib import Path
 
 from components.core.localfiles import atomic_write_json
 from pipelines import config as config_mod
+from pipelines import releases as releases_mod
 from pipelines.cluster.connection import ClusterError, Connection, resolve_connection
 from pipelines.cluster.schedules import DEFAULT_SCHEDULE_NAME
 
@@ -35,10 +36,15 @@ def _load_config(args: argparse.Namespace, target: str = config_mod.LOCAL) -> co
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from components.deploy.pods import PodError
     from pipelines.local import run_local
 
-    summary = run_local(_load_config(args), runs_dir=args.runs_dir, run_id=args.run_id,
-                        serve_after=args.serve_after, verbose=args.verbose)
+    try:
+        summary = run_local(_load_config(args), runs_dir=args.runs_dir, run_id=args.run_id,
+                            serve_after=args.serve_after, verbose=args.verbose, runner=args.runner)
+    except PodError as exc:  # --runner docker without an engine, images or manifests: nothing ran
+        print(f"mlops run: {exc}", file=sys.stderr)
+        return 1
     return 0 if summary["status"] == "succeeded" else (3 if summary["status"] == "blocked" else 1)
 
 
@@ -53,15 +59,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.server import LocalTorchServe, curl_example
+    from components.deploy.containers import served_from
+    from serving.server import curl_example
 
     cfg = _load_config(args)
     home = Path(cfg.serving.home).resolve()
     if args.action == "stop":
-        LocalTorchServe(home).stop()
+        served_from(home).stop()  # the local processes, or the serving containers of mlops run --runner docker
         return 0
     if args.action == "status":
-        status = LocalTorchServe(home).status()
+        status = served_from(home).status()
         if args.json:
             print(json.dumps(status, indent=2))
         elif not status["running"]:
@@ -92,8 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"mlops serve start: {problem}, so its model was not released. To serve it anyway, say who "
                   "accepts the risk and why: --gates-override --gates-override-reason '...'", file=sys.stderr)
             return 3
-        override = {"reason": cfg.gates.override_reason, "problem": problem, "by": _user(),
-                    "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        override = {"reason": cfg.gates.override_reason, "problem": problem}
     artifacts = summary["artifacts"]
     s = cfg.serving
     try:
@@ -101,37 +107,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError) as err:  # port taken, server died at startup, smoke test failed
         print(f"mlops serve start: {err}", file=sys.stderr)
         return 1
-    _record_served_run(home, summary["run_id"], override)
+    released = _record_served_run(cfg, home, summary["run_id"], record, override)
     if override:
-        print(f"WARNING: serving a model its gates did not release ({problem}); override recorded in "
-              f"{home / 'state.json'} and {home / OVERRIDE_LOG}: {override['reason']}")
+        print(f"WARNING: serving a model its gates did not release ({problem}); override recorded by "
+              f"{released.actor} in the release ledger {released_ledger(cfg)} (released {released.id}): "
+              f"{override['reason']}")
     print(f"Serving the model of run {summary['run_id']} at {record['endpoint']} (token in "
           f"{record['token_file']}). 'mlops serve status' checks it, 'mlops serve stop' stops it.")
     print(f"  try: {curl_example(record)}")
     return 0
 
 
-OVERRIDE_LOG = "overrides.jsonl"  # one line per model served despite its gates, in the serving home
+def released_ledger(cfg: config_mod.Config) -> str:
+    from components.core.ledger import location
+
+    return location(cfg.serving)
 
 
-def _user() -> str:
-    import getpass
+def _record_served_run(cfg: config_mod.Config, home: Path, run_id: str, record: dict, override: dict | None):
+    """The model served by hand, in the release ledger: a ``released`` record (parent: the run's gated record; an
+    override with its reason and who gave it), pointed to by the serving state."""
+    from components.core.ledger import Ledger
+    from components.deploy.ledger import record_release
+    from pipelines.release_actions import note_served
 
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.getuid()}"
-
-
-def _record_served_run(home: Path, run_id: str, override: dict | None) -> None:
-    """Which run the server serves, and an override if there was one (state.json, plus the override log)."""
-    state_file = home / "state.json"
-    state = json.loads(state_file.read_text())
-    state.update({"run_id": run_id, "override": override})
-    atomic_write_json(state_file, state)
-    if override:
-        with open(home / OVERRIDE_LOG, "a") as log:
-            log.write(json.dumps({"run_id": run_id, "model_version": state.get("model_version"), **override}) + "\n")
+    ledger = Ledger(released_ledger(cfg))
+    version = record["model_version"]
+    gated = ledger.latest("gated", run_id=run_id, model_version=version)
+    released, _ = record_release(ledger, record, model_name=cfg.serving.model_name, model_version=version,
+                                 target="local", gated_record=gated.id if gated else "", run_id=run_id,
+                                 reason="mlops serve start", **({"override": override} if override else {}))
+    note_served(home, ledger, released)
+    return released
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:
@@ -241,6 +248,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                       model_version=model_version, model_reference_csv=model_reference,
                       log_file_max_age_s=cfg.serving.request_log_max_age_s)
     exit_code = 2 if verdict.get("alert", verdict.get("drift_detected")) else 0
+    if not _record_drift(cfg, verdict, target, _monitor_served(cfg)):
+        exit_code = 1
     if args.retrain_on_drift and verdict["drift_detected"]:
         from pipelines.retrain import retrain_on_drift
 
@@ -253,6 +262,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             exit_code = 1
     if (out_dir / RETRAIN_MARKER).is_file():  # part of this window's verdict, on every rerun
         verdict["retrain"] = json.loads((out_dir / RETRAIN_MARKER).read_text())
+    if "retrain" in verdict or "ledger_record" in verdict:
         atomic_write_json(out_dir / VERDICT_FILE, _findings(verdict), default=str)
     if remote:
         blobs.put_dir(out_dir, target)
@@ -266,6 +276,32 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         if verdict.get("retrain"):
             print(f"Retraining: {verdict['retrain'].get('target')} run {verdict['retrain'].get('run_id')}")
     return exit_code
+
+
+def _monitor_served(cfg: config_mod.Config) -> dict:
+    state_file = Path(cfg.serving.home).resolve() / "state.json"
+    return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
+def _record_drift(cfg: config_mod.Config, verdict: dict, target: str, served: dict) -> bool:
+    """The window's drift record in the release ledger (parent: the served model's released record); the verdict
+    gets its id (``ledger_record``). False, with the reason on stderr, when it could not be recorded."""
+    from components.core.blobs import StorageError
+    from components.core.ledger import Ledger, LedgerError
+    from components.monitor.ledger import record_drift
+    from components.monitor.report import REPORT_FILE, VERDICT_FILE
+
+    try:
+        ledger = Ledger(served.get("ledger") or released_ledger(cfg))
+        drift = record_drift(ledger, verdict, released_record=served.get("released_record", "")
+                             if served.get("model_version") == verdict.get("model_version") else "",
+                             report=f"{target}/{Path(verdict.get('report_html') or REPORT_FILE).name}",
+                             verdict_uri=f"{target}/{VERDICT_FILE}")
+    except (LedgerError, StorageError, OSError) as exc:
+        print(f"mlops monitor: the verdict was not recorded in the release ledger: {exc}", file=sys.stderr)
+        return False
+    verdict.update(ledger=ledger.base, ledger_record=drift.id)
+    return True
 
 
 def _add_cluster_args(parser: argparse.ArgumentParser) -> None:
@@ -347,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, config_mod.PARAMETER_AREAS)
     p.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     p.add_argument("--run-id", help="name of the run directory (default: a timestamp)")
+    p.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                   help="how the steps run: 'subprocess' (default: processes of this Python, this checkout's code) "
+                        "or 'docker' (containers of cluster.image, served from containers of cluster.serving_image "
+                        "as the manifests' serving Deployment; needs a Docker engine and 'make image')")
     p.add_argument("--serve-after", default=True, action=argparse.BooleanOptionalAction,
                    help="keep TorchServe running after the run (default); --no-serve-after stops it")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -437,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs of this schedule at once, 1-10 (default: 1: a slow run delays the next)")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_schedule)
+
+    releases_mod.add_parser(sub)
     return parser
 
 

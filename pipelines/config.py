@@ -206,6 +206,7 @@ class ServingConfig:
     deploy_target: str = knob("local", "Where deploy serves the model: 'local' (TorchServe on this machine) or 'kubernetes' (rolls out the serving Deployment from manifests/, with rollback).", choices=("local", "kubernetes"), cluster="kubernetes")
     model_store_uri: str = knob("", "Model store the serving pods fetch releases from (s3:// prefix); empty = the cluster's KFP_MLOPS_MODEL_STORE (kfp-mlops-storage ConfigMap), else where the serving Deployment's init container fetches from.")
     rollout_timeout_s: int = knob(900, "Kubernetes deploy: seconds to wait for the new pods before rolling back.", ge=1)
+    ledger_uri: str = knob("", "The release ledger (what was trained, gated, released, rolled back, seen drifting): a directory or an s3:// prefix; empty = KFP_MLOPS_LEDGER (kfp-mlops-storage ConfigMap on a cluster), else <home>/ledger.")
 
     def problems(self, target: str) -> list[str]:
         out = []
@@ -215,6 +216,23 @@ class ServingConfig:
         if target == LOCAL and len(set(ports)) != len(ports):
             out.append(f"serving: inference_port, management_port and metrics_port must differ, got {ports}")
         return out
+
+
+@dataclass
+class RolloutConfig:
+    """How a new model (the challenger) replaces the one in production (the champion): at once, or after live
+    evidence from mirrored (shadow) or split (canary) traffic. The first release is always 'replace'."""
+
+    strategy: str = knob("replace", "'replace' (serve the new model at once), 'shadow' (it gets a mirrored copy of a share of live requests; only the champion answers; answers compared) or 'canary' (it answers a share of live requests).", choices=("replace", "shadow", "canary"))
+    share: float = knob(0.1, "Share of live requests the challenger gets (mirrored or answered).", gt=0.0, le=1.0)
+    min_requests: int = knob(200, "Requests the challenger must have seen before a decision (a criterion that fails decides earlier).", ge=1)
+    max_wait_s: float = knob(600.0, "Seconds to wait for min_requests; then on_deadline decides.", gt=0.0)
+    max_error_rate_increase: float = knob(0.01, "Challenger error rate (5xx and failed predictions) may exceed the champion's by at most this.", ge=0.0, le=1.0)
+    max_p99_ratio: float = knob(1.5, "Challenger p99 latency may be at most this multiple of the champion's.", gt=0.0)
+    min_agreement: float = knob(0.98, "Shadow: share of mirrored requests on which the challenger predicts the champion's class, at least.", **PROBABILITY)
+    max_confidence_drift_p: float = knob(0.01, "The challenger's confidence distribution is judged drifted from its model reference when the monitor's test gives a p-value below this.", gt=0.0, lt=1.0)
+    on_deadline: str = knob("rollback", "What happens when max_wait_s passes without min_requests: 'rollback' (the champion stays) or 'promote'.", choices=("rollback", "promote"))
+    replay: bool = knob(True, "Local runs: when no live traffic arrives, replay the test split as traffic so the rollout gets its evidence.", local_only=True)
 
 
 @dataclass
@@ -229,7 +247,8 @@ class MonitorConfig:
 class ClusterConfig:
     """Compile-time settings: where the steps run on Kubernetes. Not run parameters."""
 
-    image: str = knob("ghcr.io/kfp-mlops/kfp-mlops:0.1.0", "Container image every step runs in (built from the root Dockerfile).")
+    image: str = knob("ghcr.io/kfp-mlops/kfp-mlops:0.1.0", "Container image every step runs in (the Dockerfile's pipeline target, make image).")
+    serving_image: str = knob("ghcr.io/kfp-mlops/kfp-mlops-serving:0.1.0", "Container image the deploy step sets on the serving Deployment (the Dockerfile's serving target, make image).")
     gpu_accelerator: str = knob("nvidia.com/gpu", "Accelerator resource the pretrain step requests.")
     gpu_limit: int = knob(1, "Number of accelerators the pretrain step requests.", ge=0)
     gpu_node_selector_key: str = knob("nvidia.com/gpu.present", "Node label that selects GPU nodes for pretrain; empty to skip.")
@@ -240,12 +259,12 @@ class ClusterConfig:
     image_pull_policy: str = knob("IfNotPresent", "imagePullPolicy of every step: IfNotPresent (pinned tag or digest), Always (a moving tag) or Never.", choices=("IfNotPresent", "Always", "Never"))
     run_as_user: int = knob(10001, "UID every step container runs as (non-root; the image's 'mlops' user).", ge=1)
     run_as_group: int = knob(10001, "GID every step container runs as.", ge=1)
-    s3_secret_name: str = knob(names.PIPELINE_S3_SECRET, "Secret whose S3 keys become env vars of the steps that touch storage (ingest, pretrain, evaluate, deploy, monitor); empty for workload identity.")
+    s3_secret_name: str = knob(names.PIPELINE_S3_SECRET, "Secret whose S3 keys become env vars of the steps that touch storage (ingest, pretrain, evaluate, record, deploy, monitor); empty for workload identity.")
     s3_access_key_id_key: str = knob("AWS_ACCESS_KEY_ID", "Key in that Secret holding the access key id (env AWS_ACCESS_KEY_ID).")
     s3_secret_access_key_key: str = knob("AWS_SECRET_ACCESS_KEY", "Key in that Secret holding the secret access key (env AWS_SECRET_ACCESS_KEY).")
-    storage_config_map: str = knob(names.STORAGE_CONFIG_MAP, "ConfigMap with the non-secret storage settings (S3_ENDPOINT_URL, AWS_REGION, S3_ADDRESSING_STYLE, AWS_MAX_ATTEMPTS, KFP_MLOPS_MODEL_STORE) for the same steps; empty to skip.")
+    storage_config_map: str = knob(names.STORAGE_CONFIG_MAP, "ConfigMap with the non-secret storage settings (S3_ENDPOINT_URL, AWS_REGION, S3_ADDRESSING_STYLE, AWS_MAX_ATTEMPTS, KFP_MLOPS_MODEL_STORE, KFP_MLOPS_LEDGER) for the same steps; empty to skip.")
     step_overrides: str = knob("", "Per-step pod settings over the built-in defaults, 'step.setting=value' comma-separated (e.g. 'pretrain.timeout_s=43200,finetune.memory_limit=16Gi'); settings: cpu_request, cpu_limit, memory_request, memory_limit, timeout_s, retries.")
-    retry_backoff_s: int = knob(30, "Seconds before the first retry of a failed retryable step (ingest, pretrain, finetune, evaluate, privacy, robustness).", ge=0)
+    retry_backoff_s: int = knob(30, "Seconds before the first retry of a failed retryable step (ingest, pretrain, finetune, evaluate, privacy, robustness, record).", ge=0)
     retry_backoff_factor: float = knob(2.0, "Each further retry waits this many times longer.", ge=1.0)
     retry_backoff_max_s: int = knob(3600, "Upper bound on the retry backoff (KFP backoff_max_duration).", ge=0)
     kfp_host: str = knob("", "Kubeflow Pipelines API URL for mlops submit/schedule (e.g. http://localhost:8888 after kubectl port-forward); empty = the in-cluster service when run in a pod.")
@@ -262,12 +281,13 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     gates: GateConfig = field(default_factory=GateConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # Areas whose fields become pipeline run parameters (cluster is compile-time only).
-PARAMETER_AREAS = ("data", "pretrain", "finetune", "gates", "serving", "monitor")
+PARAMETER_AREAS = ("data", "pretrain", "finetune", "gates", "serving", "rollout", "monitor")
 
 
 class ConfigError(ValueError):

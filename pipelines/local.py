@@ -1,21 +1,29 @@
 """Run the whole pipeline on one machine with ``kfp.local`` and write ``summary.json``.
 
-The embedded default: no cluster, CPU, local files. Every step runs as a
-subprocess of this Python (``SubprocessRunner(use_venv=False)``), exactly the
-component code a cluster runs. Afterwards the task outputs under
-``runs/<run-id>/kfp`` are read back into one summary a person (and CI) can read.
+The embedded default: no cluster, CPU, local files. Two runners (``mlops run --runner``):
+
+* ``subprocess`` (the default): every step is a subprocess of this Python
+  (``SubprocessRunner(use_venv=False)``), running this checkout's code.
+* ``docker``: every step is a container of the pipeline image (``cluster.image``, ``make image``), through
+  ``kfp.local.DockerRunner``, as on a cluster; the deploy step serves from containers of the serving image
+  (``components.deploy.containers``). See ``DockerSteps`` for how the containers run.
+
+Afterwards the task outputs under ``runs/<run-id>/kfp`` are read back into one summary a person (and CI) can
+read, with the runner, each step's image and how long kfp.local took for each step around the step's own time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import inspect
 import io
 import json
 import os
 import re
 import shutil
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,8 +33,12 @@ from components.core.localfiles import atomic_write_json
 from pipelines.config import LOCAL, Config, to_dict
 
 SUMMARY_FILE = "summary.json"
+SUBPROCESS, DOCKER = "subprocess", "docker"
+RUNNERS = (SUBPROCESS, DOCKER)
+# The serving Deployment the docker runner serves from: rendered with kubectl kustomize when deploy runs.
+SERVING_MANIFESTS = Path(__file__).resolve().parent.parent / "manifests" / "overlays" / "dev"
 SETTINGS_PREFIX = "[settings] "  # the line each step prints with its settings (pipelines/kfp_steps.py)
-STEP_NAMES = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "deploy", "monitor")
+STEP_NAMES = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "record", "deploy", "monitor")
 GATES = {"evaluate": "evaluation", "privacy": "privacy", "robustness": "robustness"}
 # Artifact outputs that are reports a person opens: (step, output name) -> (report name, file suffix).
 # KFP stores each artifact as a bare file; the run directory gets a copy with a suffix a browser understands.
@@ -43,38 +55,55 @@ REPORTS = {
 class ConsoleFilter(io.TextIOBase):
     """Stand-in for stdout during a run: everything goes to the run's log file, and the console
     gets the step transitions plus everything the steps themselves print (progress, verdicts,
-    errors), without kfp.local's executor-input and output dumps."""
+    errors), without kfp.local's executor-input and output dumps (``verbose``: everything).
+    ``task_seconds`` collects how long kfp.local took for each task, start to finish."""
 
     _KFP_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - (INFO|WARNING|ERROR) - (.*)$")
     _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    _TASK_START = re.compile(r"Executing task '([^']+)'")
+    _TASK_END = re.compile(r"Task '([^']+)' finished with status")
 
-    def __init__(self, log_file, console):
-        self.log_file, self.console = log_file, console
+    def __init__(self, log_file, console, verbose: bool = False):
+        self.log_file, self.console, self.verbose = log_file, console, verbose
         # "block": kfp's task-output listing, until its next line; "json-start"/"json": the executor
         # input, a json.dumps(indent=4) object whose closing brace is the only unindented "}" line.
         self.buffer_, self.skipping = "", False
+        self.task_seconds: dict[str, float] = {}
+        self._task_started: dict[str, float] = {}
+        self._lock = threading.Lock()  # the serving broker prints from its own thread
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self.log_file.write(text)
-        self.buffer_ += text
-        *lines, self.buffer_ = self.buffer_.split("\n")
-        for line in lines:
-            shown = self.filter(self._ANSI.sub("", line))
-            if shown is not None:
-                self.console.write(shown + "\n")
+        with self._lock:
+            self.log_file.write(text)
+            self.buffer_ += text
+            *lines, self.buffer_ = self.buffer_.split("\n")
+            for line in lines:
+                shown = self.filter(self._ANSI.sub("", line))
+                if self.verbose:
+                    self.console.write(line + "\n")
+                elif shown is not None:
+                    self.console.write(shown + "\n")
         return len(text)
 
     def flush(self) -> None:
         self.log_file.flush()
         self.console.flush()
 
+    def _time_task(self, message: str) -> None:
+        started, ended = self._TASK_START.search(message), self._TASK_END.search(message)
+        if started:
+            self._task_started[started.group(1)] = time.monotonic()
+        elif ended and ended.group(1) in self._task_started:
+            self.task_seconds[ended.group(1)] = time.monotonic() - self._task_started.pop(ended.group(1))
+
     def filter(self, line: str) -> str | None:
         match = self._KFP_LINE.match(line)
         if match:
             level, message = match.groups()
+            self._time_task(message)
             self.skipping = "block" if " outputs:" in message else False
             if "Executing task" in message:
                 return f"[{time.strftime('%H:%M:%S')}] {message.replace('Executing task', 'step')}"
@@ -97,6 +126,8 @@ class ConsoleFilter(io.TextIOBase):
             return None
         if body.startswith(SETTINGS_PREFIX):  # what the step ran with: in the log, too long for the console
             return None
+        if body.startswith("Found image '"):  # DockerRunner's, once per step; the summary names the image
+            return None
         if body.startswith("[KFP Executor"):
             if "Got executor_input:" in body:
                 self.skipping = "json-start"
@@ -109,60 +140,242 @@ def new_run_id() -> str:
 
 
 def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = None, serve_after: bool = True,
-              quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
+              quiet: bool = False, verbose: bool = False, runner: str = SUBPROCESS,
+              manifests: str | Path = SERVING_MANIFESTS) -> dict[str, Any]:
     """Run every step through kfp.local; return (and write) the run summary.
 
     The full kfp.local log goes to ``runs/<run-id>/pipeline.log``; the console shows the
-    steps and their own output (``verbose`` shows everything).
+    steps and their own output (``verbose`` shows everything). ``runner``: ``subprocess``
+    (steps are subprocesses of this Python) or ``docker`` (steps are containers of
+    ``cfg.cluster.image``; deploy serves from the serving Deployment of ``manifests``, a
+    kustomize directory, as containers of ``cfg.cluster.serving_image``).
     """
     from kfp import local
 
     from pipelines.pipeline import build_pipeline, run_parameters
 
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     run_id = run_id or new_run_id()
     run_dir = (Path(runs_dir) / run_id).resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run directory {run_dir} already exists; pick another --run-id")
+    serving_home = Path(cfg.serving.home).resolve()  # steps run in subprocesses or containers
+    ledger_uri = cfg.serving.ledger_uri  # a relative directory, too, means the same place to every step
+    ledger_uri = str(Path(ledger_uri).resolve()) if ledger_uri and "://" not in ledger_uri else ledger_uri
+    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, home=str(serving_home),
+                                                               ledger_uri=ledger_uri))
+    docker = DockerSteps(cfg, run_id, manifests).check() if runner == DOCKER else None  # before anything is written
     pipeline_root = run_dir / "kfp"
     pipeline_root.mkdir(parents=True)
     atomic_write_json(run_dir / "config.json", to_dict(cfg))
-    serving_home = Path(cfg.serving.home).resolve()  # steps run in subprocesses
-    params = run_parameters(dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, home=str(serving_home))),
-                            LOCAL)
+    params = run_parameters(cfg, LOCAL)
 
-    print(f"kfp-mlops run {run_id}: artifacts under {run_dir}", flush=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=False)
-    started = time.time()
-    pipeline = build_pipeline(cfg.cluster, target=LOCAL)
-    env_before = os.environ.get("DO_NOT_TRACK")
+    print(f"kfp-mlops run {run_id} ({runner} runner): artifacts under {run_dir}", flush=True)
+    from components.core.ledger import RUN_ID_ENV
+
+    env_before = {name: os.environ.get(name) for name in ("DO_NOT_TRACK", RUN_ID_ENV)}
     os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently telemetry off in every step
+    os.environ[RUN_ID_ENV] = run_id  # the record step names the run in the ledger by it
     log_path = run_dir / "pipeline.log"
     stdout = sys.stdout
     with open(log_path, "w") as log_file, warnings.catch_warnings():
         # kfp.local says, rightly, that pod resources and GPU requests do nothing on one machine.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*You may be attemping to run a task that uses.*")
-        if not verbose:
-            sys.stdout = ConsoleFilter(log_file, stdout)
+        console = sys.stdout = ConsoleFilter(log_file, stdout, verbose=verbose)
         try:
-            pipeline(**params)
+            if docker is not None:
+                with docker.started(pipeline_root) as (kfp_runner, image):
+                    local.init(runner=kfp_runner, pipeline_root=str(pipeline_root), raise_on_error=False)
+                    started = time.time()
+                    build_pipeline(dataclasses.replace(cfg.cluster, image=image), target=LOCAL)(**params)
+            else:
+                local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+                           raise_on_error=False)
+                started = time.time()
+                build_pipeline(cfg.cluster, target=LOCAL)(**params)
         finally:
             sys.stdout = stdout
-            if env_before is None:
-                os.environ.pop("DO_NOT_TRACK", None)
-    summary = collect_summary(run_id, run_dir, pipeline_root, time.time() - started)
+            for name, value in env_before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    summary = collect_summary(run_id, run_dir, pipeline_root, time.time() - started, runner=runner,
+                              image=docker.image if docker else None, task_seconds=console.task_seconds)
     summary["log"] = str(log_path)
     atomic_write_json(run_dir / SUMMARY_FILE, summary)
     if not serve_after and summary["steps"]["deploy"]["status"] == "succeeded":
-        from serving.server import LocalTorchServe
+        from components.deploy.containers import served_from
 
-        LocalTorchServe(serving_home).stop()
+        served_from(serving_home).stop()
         summary["serving"] = "stopped (--no-serve-after)"
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
     if not quiet:
         print(format_summary(summary), flush=True)
     return summary
+
+
+# Host variables a step container gets (the S3 settings and keys components/core/s3_client.py reads, the model
+# store), as a cluster's steps get them from the storage ConfigMap and Secret. Not those naming files of
+# this machine, which the containers do not have.
+STEP_ENV_PREFIXES = ("S3_", "AWS_")
+STEP_ENV_NAMES = ("KFP_MLOPS_MODEL_STORE", "KFP_MLOPS_REFERENCE")
+STEP_ENV_EXCLUDED = ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE")
+PINNED_REPOSITORY = "kfp-mlops-run/pipeline"  # a run's own tag of the pipeline image, removed after the run
+
+
+def step_code_digest(packages: tuple[str, ...] = ("components", "serving")) -> str:
+    """sha256 over the Python files of the packages the steps import (paths and bytes), found beside the
+    ``components`` package Python imports. Runs here and, by its source, inside the pipeline image: equal
+    digests mean the steps run this checkout's code."""
+    import hashlib
+    import importlib
+    import pathlib
+
+    digest = hashlib.sha256()
+    top = pathlib.Path(importlib.import_module("components").__file__).parent.parent
+    for name in packages:
+        root = top / name
+        for path in sorted(root.rglob("*.py")):
+            if "__pycache__" not in path.parts:
+                digest.update(f"{name}/{path.relative_to(root).as_posix()}\n".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class DockerSteps:
+    """What ``--runner docker`` sets up around a run.
+
+    * The pipeline image (``cluster.image``) is pinned: its id is read before the run, tagged for the run
+      (``kfp-mlops-run/pipeline:<run-id>``) and the steps are built on that tag, so every step runs the image
+      the summary names, even if ``make image`` retags it meanwhile. Its step code must be this checkout's
+      (``step_code_digest``), else the run stops before it starts: rebuild with ``make image``.
+    * The steps run as this user's uid:gid, or as ``cluster.run_as_user``/``run_as_group`` when this is root
+      (the run's pipeline root is handed to them; ``containers.local_identity``), HOME=/tmp, all capabilities dropped, no privilege
+      escalation; on the host's network, so the endpoint and an S3 server on loopback are the same address
+      inside and out. kfp.local bind-mounts the pipeline root at its own path; the serving home (and the
+      request-log directory) are mounted read-only at theirs, so the paths in records and state files mean
+      the same files everywhere. No host code is mounted: the steps import the image's installed package.
+    * The serving broker (``components.deploy.broker``) runs in this process: the deploy step asks it to
+      serve, this process starts the serving containers (``components.deploy.containers.serve_release``).
+    """
+
+    def __init__(self, cfg: Config, run_id: str, manifests: str | Path):
+        self.cfg, self.run_id, self.manifests = cfg, run_id, Path(manifests)
+        self.home = Path(cfg.serving.home)
+        self.image: dict[str, Any] = {}
+
+    def check(self) -> DockerSteps:
+        """Fail now, with what to do, if the engine, the images or the manifests are not there."""
+        from components.deploy.containers import local_identity, request_log_dir_of
+        from components.deploy.pods import PodError, docker_client
+
+        self.client = docker_client()
+        pipeline_image = self.image_on_engine(self.cfg.cluster.image)
+        self.image_on_engine(self.cfg.cluster.serving_image)  # the deploy step will need it
+        self.image = {"image": self.cfg.cluster.image, "image_id": pipeline_image.id,
+                      "image_repo_digests": pipeline_image.attrs.get("RepoDigests") or []}
+        uid, gid = local_identity()
+        self.uid, self.gid = (self.cfg.cluster.run_as_user, self.cfg.cluster.run_as_group) if uid is None else (uid, gid)
+        if not self.uid:
+            raise PodError("the steps would run as root: set cluster.run_as_user to a non-root uid")
+        if not (self.manifests / "kustomization.yaml").is_file():
+            raise FileNotFoundError(f"no kustomization.yaml in {self.manifests}: the docker runner serves the "
+                                    "serving Deployment of the manifests (run from a checkout of kfp-mlops)")
+        request_log_dir_of(self.cfg.serving, self.home)  # an s3:// request log cannot work here: say so now
+        ours, theirs = step_code_digest(), self.image_code_digest(pipeline_image.id)
+        if ours != theirs:
+            raise PodError(f"the pipeline image {self.cfg.cluster.image} ({pipeline_image.short_id}) holds other step "
+                           f"code than this checkout (digest {theirs[:12]} there, {ours[:12]} here): rebuild it with "
+                           "'make image', so that the steps run the code you see")
+        return self
+
+    def image_on_engine(self, image: str):
+        from components.deploy.pods import PodError
+
+        try:
+            return self.client.images.get(image)
+        except Exception:  # noqa: BLE001 - docker.errors.ImageNotFound and the engine's other refusals
+            raise PodError(f"image {image} is not on the Docker engine and a local run never pulls: build it with "
+                           "'make image' (or tag yours with that name)") from None
+
+    def image_code_digest(self, image: str) -> str:
+        script = inspect.getsource(step_code_digest) + "\nprint(step_code_digest())\n"
+        output = self.client.containers.run(image, ["python", "-c", script], remove=True, network_mode="none",
+                                            user=f"{self.uid}:{self.gid}", environment={"HOME": "/tmp"})
+        return output.decode().strip().splitlines()[-1]
+
+    def environment(self, broker_socket: Path) -> dict[str, str]:
+        from components.core import ledger
+        from components.core.names import LEDGER_ENV
+        from components.deploy.broker import SOCKET_ENV
+
+        passed = {k: v for k, v in os.environ.items()
+                  if (k.startswith(STEP_ENV_PREFIXES) or k in STEP_ENV_NAMES) and k not in STEP_ENV_EXCLUDED}
+        # The ledger where this machine has it (mounted read-write, see mounts), and what the record step names.
+        recorded = {LEDGER_ENV: ledger.location(self.cfg.serving), ledger.RUN_ID_ENV: self.run_id,
+                    ledger.IMAGE_ENV: self.image["image"], ledger.IMAGE_ID_ENV: self.image["image_id"]}
+        return {**passed, **recorded, "HOME": "/tmp", "DO_NOT_TRACK": "1", SOCKET_ENV: str(broker_socket)}
+
+    def mounts(self, broker_dir: Path, request_log_dir: Path) -> list:
+        from docker.types import Mount
+
+        mounts = [Mount(str(self.home), str(self.home), type="bind", read_only=True),
+                  Mount(str(broker_dir), str(broker_dir), type="bind", read_only=True)]
+        if not request_log_dir.is_relative_to(self.home):
+            mounts.append(Mount(str(request_log_dir), str(request_log_dir), type="bind", read_only=True))
+        from components.core.ledger import prepare_directory
+
+        ledger_dir = prepare_directory(self.cfg.serving, (self.uid, self.gid) if os.getuid() == 0 else None)
+        if ledger_dir is not None:  # the record, deploy and monitor steps append to the release ledger there
+            mounts.append(Mount(str(ledger_dir), str(ledger_dir), type="bind", read_only=False))
+        return mounts
+
+    def serve(self, request: dict[str, Any]) -> dict[str, Any]:
+        from components.deploy.containers import serve_release
+
+        return serve_release(request["archive"], request["model_version"], self.cfg.serving, self.home,
+                             overlay=self.manifests, serving_image=self.cfg.cluster.serving_image,
+                             model_dir=request["model_dir"], dataset_dir=request["dataset_dir"], run_id=self.run_id)
+
+    def stop_serving(self) -> dict[str, Any]:
+        from components.deploy.containers import served_from
+
+        return served_from(self.home).stop()
+
+    def started(self, pipeline_root: Path):
+        """A context: (the DockerRunner, the run's tag of the pipeline image) while the broker listens."""
+        import contextlib
+
+        from kfp import local
+
+        from components.deploy.broker import ServingBroker
+        from components.deploy.containers import prepare_home
+        from pipelines.pipeline import GATE_STEPS
+
+        @contextlib.contextmanager
+        def context():
+            if os.getuid() == 0:
+                os.chown(pipeline_root, self.uid, self.gid)  # the steps write their outputs there
+            paths = prepare_home(self.cfg.serving, self.home, self.uid, self.gid)
+            tag = re.sub(r"[^A-Za-z0-9_.-]", "-", self.run_id)[:128].lstrip(".-") or "run"
+            self.client.images.get(self.image["image_id"]).tag(PINNED_REPOSITORY, tag)
+            broker = ServingBroker(pipeline_root, GATE_STEPS, serve=self.serve, stop=self.stop_serving,
+                                   allowed_uid=self.uid, owner=(self.uid, self.gid))
+            try:
+                with broker:
+                    runner = local.DockerRunner(
+                        user=f"{self.uid}:{self.gid}", environment=self.environment(broker.socket_path),
+                        mounts=self.mounts(broker.directory, paths["request_log_dir"]), network_mode="host",
+                        cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
+                        labels={"kfp-mlops.io/run-id": self.run_id})
+                    yield runner, f"{PINNED_REPOSITORY}:{tag}"
+            finally:
+                self.client.images.remove(f"{PINNED_REPOSITORY}:{tag}", noprune=True)
+
+        return context()
 
 
 def _task_outputs(task_dir: Path) -> dict[str, Any] | None:
@@ -178,8 +391,13 @@ def _artifact(outputs: dict[str, Any], name: str) -> dict[str, Any] | None:
     return items[0] if items else None
 
 
-def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: float) -> dict[str, Any]:
-    """Read every task's executor output back into the run summary."""
+def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: float, runner: str = SUBPROCESS,
+                    image: dict[str, Any] | None = None, task_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Read every task's executor output back into the run summary.
+
+    Each step that ran also gets its ``runner``, under ``docker`` the image it ran in (``image``: name,
+    ``image_id``, ``image_repo_digests``), and, from ``task_seconds`` (kfp.local's start to finish of each
+    task), ``task_seconds`` and ``overhead_seconds`` (that minus the step's own ``seconds``)."""
     runs = sorted(p for p in pipeline_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     kfp_run = runs[-1] if runs else pipeline_root
     steps: dict[str, dict[str, Any]] = {}
@@ -201,6 +419,12 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
             failed = failed or step
         else:
             steps[step] = {"status": "skipped", "seconds": None}
+        if steps[step]["status"] != "skipped":
+            steps[step].update({"runner": runner, **(image or {})})
+            if task_seconds and step in task_seconds:
+                steps[step]["task_seconds"] = round(task_seconds[step], 2)
+                if steps[step]["seconds"] is not None:
+                    steps[step]["overhead_seconds"] = round(task_seconds[step] - steps[step]["seconds"], 2)
 
     gates = {}
     for step, gate in GATES.items():
@@ -220,6 +444,7 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
     evaluation = (_artifact(outputs.get("evaluate", {}), "metrics") or {}).get("metadata", {})
     summary: dict[str, Any] = {
         "run_id": run_id,
+        "runner": runner,
         "status": "failed" if failed else ("blocked" if blocked_by else "succeeded"),
         "seconds": round(seconds, 1),
         "steps": steps,
@@ -254,6 +479,8 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
         summary["management_endpoint"] = record.get("management_endpoint")
         summary["token_file"] = record.get("token_file")
         summary["deployment"] = record
+        if record.get("rollout"):  # a shadow or canary rollout decided (components/deploy/rollout)
+            summary["rollout"] = record["rollout"]
     if "drift_verdict" in summary["reports"]:
         verdict = json.loads(Path(summary["reports"]["drift_verdict"]).read_text())
         summary["drift"] = {k: verdict.get(k) for k in ("status", "drift_detected", "drift_share", "drifted_features")}
@@ -272,6 +499,10 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"Test accuracy {m['test_accuracy']:.4f}" + (f", macro-F1 {m['macro_f1']:.4f}" if "macro_f1" in m else ""))
     for gate, g in s.get("gates", {}).items():
         lines.append(f"Gate {gate:<11} {'passed' if g['passed'] else 'BLOCKED'}")
+    if s.get("rollout"):
+        r = s["rollout"]
+        lines.append(f"Rollout {r['strategy']}: {r['decision'].upper()} {r['challenger_version']} (champion "
+                     f"{r['champion_version']}) after {r['seconds_to_decision']} s: {r['reason']}")
     if s.get("drift"):
         d = s["drift"]
         lines.append(f"Drift: {d.get('status')} (drift share {d.get('drift_share')})")
@@ -280,6 +511,8 @@ def format_summary(s: dict[str, Any]) -> str:
         from serving.server import curl_example
 
         lines.append(f"  {curl_example(s)}")
+    if (s.get("deployment") or {}).get("ledger"):
+        lines.append(f"Ledger: {s['deployment']['ledger']}  (mlops releases show {s['deployment']['model_version'][:12]})")
     for name, path in s.get("reports", {}).items():
         lines.append(f"Report {name:<14} {path}")
     if s.get("log"):

@@ -29,8 +29,9 @@ from components.ingest.component import ingest_component
 from components.monitor.component import monitor_component
 from components.pretrain.component import pretrain_component
 from components.privacy.component import privacy_component
+from components.record.component import record_component
 from components.robustness.component import robustness_component
-from pipelines.config import CLUSTER, LOCAL, ClusterConfig, Config, Parameter, parameters
+from pipelines.config import CLUSTER, LOCAL, PARAMETER_AREAS, ClusterConfig, Config, Parameter, parameters
 from pipelines.config import defaults as config_defaults
 from pipelines.kfp_steps import StepInput, kfp_function
 from pipelines.pod_settings import apply_cluster_settings, step_settings
@@ -49,6 +50,7 @@ STEPS: dict[str, Callable[..., Any]] = {
     "evaluate": evaluate_component,
     "privacy": privacy_component,
     "robustness": robustness_component,
+    "record": record_component,
     "deploy": deploy_component,
     "monitor": monitor_component,
 }
@@ -61,7 +63,8 @@ STEP_AREAS: dict[str, tuple[str, ...]] = {
     "evaluate": ("gates", "serving"),
     "privacy": ("data", "gates"),
     "robustness": ("data", "gates"),
-    "deploy": ("serving",),
+    "record": PARAMETER_AREAS,  # the whole run config, recorded with its hash in the ledger
+    "deploy": ("serving", "rollout"),
     "monitor": ("monitor",),
 }
 
@@ -198,13 +201,22 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, target: str = CLUSTE
         model = finetune.outputs["model"]
         gates = {step: configure(c[step](dataset=dataset, model=model, **config(step)), step)
                  for step in GATE_STEPS}
+        # The run's trained and gated records, outside the conditions: a blocked run is recorded too.
+        record = configure(c["record"](
+            model=model, dataset=dataset, **{f"{step}_metrics": task.outputs["metrics"] for step, task in
+                                             (("ingest", ingest), ("pretrain", pretrain), ("finetune", finetune))},
+            **{f"{step}_metrics": gates[step].outputs["metrics"] for step in GATE_STEPS},
+            **{f"passed_{step}": gates[step].outputs["Output"] for step in GATE_STEPS},
+            **config("record"), run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            image=cluster.image if target == CLUSTER else ""), "record")
 
         # Deploy only when every gate passed: nested conditions are KFP's AND.
         with dsl.If(gates["evaluate"].outputs["Output"] == True, name="evaluation-passed"):  # noqa: E712 - KFP condition syntax
             with dsl.If(gates["privacy"].outputs["Output"] == True, name="privacy-passed"):  # noqa: E712
                 with dsl.If(gates["robustness"].outputs["Output"] == True, name="robustness-passed"):  # noqa: E712
                     deploy = configure(c["deploy"](model=model, dataset=dataset, **config("deploy"),
-                                                   namespace=cluster.namespace, serving_image=cluster.image,
+                                                   gated_record=record.outputs["Output"],
+                                                   namespace=cluster.namespace, serving_image=cluster.serving_image,
                                                    run_id=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "deploy")
                     configure(c["monitor"](dataset=dataset, deployment=deploy.outputs["deployment"], model=model,
                                            **config("monitor")), "monitor")

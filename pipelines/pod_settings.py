@@ -25,15 +25,16 @@ from pipelines.config import ClusterConfig
 
 # Steps that call the serving Service on a cluster: they get that token and the label the serving NetworkPolicy admits.
 INFERENCE_CLIENT_STEPS = ("deploy", "monitor")
-NEVER_CACHED = ("deploy", "monitor")  # they act on the world (a server, live traffic)
-# Steps whose rerun gives the same result (they write only their own outputs), so a
-# retry after a lost node or a flaky download is safe. Deploy changes the live
-# endpoint and monitor replays traffic to it: a retry would act twice, so never.
-RETRYABLE_STEPS = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness")
+NEVER_CACHED = ("record", "deploy", "monitor")  # they act on the world (the ledger, a server, live traffic)
+# Steps whose rerun gives the same result (they write only their own outputs; record finds
+# the ledger records it already appended), so a retry after a lost node or a flaky download
+# is safe. Deploy changes the live endpoint and monitor replays traffic to it: a retry
+# would act twice, so never.
+RETRYABLE_STEPS = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "record")
 # Steps that read or write s3:// themselves (sources, the multi-node pretrain
-# exchange, the model store and its champion, request logs). The others only use KFP artifacts, which
-# KFP's launcher moves with its own credentials, so they get no S3 keys at all.
-STORAGE_STEPS = ("ingest", "pretrain", "evaluate", "deploy", "monitor")
+# exchange, the model store and its champion, request logs, the release ledger). The others only use
+# KFP artifacts, which KFP's launcher moves with its own credentials, so they get no S3 keys at all.
+STORAGE_STEPS = ("ingest", "pretrain", "evaluate", "record", "deploy", "monitor")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ STEP_DEFAULTS: dict[str, StepSettings] = {
     "evaluate": StepSettings("1", "2", "2Gi", "4Gi", timeout_s=1800, retries=2),
     "privacy": StepSettings("1", "2", "2Gi", "4Gi", timeout_s=1800, retries=2),
     "robustness": StepSettings("1", "2", "2Gi", "4Gi", timeout_s=3600, retries=2),
+    "record": StepSettings("100m", "500m", "256Mi", "512Mi", timeout_s=600, retries=2),  # a few small writes
     "deploy": StepSettings("500m", "2", "1Gi", "2Gi", timeout_s=1800, retries=0),
     "monitor": StepSettings("1", "2", "2Gi", "4Gi", timeout_s=3600, retries=0),
 }

@@ -14,7 +14,10 @@
 Why it retrained is recorded before anything starts, in ``retrain.json`` next to the
 verdict (the results directory of that model version and window), and copied into the
 verdict as ``retrain``. That file is also the guard against duplicates: a rerun of the
-monitor for the same window finds it and starts nothing.
+monitor for the same window finds it and starts nothing. Once the run has started (before
+it trains), a ``retrain_started`` record goes into the release ledger the verdict names,
+its parent the verdict's ``drift`` record; the run's own ``trained`` record then follows
+from it, so a drift verdict leads forward to the retrain and the release after it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from components.core.localfiles import atomic_write_json
 from pipelines.config import Config, load, to_dict
@@ -47,6 +50,8 @@ def drift_reason(verdict: dict[str, Any]) -> dict[str, Any]:
         "model_version": verdict.get("model_version"),
         "window": verdict.get("window", {}),
         "verdict_json": verdict.get("verdict_json"),
+        "ledger": verdict.get("ledger"),
+        "drift_record": verdict.get("ledger_record"),
     }
 
 
@@ -119,6 +124,14 @@ def retrain_on_drift(verdict: dict[str, Any], cfg: Config, result_dir: str | Pat
         return _read_marker(marker) or {}
     with os.fdopen(fd, "w") as f:
         json.dump({"status": "starting", "target": target, "reason": reason}, f)
+    def started(record: dict[str, Any]) -> None:  # the ledger's retrain_started, before the run trains
+        try:
+            record["ledger_record"] = record_retrain(reason, record).id if reason.get("ledger") else None
+        except Exception as exc:  # the run is started: say what was not recorded, and go on
+            record["ledger_error"] = str(exc)
+            out(f"[retrain] run {record['run_id']} started, but recording it in the ledger {reason['ledger']} "
+                f"failed: {exc}")
+
     try:
         if target == "cluster":
             from pipelines.cluster.runs import start_cluster_run
@@ -126,9 +139,10 @@ def retrain_on_drift(verdict: dict[str, Any], cfg: Config, result_dir: str | Pat
             run_id = start_cluster_run(cfg, host, reason_text(reason), out=out)
             record = {"target": "cluster", "host": host or "in-cluster", "run_id": run_id, "status": "started",
                       "reason": reason}
+            started(record)
         else:
             record = start_local_retrain(cfg, reason, runs_dir, wait=wait, serve_after=serve_after,
-                                         timeout_s=timeout_s)
+                                         timeout_s=timeout_s, on_started=started)
     except BaseException:
         marker.unlink(missing_ok=True)
         raise
@@ -137,9 +151,23 @@ def retrain_on_drift(verdict: dict[str, Any], cfg: Config, result_dir: str | Pat
     return record
 
 
+def record_retrain(reason: dict[str, Any], record: dict[str, Any]):
+    """The ``retrain_started`` record in the ledger the verdict names: which drift record caused it (its parent)
+    and the run it started (``run``: the local run id, or the KFP run id on a cluster)."""
+    from components.core.ledger import Ledger
+
+    drift = reason.get("drift_record")
+    return Ledger(reason["ledger"]).append("retrain_started", {
+        "run": record["run_id"], "target": record["target"], "host": record.get("host"), "drift_record": drift,
+        "model_version": reason.get("model_version"), "window": reason.get("window") or {},
+        "drifted_groups": reason.get("drifted_groups") or []}, parents=[drift] if drift else [])
+
+
 def start_local_retrain(cfg: Config, reason: dict[str, Any], runs_dir: str | Path, *, run_id: str | None = None,
-                        wait: bool = False, serve_after: bool = True, timeout_s: float | None = None) -> dict[str, Any]:
-    """Run the pipeline locally (``python -m pipelines.retrain``) in a background process; optionally wait."""
+                        wait: bool = False, serve_after: bool = True, timeout_s: float | None = None,
+                        on_started: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the pipeline locally (``python -m pipelines.retrain``) in a background process; optionally wait.
+    ``on_started`` gets the record as soon as the process runs (before any waiting)."""
     runs = Path(runs_dir).resolve()
     run_id = run_id or retrain_run_id(reason)
     spec_dir = runs / "retrain"
@@ -155,6 +183,8 @@ def start_local_retrain(cfg: Config, reason: dict[str, Any], runs_dir: str | Pat
                                    start_new_session=True, env={**os.environ, "DO_NOT_TRACK": "1"})
     record: dict[str, Any] = {"target": "local", "run_id": run_id, "run_dir": str(runs / run_id), "pid": process.pid,
                               "log": str(log_path), "status": "started", "reason": reason}
+    if on_started is not None:
+        on_started(record)
     if wait:
         try:
             code = process.wait(timeout=timeout_s)

@@ -11,6 +11,7 @@ Kubernetes pods serve a model with the same settings.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -52,13 +53,14 @@ def model_config_yaml(workers: int = DEFAULT_WORKERS, batch_size: int = DEFAULT_
 def build_mar(model_dir: str | Path, export_dir: str | Path, model_name: str, version: str, *,
               workers: int = DEFAULT_WORKERS, batch_size: int = DEFAULT_BATCH_SIZE,
               max_batch_delay_ms: int = DEFAULT_MAX_BATCH_DELAY_MS,
-              response_timeout_s: int = DEFAULT_RESPONSE_TIMEOUT_S) -> Path:
+              response_timeout_s: int = DEFAULT_RESPONSE_TIMEOUT_S, handler: str | Path = HANDLER_FILE) -> Path:
     """Run torch-model-archiver on ``model_dir`` (model.safetensors + metadata.json); return the .mar path.
 
     ``workers``, ``batch_size`` (requests per batch, at most) and
     ``max_batch_delay_ms`` (how long the frontend waits to fill a batch) go into
     the archive's model config. The archiver of this Python environment is used
-    (``python -m``), not whatever ``torch-model-archiver`` is first on PATH.
+    (``python -m``), not whatever ``torch-model-archiver`` is first on PATH. ``handler`` is the
+    handler module packed (the project's ``serving/handler.py``; the rollout drills pack faulty ones).
     """
     model_yaml = model_config_yaml(workers, batch_size, max_batch_delay_ms, response_timeout_s)
     model_dir, export_dir = Path(model_dir).resolve(), Path(export_dir).resolve()
@@ -78,12 +80,14 @@ def build_mar(model_dir: str | Path, export_dir: str | Path, model_name: str, ve
             "--version", str(version),
             "--serialized-file", str(weights),
             "--extra-files", str(metadata),
-            "--handler", str(HANDLER_FILE),
+            "--handler", str(Path(handler).resolve()),
             "--config-file", str(config_file),
             "--export-path", str(export_dir),
             "--force",
         ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        # The archiver stages the files in <temp dir>/<model name>: a directory of its own, so that two archives
+        # of one model built at once (test workers, a rollout's challenger) cannot mix their files.
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
     mar = export_dir / f"{model_name}.mar"
     if result.returncode != 0 or not mar.is_file():
         raise RuntimeError(

@@ -28,6 +28,9 @@ lets in could call the model. So each serving pod runs this proxy next to TorchS
   frontend decodes forms itself, before the handler, and answers one Netty cannot decode
   (``a=%zz``) with a 500; the handler takes image bytes or JSON only, so no valid request
   is a form.
+* With ``--rollout-file``, a challenger (another auth proxy, in front of another model) gets a share of the
+  predictions, answering them (canary) or as mirrored copies (shadow), and ``GET /rollout`` answers the
+  evidence to a source token (``serving/rollout_router.py``).
 * ``GET /healthz`` answers without a token and says nothing about the model: it is for
   the kubelet's probes of this container (TorchServe has its own readiness probe).
 * Requests are parsed by llhttp with checks of the proxy's own on top
@@ -47,8 +50,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import http.client
 import json
 import re
@@ -60,7 +61,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httptools
@@ -78,8 +78,9 @@ from serving.http_framing import (
     forwardable_fields,
     no_delay,
 )
+from serving.proxy_files import MIN_TOKEN_CHARS, ClientTokens, PodKey  # noqa: F401 - MIN_TOKEN_CHARS: re-exported
+from serving.rollout_router import ROLLOUT_PATH, RolloutRouter, json_response
 
-MIN_TOKEN_CHARS = 16  # a guessable client token would make the whole gate pointless
 # (method, path pattern) pairs that reach TorchServe; everything else is refused here.
 ROUTES = (
     ("GET", re.compile(r"/ping")),
@@ -107,89 +108,6 @@ def is_form_content_type(content_type: str) -> bool:
     return any(form in lowered for form in FORM_CONTENT_TYPES)
 
 
-class _Watched:
-    """A file re-read when its identity (inode, size, mtime) changes, at most once per ``check_every_s``."""
-
-    def __init__(self, path: str | Path, check_every_s: float):
-        self.path, self.check_every_s = Path(path), check_every_s
-        self._stamp: tuple | None = None
-        self._checked_at = 0.0
-        self._lock = threading.Lock()
-
-    def changed(self, force: bool = False) -> bool:
-        now = time.monotonic()
-        if not force and now - self._checked_at < self.check_every_s:
-            return False
-        with self._lock:
-            self._checked_at = now
-            try:
-                st = self.path.stat()  # follows the kubelet's ..data symlink: a swapped Secret is a new inode
-            except OSError:
-                return False  # gone for a moment (a swap in progress): keep what was read
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-            if stamp == self._stamp:
-                return False
-            self._stamp = stamp
-            return True
-
-
-class ClientTokens:
-    """The accepted tokens: one per non-empty line of a file mounted from a Secret."""
-
-    def __init__(self, path: str | Path, check_every_s: float = 1.0, what: str = "client token file",
-                 secret: str = names.SERVING_TOKEN_SECRET):
-        self._file = _Watched(path, check_every_s)
-        self._what, self._secret = what, secret
-        self._digests = self._read()  # fail at start when the file is missing or weak
-        self._file.changed(force=True)
-
-    def _read(self) -> list[bytes]:
-        path, what = self._file.path, self._what
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as err:
-            raise ValueError(f"cannot read the {what} {path}: {err}; mount the Secret "
-                             f"(kubectl create secret generic {self._secret} --from-literal=token=...)") from None
-        tokens = [line.strip() for line in lines if line.strip()]
-        if not tokens:
-            raise ValueError(f"the {what} {path} holds no token (one per line)")
-        weak = [i + 1 for i, t in enumerate(tokens) if len(t) < MIN_TOKEN_CHARS]
-        if weak:
-            raise ValueError(f"token(s) on line(s) {weak} of {path} are shorter than {MIN_TOKEN_CHARS} characters; "
-                             "use e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'")
-        return [hashlib.sha256(t.encode()).digest() for t in tokens]
-
-    def accepts(self, presented: str) -> bool:
-        if self._file.changed():
-            try:
-                self._digests = self._read()
-            except ValueError as err:  # a broken update must not lock everyone out, nor let everyone in
-                print(f"[auth-proxy] keeping the previous tokens: {err}", flush=True)
-        digest = hashlib.sha256(presented.encode()).digest()
-        matched = False
-        for known in self._digests:  # no early exit: the time taken does not tell which line matched
-            matched |= hmac.compare_digest(digest, known)
-        return matched
-
-
-class PodKey:
-    """TorchServe's inference key from its ``key_file.json``, re-read when the file changes."""
-
-    def __init__(self, path: str | Path, check_every_s: float = 1.0):
-        self._file = _Watched(path, check_every_s)
-        self._key: str | None = None
-
-    def get(self, force: bool = False) -> str | None:
-        if self._file.changed(force=force) or self._key is None:
-            try:
-                key = json.loads(self._file.path.read_text())["inference"]["key"]
-                if isinstance(key, str) and re.fullmatch(r"[\x21-\x7e]+", key):  # it goes into a header line
-                    self._key = key
-            except (OSError, ValueError, KeyError, TypeError):
-                pass  # TorchServe not started yet, or writing the file: keep the last key (or None)
-        return self._key
-
-
 @dataclass
 class ProxyConfig:
     upstream: str  # TorchServe's inference API on loopback, e.g. http://127.0.0.1:8079
@@ -202,6 +120,7 @@ class ProxyConfig:
     idle_timeout_s: float = 60.0
     source_token_file: str | None = None  # tokens that may also set X-Request-Source
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # client connections at once; more get a 503
+    rollout_file: str | None = None  # names a challenger (serving/rollout_router.py); None: never one
 
 
 class _Clock:
@@ -263,6 +182,8 @@ class AuthProxyServer:
         self.source_tokens = None if config.source_token_file is None else ClientTokens(
             config.source_token_file, what="source token file", secret=names.SERVING_SOURCE_TOKEN_SECRET)
         self.pod_key = PodKey(config.key_file)
+        self.rollout = None if config.rollout_file is None else RolloutRouter(config.rollout_file,
+                                                                             config.upstream_timeout_s)
         self.max_connections = _connections_within_open_files(config.max_connections)
         self.socket = socket.create_server(listen, backlog=128, reuse_port=False)
         self.server_port = self.socket.getsockname()[1]
@@ -311,6 +232,8 @@ class AuthProxyServer:
         finally:
             watchdog.cancel()
             server.close()  # no new connections
+            if self.rollout is not None:
+                await self.rollout.close()  # mirrored copies still queued are dropped
             deadline = time.monotonic() + self._grace_s
             while any(c.phase not in ("client", "linger") for c in self._clocks) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)  # requests in flight finish; idle connections are not waited for
@@ -450,6 +373,8 @@ class AuthProxyServer:
         # Refuse before reading the body: unauthenticated or oversized requests cost nothing. A refusal
         # with a body unread closes the connection, so the body is never taken for a request.
         may_tag = self._authenticate(request, close=length > 0)
+        if request.path == ROLLOUT_PATH:
+            return self._rollout_evidence(request, may_tag)
         if not any(request.method == method and pattern.fullmatch(request.path) for method, pattern in ROUTES):
             raise _Reply(404, f"{request.method} {request.path[:200]} is not served here: only GET /ping, "
                               "POST /predictions/<model> and POST /explanations/<model>", close=length > 0)
@@ -478,7 +403,30 @@ class AuthProxyServer:
         key = self.pod_key.get()
         if key is None:
             raise _Reply(503, "TorchServe has not written its key file yet (still starting)", {"Retry-After": "5"})
-        return await self._forward(request, fields, body, key, clock)
+        if self.rollout is not None and request.method == "POST" and request.path.startswith("/predictions/"):
+            answer = await self.rollout.answer(request.method, request.target, fields, body,
+                                               lambda: self._forward(request, fields, body, key, clock))
+        else:
+            answer = await self._forward(request, fields, body, key, clock)
+        if may_tag and answer.upstream_ms is not None:  # the pipeline's requests learn TorchServe's own time
+            answer.headers.append(("Server-Timing", f"upstream;dur={answer.upstream_ms:.3f}"))
+            answer.names.append("server-timing")
+        return answer
+
+    def _rollout_evidence(self, request: Request, may_tag: bool) -> Response:
+        """``GET /rollout``: the challenger's evidence, for the pipeline's source token only."""
+        close = request.content_length > 0
+        if request.method != "GET":
+            raise _Reply(405, f"{ROLLOUT_PATH} only answers GET", {"Allow": "GET"}, close=close)
+        if not may_tag:
+            raise _Reply(403, f"{ROLLOUT_PATH} needs the pipeline's source token "
+                              f"(the Secret {names.SERVING_SOURCE_TOKEN_SECRET})", close=close)
+        if self.rollout is None:
+            raise _Reply(404, "this proxy was started without --rollout-file: it routes to no challenger",
+                         close=close)
+        if close:  # never leave a body unread on a kept-alive connection
+            raise _Reply(400, f"GET {ROLLOUT_PATH} takes no body", close=True)
+        return json_response(200, self.rollout.evidence())
 
     def _authenticate(self, request: Request, close: bool) -> bool:
         """Whether the request's token is a source token (may set X-Request-Source); a 401 or 400 when it has none."""
@@ -518,6 +466,7 @@ class AuthProxyServer:
                                   [*fields, ("Authorization", f"Bearer {pod_key}")], body)
 
         clock.waiting("upstream")
+        started = time.perf_counter()
         try:
             answer = await upstream.exchange(encoded(key), timeout_s)
             if answer.status in (400, 401, 403) and b"Token Auth" in answer.body:
@@ -532,6 +481,7 @@ class AuthProxyServer:
                               "the pod is restarting it or it is overloaded") from None
         finally:
             clock.waiting("busy")
+        answer.upstream_ms = (time.perf_counter() - started) * 1000
         return answer
 
     @staticmethod
@@ -571,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cut off a client idle, sending one request, or not reading its answers this long")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help="client connections served at once; one more gets a 503 and is closed")
+    parser.add_argument("--rollout-file", default=None,
+                        help="a JSON file naming a challenger for shadow or canary traffic, re-read when it changes "
+                             "(absent or {} = none; serving/rollout_router.py); GET /rollout then answers the "
+                             "evidence, for a source token")
     return parser
 
 
@@ -579,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ProxyConfig(upstream=args.upstream, key_file=args.key_file, token_file=args.token_file,
                          max_request_bytes=args.max_request_bytes, upstream_timeout_s=args.upstream_timeout_s,
                          idle_timeout_s=args.idle_timeout_s, source_token_file=args.source_token_file,
-                         max_connections=args.max_connections)
+                         max_connections=args.max_connections, rollout_file=args.rollout_file)
     try:
         server = AuthProxyServer(args.listen, config)
     except (ValueError, OSError) as err:

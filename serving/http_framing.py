@@ -267,7 +267,8 @@ class _AfterTheAnswer(Exception):
 class Response:
     """TorchServe's answer to one request."""
 
-    __slots__ = ("status", "raw_headers", "headers", "names", "body_parts", "complete", "http_1_1", "trailing_bytes")
+    __slots__ = ("status", "raw_headers", "headers", "names", "body_parts", "complete", "http_1_1", "trailing_bytes",
+                 "upstream_ms")
 
     def __init__(self):
         self.status = 0
@@ -276,6 +277,7 @@ class Response:
         self.names: list[str] = []  # lower-case, one per header
         self.body_parts: list[bytes] = []
         self.complete = self.http_1_1 = self.trailing_bytes = False
+        self.upstream_ms: float | None = None  # how long the proxy waited for it (set by the proxy)
 
     @property
     def body(self) -> bytes:
@@ -301,6 +303,14 @@ class Response:
 
     def has(self, name: str) -> bool:
         return name in self.names
+
+    def drop(self, name: str) -> list[str]:
+        """Remove every field ``name`` (lower-case); their values."""
+        values = [value for (_, value), n in zip(self.headers, self.names) if n == name]
+        if values:
+            kept = [(header, n) for header, n in zip(self.headers, self.names) if n != name]
+            self.headers, self.names = [h for h, _ in kept], [n for _, n in kept]
+        return values
 
 
 class ResponseStream:

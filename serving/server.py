@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import requests
 
@@ -58,6 +59,8 @@ KEY_FILE = "key_file.json"  # TorchServe writes it into its working directory
 TOKEN_FILE = "token"  # the clients' bearer token, plain text
 SOURCE_TOKEN_FILE = "source-token"  # the pipeline's smoke test and replay: may set X-Request-Source
 STATE_FILE = "state.json"
+ROLLOUT_FILE = "rollout.json"  # the proxy's challenger (serving/rollout_router.py); absent = none
+CHALLENGER_DIR = "challenger"  # the home of a challenger's server during a shadow or canary rollout
 PROXY_MODULE = "serving.auth_proxy"
 PROXY_LOG = "auth_proxy.out"
 # TorchServe's own body limit sits above the proxy's, so only the proxy ever refuses a size: it answers 413
@@ -154,6 +157,7 @@ class LocalTorchServe:
         self.token_file = self.home / TOKEN_FILE
         self.source_token_file = self.home / SOURCE_TOKEN_FILE
         self.state_file = self.home / STATE_FILE
+        self.rollout_file = self.home / ROLLOUT_FILE
         self.request_log_spool = self.home / "request-log-spool"
 
     @property
@@ -290,14 +294,42 @@ class LocalTorchServe:
         mar_path = Path(mar_path).resolve()
         if not mar_path.is_file():
             raise FileNotFoundError(f"model archive {mar_path} not found: build it with serving.archive.build_mar")
-        workers = archive_workers(mar_path) or workers
         chosen = {inference_port, management_port, metrics_port, grpc_inference_port, grpc_management_port}
         torchserve_port, *free = free_ports(3, chosen)
-        grpc_inference_port = grpc_inference_port or free[0]
-        grpc_management_port = grpc_management_port or free[1]
-        self._check_ports(host, {"inference": inference_port, "management": management_port, "metrics": metrics_port,
-                                 "gRPC inference": grpc_inference_port, "gRPC management": grpc_management_port})
+        ports = {"inference": inference_port, "management": management_port, "metrics": metrics_port,
+                 "gRPC inference": grpc_inference_port or free[0], "gRPC management": grpc_management_port or free[1]}
+        self._check_ports(host, ports)
+        self.rollout_file.unlink(missing_ok=True)  # a new server starts without a challenger
+        print(f"[serve] starting TorchServe for model '{model_name}' on {host}:{inference_port} behind the auth proxy "
+              f"(home {self.home})", flush=True)
+        record, env, workers = self._launch(
+            mar_path, model_name, host, ports, torchserve_port, workers, request_log_dir, timeout_s,
+            dict(token_expiration_min=token_expiration_min, netty_threads=netty_threads,
+                 netty_client_threads=netty_client_threads, job_queue_size=job_queue_size, vmargs=vmargs),
+            request_log_max_bytes, request_log_max_age_s, max_request_size, log_config,
+            {"model_version": model_version, "model_dir": model_dir, "dataset_dir": dataset_dir})
+        try:
+            record["proxy_pid"] = self._launch_proxy(env, host, inference_port, torchserve_port, max_request_size)
+            atomic_write_json(self.state_file, record)
+            self._wait_ready(record, workers, timeout_s)
+        except BaseException:
+            self.stop(quiet=True)
+            raise
+        print(f"[serve] TorchServe is up (pid {record['pid']}) behind the auth proxy (pid {record['proxy_pid']}): "
+              f"{record['endpoint']}", flush=True)
+        print(f"[serve] clients send the bearer token in {self.token_file} (owner-only); bodies over "
+              f"{max_request_size} bytes get HTTP 413.", flush=True)
+        print(f"[serve] try:  {curl_example(record)}", flush=True)
+        return record
 
+    def _launch(self, mar_path: Path, model_name: str, host: str, ports: dict[str, int], torchserve_port: int,
+                workers: int, request_log_dir: str | Path | None, timeout_s: float, tuning: dict[str, Any],
+                request_log_max_bytes: int | None, request_log_max_age_s: float | None, max_request_size: int,
+                log_config: str | Path | None, about: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], int]:
+        """Start TorchServe (not the proxy) with the model of ``mar_path``; (the record, written to state.json;
+        the environment; the worker count). ``about``: the model's version and directories for the record, and
+        for a proxy that runs on, its ``proxy_pid`` and ``endpoint``."""
+        workers = archive_workers(mar_path) or workers
         for d in (self.model_store, self.logs):
             d.mkdir(parents=True, exist_ok=True)
         workflow_store = self.home / "workflow-store"
@@ -312,11 +344,12 @@ class LocalTorchServe:
         if stored_mar != mar_path:
             shutil.copy2(mar_path, stored_mar)
         self.config_file.write_text(render_config(
-            self.model_store, f"{model_name}={stored_mar.name}", LOOPBACK, torchserve_port, management_port,
-            metrics_port, grpc_inference_port, grpc_management_port, workers, token_expiration_min,
-            max_request_size=max_request_size + TORCHSERVE_REQUEST_HEADROOM, startup_timeout_s=max(1, int(timeout_s)),
-            netty_threads=netty_threads, netty_client_threads=netty_client_threads, job_queue_size=job_queue_size,
-            vmargs=vmargs,
+            self.model_store, f"{model_name}={stored_mar.name}", LOOPBACK, torchserve_port, ports["management"],
+            ports["metrics"], ports["gRPC inference"], ports["gRPC management"], workers,
+            tuning["token_expiration_min"], max_request_size=max_request_size + TORCHSERVE_REQUEST_HEADROOM,
+            startup_timeout_s=max(1, int(timeout_s)), netty_threads=tuning["netty_threads"],
+            netty_client_threads=tuning["netty_client_threads"], job_queue_size=tuning["job_queue_size"],
+            vmargs=tuning["vmargs"],
         ))
         self.key_file.unlink(missing_ok=True)  # old keys are dead; wait for the new file
         log_dir: str | None = None
@@ -327,48 +360,73 @@ class LocalTorchServe:
             log_dir = str(Path(request_log_dir).resolve())
 
         env = self._environment(temp_dir, log_dir, request_log_max_bytes, request_log_max_age_s)
-        print(f"[serve] starting TorchServe for model '{model_name}' on {host}:{inference_port} behind the auth proxy "
-              f"(home {self.home})", flush=True)
         pid = self._launch_torchserve(env, log_config)
         from components.core.features import MODEL_REFERENCE_FILE  # imports pandas: only once a server starts
 
+        model_dir, dataset_dir = about["model_dir"], about["dataset_dir"]
         model_reference = Path(model_dir).resolve() / MODEL_REFERENCE_FILE if model_dir else None
         record = {
-            "endpoint": f"http://{_url_host(host)}:{inference_port}/predictions/{model_name}",
-            "management_endpoint": f"http://{LOOPBACK}:{management_port}",
-            "metrics_endpoint": f"http://{LOOPBACK}:{metrics_port}/metrics",
+            "endpoint": about.get("endpoint") or
+            f"http://{_url_host(host)}:{ports['inference']}/predictions/{model_name}",
+            "management_endpoint": f"http://{LOOPBACK}:{ports['management']}",
+            "metrics_endpoint": f"http://{LOOPBACK}:{ports['metrics']}/metrics",
             "torchserve_endpoint": f"http://{LOOPBACK}:{torchserve_port}/predictions/{model_name}",
             "token_file": str(self.token_file),
             "source_token_file": str(self.source_token_file),
             "key_file": str(self.key_file),
+            "rollout_file": str(self.rollout_file),
             "max_request_bytes": int(max_request_size),
             "request_log_dir": log_dir,
             "model_name": model_name,
-            "model_version": model_version,
+            "model_version": about["model_version"],
             "model_dir": str(Path(model_dir).resolve()) if model_dir else None,
             "dataset_dir": str(Path(dataset_dir).resolve()) if dataset_dir else None,
             "model_reference": str(model_reference) if model_reference and model_reference.is_file() else None,
             "home": str(self.home),
             "pid": pid,
-            "proxy_pid": None,
-            "grpc_inference_port": grpc_inference_port,
-            "grpc_management_port": grpc_management_port,
+            "proxy_pid": about.get("proxy_pid"),  # replace_model: the proxy that runs on
+            "grpc_inference_port": ports["gRPC inference"],
+            "grpc_management_port": ports["gRPC management"],
             "log": str(self.logs / "torchserve.out"),
             "proxy_log": str(self.logs / PROXY_LOG),
         }
         atomic_write_json(self.state_file, record)  # written now, so stop() can find the pid even if startup fails
-        try:
-            record["proxy_pid"] = self._launch_proxy(env, host, inference_port, torchserve_port, max_request_size)
-            atomic_write_json(self.state_file, record)
-            self._wait_ready(record, workers, timeout_s)
-        except BaseException:
-            self.stop(quiet=True)
-            raise
-        print(f"[serve] TorchServe is up (pid {pid}) behind the auth proxy (pid {record['proxy_pid']}): "
-              f"{record['endpoint']}", flush=True)
-        print(f"[serve] clients send the bearer token in {self.token_file} (owner-only); bodies over "
-              f"{max_request_size} bytes get HTTP 413.", flush=True)
-        print(f"[serve] try:  {curl_example(record)}", flush=True)
+        return record, env, workers
+
+    def replace_model(self, mar_path: str | Path, *, model_version: str | None, model_dir: str | Path | None,
+                      dataset_dir: str | Path | None, timeout_s: float = 120,
+                      request_log_max_bytes: int | None = None, request_log_max_age_s: float | None = None,
+                      ) -> dict[str, Any]:
+        """Serve another model behind the auth proxy that runs: stop this home's TorchServe, start one with
+        ``mar_path`` on the same loopback ports, wait until it is ready. The proxy keeps its port, its clients'
+        connections and its rollout file (so a challenger it routes to can answer while TorchServe restarts);
+        it re-reads the new ``key_file.json`` by itself. Returns the new record (also in state.json)."""
+        state = self._read_state() or {}
+        torchserve, proxy = self._alive(state)
+        if not proxy or not state.get("torchserve_endpoint"):
+            raise RuntimeError(f"no auth proxy runs from {self.home}: start a server first ('mlops serve start')")
+        mar_path = Path(mar_path).resolve()
+        if not mar_path.is_file():
+            raise FileNotFoundError(f"model archive {mar_path} not found: build it with serving.archive.build_mar")
+        endpoint, torchserve_port = urlsplit(state["endpoint"]), urlsplit(state["torchserve_endpoint"]).port
+        ports = {"inference": endpoint.port, "management": urlsplit(state["management_endpoint"]).port,
+                 "metrics": urlsplit(state["metrics_endpoint"]).port,
+                 "gRPC inference": state["grpc_inference_port"], "gRPC management": state["grpc_management_port"]}
+        if torchserve:
+            self._stop_torchserve(state)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # unpacked models and worker sockets, as stop() does
+        print(f"[serve] replacing the model behind the auth proxy of {self.home} with {mar_path.name} "
+              f"(version {model_version})", flush=True)
+        record, _, workers = self._launch(
+            mar_path, state["model_name"], endpoint.hostname, ports, torchserve_port, 1, state.get("request_log_dir"),
+            timeout_s, dict(token_expiration_min=DEFAULT_TOKEN_EXPIRATION_MIN, netty_threads=DEFAULT_NETTY_THREADS,
+                            netty_client_threads=DEFAULT_NETTY_CLIENT_THREADS, job_queue_size=DEFAULT_JOB_QUEUE_SIZE,
+                            vmargs=DEFAULT_VMARGS),
+            request_log_max_bytes, request_log_max_age_s, state.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+            LOG_CONFIG, {"model_version": model_version, "model_dir": model_dir, "dataset_dir": dataset_dir,
+                         "endpoint": state["endpoint"], "proxy_pid": state["proxy_pid"]})
+        self._wait_ready(record, workers, timeout_s)  # raises with the logs; stop() then cleans up
+        print(f"[serve] TorchServe is up again (pid {record['pid']}) with model version {model_version}", flush=True)
         return record
 
     def _stop_leftovers(self) -> None:
@@ -438,7 +496,7 @@ class LocalTorchServe:
         cmd = [sys.executable, "-m", PROXY_MODULE, "--listen", f"{host}:{port}",
                "--upstream", f"http://{LOOPBACK}:{torchserve_port}", "--key-file", str(self.key_file),
                "--token-file", str(self.token_file), "--source-token-file", str(self.source_token_file),
-               "--max-request-bytes", str(int(max_request_size))]
+               "--max-request-bytes", str(int(max_request_size)), "--rollout-file", str(self.rollout_file)]
         with open(self.logs / PROXY_LOG, "ab") as out:
             process = subprocess.Popen(cmd, cwd=self.home, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=subprocess.STDOUT, start_new_session=True)
@@ -478,9 +536,26 @@ class LocalTorchServe:
             f"Auth proxy log {proxy_log}:\n{_tail(proxy_log, 10)}"
         )
 
+    def _stop_torchserve(self, state: dict[str, Any]) -> None:
+        """Drain the request log, then stop TorchServe and its workers (the proxy is not touched)."""
+        pid = state["pid"]
+        if state.get("request_log_dir"):
+            # The frontend kills its workers without a signal: they flush their request log first.
+            drained = drain(state["request_log_dir"], self.request_log_spool)
+            if drained["unanswered"] or drained["left"] or drained["errors"]:
+                print(f"[serve] the request log was not fully flushed ({drained}); spooled files stay in "
+                      f"{self.request_log_spool} and are uploaded by the next server from this home", flush=True)
+        workers = descendants(pid)  # collected first: once the frontend is gone they are orphans
+        terminate([pid], timeout_s=30)
+        terminate([w for w in workers if pid_alive(w)], timeout_s=10)
+
     def stop(self, quiet: bool = False) -> dict[str, Any]:
         """Stop the auth proxy and TorchServe (with its workers) of this home; a no-op (with a message) when
         neither runs. A pid in state.json that now belongs to another process is left alone."""
+        self.rollout_file.unlink(missing_ok=True)
+        challenger = self.home / CHALLENGER_DIR
+        if (challenger / STATE_FILE).is_file():  # what a rollout left running (a crashed deploy step)
+            LocalTorchServe(challenger).stop(quiet=True)
         state = self._read_state() or {}
         pid, proxy_pid = state.get("pid"), state.get("proxy_pid")
         torchserve, proxy = self._alive(state)
@@ -492,16 +567,8 @@ class LocalTorchServe:
         if proxy:  # first, so no client reaches a TorchServe that is going away
             terminate([proxy_pid], timeout_s=15)  # the proxy finishes the requests in flight on SIGTERM
             _reap(proxy_pid)
-        if torchserve and state.get("request_log_dir"):
-            # The frontend kills its workers without a signal: they flush their request log first.
-            drained = drain(state["request_log_dir"], self.request_log_spool)
-            if drained["unanswered"] or drained["left"] or drained["errors"]:
-                print(f"[serve] the request log was not fully flushed ({drained}); spooled files stay in "
-                      f"{self.request_log_spool} and are uploaded by the next server from this home", flush=True)
         if torchserve:
-            workers = descendants(pid)  # collected first: once the frontend is gone they are orphans
-            terminate([pid], timeout_s=30)
-            terminate([w for w in workers if pid_alive(w)], timeout_s=10)
+            self._stop_torchserve(state)
         self.key_file.unlink(missing_ok=True)  # its keys died with the server
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         atomic_write_json(self.state_file, {**state, "pid": None, "proxy_pid": None,

@@ -227,7 +227,8 @@ class FakeKfpApi:
     run_states: list[str] = field(default_factory=lambda: ["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"])
     # Task name -> state a SUCCEEDED run reports in run_details (KFP skips deploy when a gate returns false).
     succeeded_tasks: dict[str, str] = field(default_factory=lambda: dict.fromkeys(
-        ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "deploy", "monitor"), "SUCCEEDED"))
+        ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "record", "deploy", "monitor"),
+        "SUCCEEDED"))
     requests: list[Recorded] = field(default_factory=list)
     pipelines: dict[str, dict] = field(default_factory=dict)
     versions: dict[str, dict] = field(default_factory=dict)

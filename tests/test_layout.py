@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("components", "pipelines", "serving")
-STEPS = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "deploy", "monitor")
+STEPS = ("ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness", "record", "deploy", "monitor")
 MAX_LINES = 600
 
 

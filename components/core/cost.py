@@ -32,16 +32,18 @@ def _peak_rss_mb() -> float:
 
 
 @contextmanager
-def measure() -> Iterator[Cost]:
-    """Measure the block; the yielded Cost is filled in when the block ends (also on error)."""
+def measure(gpu: bool = True) -> Iterator[Cost]:
+    """Measure the block; the yielded Cost is filled in when the block ends (also on error). ``gpu=False``: a step
+    that never touches torch, which is then not imported either (it takes seconds and hundreds of MB)."""
     cost = Cost()
     cuda = False
     try:
-        import torch
+        if gpu:
+            import torch
 
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     t0, c0 = time.perf_counter(), os.times()

@@ -108,13 +108,18 @@ def verdict_word(result: dict[str, Any]) -> str:
 
 def publish_verdict(step: str, result: dict[str, Any], metrics: dict[str, float], cost_metrics: dict[str, float],
                     metrics_artifact: Any, report_path: str, report_text: str) -> bool:
-    """What a gate component does with its verdict: KFP metrics, the report file, a console line; returns ``passed``."""
+    """What a gate component does with its verdict: KFP metrics (the numbers, and the reason in words), the report
+    file, a console line; returns ``passed``."""
     import os
 
     from components.core.cost import log_metrics
 
     log_metrics(metrics_artifact, metrics)
     log_metrics(metrics_artifact, cost_metrics)
+    # In words too, for the ledger's gated record (the record step reads this artifact's metadata).
+    metrics_artifact.metadata["reason"] = result["reason"]
+    if result["override"]:
+        metrics_artifact.metadata["override_reason"] = result["override_reason"]
     os.makedirs(os.path.dirname(report_path) or ".", exist_ok=True)
     with open(report_path, "w", encoding="utf-8") as f:
         f.write(report_text)

@@ -136,3 +136,16 @@ def embedding_drift(reference: pd.DataFrame, current: pd.DataFrame, alpha: float
         "current_rows": n,
         "held_out_rows": {"reference": n_ref_test, "current": n_cur_test},
     }
+
+
+def confidence_drift(reference: Any, current: Any, alpha: float = PREDICTION_ALPHA) -> dict[str, Any]:
+    """The monitor's confidence test (Evidently's registered KS) on two samples of prediction confidence:
+    ``{"method", "p_value", "alpha", "drifted"}``. Used by the monitor's report and the rollout's criteria."""
+    from evidently.legacy.calculations.stattests.registry import get_stattest
+    from evidently.legacy.core import ColumnType
+
+    reference, current = pd.Series(np.asarray(reference, dtype=float)), pd.Series(np.asarray(current, dtype=float))
+    test = get_stattest(reference, current, ColumnType.Numerical, "ks")
+    result = test(reference, current, ColumnType.Numerical, alpha)
+    return {"method": test.display_name, "p_value": float(result.drift_score), "alpha": alpha,
+            "drifted": bool(result.drifted)}

@@ -23,12 +23,15 @@ def monitor_component(
 ):
     """Replay the test split to the deployed endpoint, then check the logged traffic for drift.
 
+    The window's verdict is appended to the release ledger the deployment record names (a ``drift`` record whose
+    parent is the served model's ``released`` record); the verdict then carries its id (``ledger_record``).
+
     Args:
         dataset: Dataset artifact from ingest (splits.npz and the reference.csv of training features).
         deployment: Deployment record JSON from deploy (endpoint, token files, request_log_dir, model_version).
         cfg: The run's ``monitor`` settings (drift share, replay size, sampling bound).
         drift_report: Output HTML: Evidently's drift report, or a page saying why no test ran.
-        verdict: Output JSON with status, drifted features and per-feature test results.
+        verdict: Output JSON with status, drifted features, per-feature test results and the drift record's id.
         metrics: Output metrics: drift_detected, drift_share, row counts, replayed requests and cost.
         model: Optional model artifact from finetune; its reference_model.csv adds prediction and embedding drift.
     """
@@ -78,6 +81,23 @@ def monitor_component(
             for src, dst in ((result["report_html"], drift_report.path), (result["verdict_json"], verdict.path)):
                 os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
                 shutil.copyfile(src, dst)
+        # The window's drift record in the release ledger (parent: the served model's released record); the
+        # verdict carries its id, so a retrain it causes can name it.
+        if record.get("ledger"):
+            from components.core.ledger import Ledger
+            from components.core.localfiles import atomic_write_json
+            from components.monitor.ledger import record_drift
+
+            drift = record_drift(Ledger(record["ledger"]), result, released_record=record.get("released_record", ""),
+                                 report=drift_report.uri, verdict_uri=verdict.uri)
+            findings = json.loads(Path(verdict.path).read_text())
+            findings.update(ledger=record["ledger"], ledger_record=drift.id)
+            atomic_write_json(verdict.path, findings, default=str)
+            verdict.metadata.update(ledger=record["ledger"], ledger_record=drift.id)
+            print(f"[monitor] ledger {record['ledger']}: drift {drift.id}", flush=True)
+        else:
+            print(f"[monitor] the deployment record {record_path} names no ledger: the window is not recorded there",
+                  flush=True)
 
     log_metrics(metrics, {
         "drift_detected": result["drift_detected"],

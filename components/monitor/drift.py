@@ -23,7 +23,7 @@ import pandas as pd
 
 from components.core.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, PREDICTION_COLUMNS
 from components.monitor.guards import MIN_ROWS, check_window, nan_share
-from components.monitor.stattests import (
+from components.core.stattests import (
     DRIFT_METHOD,
     DRIFT_THRESHOLD,
     PREDICTION_ALPHA,

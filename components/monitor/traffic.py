@@ -9,10 +9,10 @@ from typing import Callable
 
 import pandas as pd
 
+from components.core.replay import REPLAY_SOURCE  # noqa: F401 - the monitor's own replayed requests
 from components.monitor.sampling import read_window
 
 EXCLUDED_SOURCES = ("smoke-test",)  # request-log sources that are not traffic (see components.deploy.local)
-REPLAY_SOURCE = "replay"  # the X-Request-Source of the monitor's own replayed requests
 DEFAULT_SOURCE = "client"  # what the handler logs when a request names no source
 
 

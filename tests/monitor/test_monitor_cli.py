@@ -14,7 +14,7 @@ from monitor_traffic import T0, log_records, rotate_90, served, write_log
 
 from components.core.features import FEATURE_COLUMNS, MODEL_REFERENCE_FILE
 from components.monitor.report import prometheus_metrics
-from components.monitor.stattests import PREDICTION_METHOD
+from components.core.stattests import PREDICTION_METHOD
 from components.monitor.verdict import STATUSES
 
 

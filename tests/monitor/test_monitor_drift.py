@@ -15,7 +15,7 @@ from PIL import Image
 
 from components.core.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, PREDICTION_COLUMNS, image_features
 from components.monitor.drift import drift_report
-from components.monitor.stattests import PREDICTION_METHOD, chi2_two_sample, embedding_drift
+from components.core.stattests import PREDICTION_METHOD, chi2_two_sample, embedding_drift
 from serving.client import encode_png
 
 

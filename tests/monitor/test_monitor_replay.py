@@ -118,8 +118,14 @@ def test_monitor_component_replays_the_test_split_and_judges_only_that(tmp_path,
                   log_records(image_features(1.0 - digits[:100]), datetime.now(timezone.utc) - timedelta(minutes=5),
                               model_version="7"))
         record = tmp_path / "deployment.json"
+        from components.core.ledger import Ledger
+
+        ledger = Ledger(tmp_path / "ledger")  # the deploy step's released record of the served version
+        released = ledger.append("released", {"model_name": "digits", "model_version": "7", "target": "local",
+                                              "endpoint": serving.endpoint, "strategy": "replace"})
         record.write_text(json.dumps({"endpoint": serving.endpoint, "token_file": str(serving.token_file),
-                                      "request_log_dir": str(serving.log_dir), "model_version": "7"}))
+                                      "request_log_dir": str(serving.log_dir), "model_version": "7",
+                                      "ledger": ledger.base, "released_record": released.id}))
         outputs = tmp_path / "outputs"
         report = HTML(name="drift_report", uri=str(outputs / "drift_report.html"))
         verdict = Artifact(name="verdict", uri=str(outputs / "verdict.json"))
@@ -133,6 +139,10 @@ def test_monitor_component_replays_the_test_split_and_judges_only_that(tmp_path,
 
     result = json.loads(Path(verdict.path).read_text())
     assert result["status"] == "ok", result["message"]
+    drift = Ledger(tmp_path / "ledger").latest("drift")  # the window, in the ledger, after the served release
+    assert drift.parents == (released.id,) and result["ledger_record"] == drift.id
+    assert drift.data["drift_detected"] is False and drift.data["window"] == result["window"]
+    assert drift.data["report"] == report.uri and drift.data["verdict"] == verdict.uri
     assert result["current_rows"] == 150 and result["log"]["source"] == REPLAY_SOURCE
     assert "Dataset Drift" in Path(report.path).read_text()
     assert metrics.metadata["requests_replayed"] == 150 and metrics.metadata["current_rows"] == 150

@@ -173,11 +173,16 @@ def test_serve_start_override_is_recorded(tmp_path, fake_deploy, run_cli):
     assert code == 0, err
     assert fake_deploy == [str(run_dir / "model")]
     assert "WARNING: serving a model its gates did not release" in out
+    from components.core.ledger import Ledger
+
+    # The override is kept once, in the release ledger: who, why, what blocked; the serving state points to it.
+    (released,) = Ledger(home / "ledger").records()
+    assert released.type == "released" and released.data["run_id"] == "blocked" and "@" in released.actor
+    assert released.data["override"]["reason"] == "demo for the privacy review, ana@example.com"
+    assert "privacy" in released.data["override"]["problem"] and released.id in out
     state = json.loads((home / "state.json").read_text())
-    assert state["override"]["reason"] == "demo for the privacy review, ana@example.com"
-    assert "privacy" in state["override"]["problem"] and state["override"]["by"]
-    logged = [json.loads(line) for line in (home / "overrides.jsonl").read_text().splitlines()]
-    assert logged[0]["run_id"] == "blocked" and logged[0]["reason"] == state["override"]["reason"]
+    assert state["released_record"] == released.id and "override" not in state
+    assert not (home / "overrides.jsonl").exists()
 
 
 def test_serve_start_never_serves_a_run_without_finished_gates(tmp_path, fake_deploy, run_cli):

@@ -69,6 +69,34 @@ def test_served_and_monitored(released_run):
     assert summary["serving"].startswith("stopped")
 
 
+def test_the_ledger_holds_the_run_trained_gated_released_and_its_drift(released_run):
+    """The run's records, in order, each following from the one before: from the model in production back to
+    its run, config, data and gates; its monitored window after it."""
+    from components.core.ledger import Ledger, config_sha256
+
+    summary, tmp_path = released_run
+    ledger = Ledger(tmp_path / "serving" / "ledger")
+    trained, gated, released, drift = ledger.records()
+    assert [r.type for r in (trained, gated, released, drift)] == ["trained", "gated", "released", "drift"]
+    assert (gated.parents, released.parents, drift.parents) == ((trained.id,), (gated.id,), (released.id,))
+    assert trained.data["run_id"] == "e2e" and trained.data["config_sha256"] == config_sha256(trained.data["config"])
+    assert trained.data["config"]["pretrain"]["epochs"] == 3 and trained.data["data_card_sha256"]
+    assert trained.data["code"]["package_version"] and "image" not in trained.data["code"], "a subprocess run"
+    assert set(trained.data["cost"]["steps"]) == {"ingest", "pretrain", "finetune", "evaluate", "privacy",
+                                                  "robustness"}
+    version = summary["deployment"]["model_version"]
+    assert trained.data["model_version"] == gated.data["model_version"] == released.data["model_version"] == version
+    assert gated.data["passed"] and gated.data["gates"]["evaluation"]["numbers"]["test_accuracy"] == \
+        summary["metrics"]["test_accuracy"]
+    assert gated.data["gates"]["privacy"]["reason"].startswith("membership-inference")
+    assert (released.data["strategy"], released.data["target"]) == ("replace", "local")
+    assert released.data["endpoint"] == summary["endpoint"] and released.data["run_id"]
+    assert summary["deployment"]["released_record"] == released.id and ledger.in_production() == released
+    verdict = json.loads(Path(summary["reports"]["drift_verdict"]).read_text())
+    assert verdict["ledger_record"] == drift.id and drift.data["drift_detected"] is False
+    assert summary["steps"]["record"]["status"] == "succeeded"
+
+
 def test_blocked_release_skips_deploy(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.pretrain.epochs = 1
@@ -80,6 +108,13 @@ def test_blocked_release_skips_deploy(tmp_path):
     assert summary["steps"]["deploy"]["status"] == "skipped"
     assert "evaluation" in summary["steps"]["deploy"]["reason"]
     assert summary["endpoint"] is None
+    from components.core.ledger import Ledger
+
+    # Recorded all the same (the record step sits outside the gates' conditions): trained, and gated: blocked.
+    trained, gated = Ledger(tmp_path / "serving" / "ledger").records()
+    assert gated.parents == (trained.id,) and gated.data["passed"] is False
+    assert "evaluation" in gated.data["blocked_by"] and "test accuracy" in gated.data["gates"]["evaluation"]["reason"]
+    assert gated.data["blocked_by"] == [g for g, v in summary["gates"].items() if not v["passed"]]
 
 
 def test_failed_step_is_reported(tmp_path):

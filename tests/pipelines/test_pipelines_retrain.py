@@ -99,6 +99,7 @@ def drifted_log(tmp_path_factory) -> tuple[Path, list[str]]:
     (root / "requests").mkdir()
     (root / "requests" / "requests.jsonl").write_text("\n".join(lines) + "\n")
     args = ["monitor", "--json", "--log-dir", str(root / "requests"), "--reference", str(root / "reference.csv"),
+            "--serving-home", str(root / "serving"),  # its release ledger: <home>/ledger
             "--model-version", "abc123", "--since", "2026-01-01T10:00:00Z", "--until", "2026-01-01T11:00:00Z"]
     return root, args
 
@@ -136,6 +137,16 @@ def test_retrain_on_drift_starts_one_cluster_run_per_window_with_the_reason(drif
     assert (verdict_dir / "verdict.json").read_bytes() == first_bytes
     code, _, _ = run_cli([*args, "--out", str(out)])  # without the flag, the window's retrain stays in its verdict
     assert (verdict_dir / "verdict.json").read_bytes() == first_bytes
+    # The ledger: one drift record for the window (reruns find it), and the retrain it caused, naming the KFP run.
+    from components.core.ledger import Ledger
+
+    ledger = Ledger(root / "serving" / "ledger")
+    (drift,) = ledger.find("drift", window=verdict["window"])
+    assert saved["ledger_record"] == drift.id and drift.data["drift_detected"] is True
+    assert drift.data["report"] == str(verdict_dir / "drift_report.html")
+    (started,) = ledger.find("retrain_started", run=retrain["run_id"])
+    assert started.parents == (drift.id,) and started.data["target"] == "cluster"
+    assert retrain["ledger_record"] == started.id
 
 
 def render_overlay(name: str) -> list[dict]:
@@ -205,6 +216,10 @@ def test_the_retrain_cronjob_starts_one_run_from_its_pod(drifted_log, kfp_api, m
     for e in container["env"]:
         if "value" in e and e["name"] != "HOME":
             monkeypatch.setenv(e["name"], local(e["value"]))
+    # The release ledger comes from the storage ConfigMap (envFrom), an s3:// prefix there, a directory here.
+    assert {"configMapRef": {"name": "kfp-mlops-storage"}} in container["envFrom"]
+    assert storage["KFP_MLOPS_LEDGER"].startswith("s3://")
+    monkeypatch.setenv("KFP_MLOPS_LEDGER", str(tmp_path / "ledger"))
     token_file = Path(os.environ["KF_PIPELINES_SA_TOKEN_PATH"])
     assert token_file.is_file(), "KF_PIPELINES_SA_TOKEN_PATH points into the token volume"
     monkeypatch.chdir(tmp_path)  # the pod's workingDir (/tmp, an emptyDir)
@@ -236,6 +251,11 @@ def test_the_retrain_cronjob_starts_one_run_from_its_pod(drifted_log, kfp_api, m
 
     code, stdout, _ = run_cli(argv)  # the same window again (a rerun of the Job): no second run
     assert code == 2 and len(kfp_api.calls("POST", "/runs")) == 1 and "already started for this window" in stdout
+    from components.core.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger")
+    assert [r.type for r in ledger.records()] == ["drift", "retrain_started"]
+    assert ledger.latest("retrain_started").data["run"] == verdict["retrain"]["run_id"]
 
 
 def test_no_retrain_without_drift(drifted_log, tmp_path, monkeypatch, run_cli):
@@ -258,7 +278,13 @@ def test_local_retrain_runs_the_pipeline_and_records_why(tmp_path):
     cfg = config_mod.load(ROOT / "examples" / "quick.yaml")
     cfg.serving.home = str(tmp_path / "serving")
     cfg.serving.inference_port, cfg.serving.management_port, cfg.serving.metrics_port = free_port(), free_port(), free_port()
-    verdict = drifted_verdict(verdict_json=str(tmp_path / "verdict" / "verdict.json"))
+    from components.core.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "serving" / "ledger")  # the monitor's drift record of the window
+    drift = ledger.append("drift", {"model_version": "abc123", "window": drifted_verdict()["window"],
+                                    "drift_detected": True})
+    verdict = drifted_verdict(verdict_json=str(tmp_path / "verdict" / "verdict.json"), ledger=ledger.base,
+                              ledger_record=drift.id)
     try:
         record = retrain_on_drift(verdict, cfg, tmp_path / "verdict", runs_dir=tmp_path / "runs", wait=True,
                                   serve_after=False, timeout_s=1500)
@@ -278,3 +304,8 @@ def test_local_retrain_runs_the_pipeline_and_records_why(tmp_path):
     # The same window again: the record comes back, no second run directory appears.
     assert retrain_on_drift(verdict, cfg, tmp_path / "verdict", runs_dir=tmp_path / "runs", out=lambda line: None) == record
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["retrain", record["run_id"]]
+    # The ledger leads from the drift to the retrain, its run and the release that followed.
+    forward = Ledger(tmp_path / "serving" / "ledger").descendants(drift)
+    assert [r.type for r in forward] == ["retrain_started", "trained", "gated", "released", "drift"]
+    assert forward[0].data["run"] == forward[1].data["run_id"] == record["run_id"]
+    assert record["ledger_record"] == forward[0].id

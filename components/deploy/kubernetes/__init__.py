@@ -29,9 +29,16 @@ before the third, and every failure after it ends in a known state:
    so the failed model serves nothing. A rollback that fails too is an error naming both
    failures and the kubectl commands to finish by hand.
 
+With ``rollout.strategy`` shadow or canary and a release already serving, the new model first
+runs as the challenger Deployment beside the stable one and is promoted through phase 3, or
+scaled back to 0, on the evidence of the stable pods' auth proxies (``staged``; docs/releases.md).
+
 The modules: ``api`` (the Kubernetes calls, through the official client's ``ApiClient``,
 and what each needs of the pipeline's Role), ``release`` (the ``Release`` and its patches),
-``rollout`` (watching a rollout, finding the previous revision) and ``deploy`` (the phases).
+``rollout`` (watching a rollout, finding the previous revision), ``deploy`` (the phases),
+``challenger`` (the challenger Deployment and the rollout file, as objects and patches),
+``evidence`` (the stable pods' ``GET /rollout``, summed) and ``staged`` (the shadow and
+canary phases).
 The tests point a real ``ApiClient`` at a local HTTP server that replays recorded API objects
 (tests/data/k8s/) and authorizes every call against the pipeline's Role, as the API server would.
 """

@@ -10,6 +10,8 @@ Every call, and what it needs in manifests/base/pipeline-role.yaml (all in the n
 * LIST ReplicaSets and Pods by label (the previous revision; the new pods' problems):
   ``list``, which RBAC cannot narrow to names (theirs are generated).
 * GET the Service and the storage ConfigMap: ``get`` on those names.
+* Shadow and canary rollouts (``staged``): the same calls on the challenger Deployment and its Service, and
+  GET and JSON-PATCH of the rollout ConfigMap (``get``, ``patch`` on that name).
 """
 
 from __future__ import annotations
@@ -100,3 +102,7 @@ class KubernetesApi:
 
     def get_configmap(self, namespace: str, name: str) -> dict:
         return self._call("GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+
+    def json_patch_configmap(self, namespace: str, name: str, ops: list[dict]) -> dict:
+        return self._call("PATCH", f"/api/v1/namespaces/{namespace}/configmaps/{name}",
+                          [("fieldManager", FIELD_MANAGER)], ops, "application/json-patch+json")

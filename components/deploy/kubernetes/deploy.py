@@ -23,6 +23,7 @@ from components.core.names import SERVING_SOURCE_TOKEN_FILE as TOKEN_FILE
 from components.core.names import SERVING_SOURCE_TOKEN_SECRET as TOKEN_SECRET
 from components.deploy.checks import SmokeTest, archive_settings, model_version_of
 from components.deploy.kubernetes.api import KubernetesApi, api_error, api_exception_type
+from components.deploy.kubernetes.evidence import fetch_rollout
 from components.deploy.kubernetes.release import (
     DEFAULT_NAMESPACE,
     DEPLOYMENT_NAME,
@@ -40,6 +41,7 @@ from components.deploy.kubernetes.release import (
     scale_up_patch,
 )
 from components.deploy.kubernetes.rollout import previous_release, wait_for_rollout
+from components.deploy.kubernetes.staged import StagedRollout, staged_release
 
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -196,7 +198,7 @@ class KubernetesDeploy:
                               f"was refused, so nothing changed: {api_error(err)}", report) from None
         generation = applied["metadata"]["generation"]
         print(f"[deploy] applied: {release.change_cause()} (generation {generation})", flush=True)
-        rollout = report["rollout"] = self._wait(release, generation, release.pods_selector)
+        rollout = report["deployment_rollout"] = self._wait(release, generation, release.pods_selector)
         if not rollout["ok"]:
             return f"rollout failed: {rollout['message']}"
         smoke = report["smoke_test"] = self._smoke_test(release, release.model_version)
@@ -323,8 +325,18 @@ def deploy_kubernetes(
     send: Callable[..., Any] | None = None,
     sleep: Callable[[float], None] | None = None,
     clock: Callable[[], float] | None = None,
+    rollout=None,
+    fetch_evidence: Callable[[str, str], Any] | None = None,
+    unroute_timeout_s: float = 300.0,
 ) -> dict[str, Any]:
     """Release ``model_dir`` to the serving Deployment; roll back when the rollout or smoke test fails.
+
+    ``rollout`` is the run's rollout settings (``cfg.rollout``; None: replace). With strategy ``shadow`` or
+    ``canary`` and a release already serving, the new model first runs as the challenger beside the stable
+    Deployment and is promoted or rolled back on the stable pods' live evidence (``staged``); the record then
+    holds ``rollout`` (the decision, its reason, criteria and evidence). ``fetch_evidence(url, token)`` asks one
+    pod's auth proxy for ``GET /rollout`` (injectable for tests); ``unroute_timeout_s`` bounds the wait for the
+    stable pods' proxies to drop the challenger after the rollout file is cleared.
 
     ``serving`` is the run's serving settings (``cfg.serving``): ``model_name``, ``model_store_uri``
     ("" = ``$KFP_MLOPS_MODEL_STORE``, else where the Deployment's init container fetches from now),
@@ -353,20 +365,40 @@ def deploy_kubernetes(
         send=send, sleep=sleep or time.sleep, clock=clock or time.monotonic)
 
     release = step.preflight(release)
+    staged = None
+    if staged_release(rollout, release):
+        from components.deploy.kubernetes.evidence import reference_confidences
+
+        staged = StagedRollout(step, rollout, fetch=fetch_evidence or fetch_rollout,
+                               unroute_timeout_s=unroute_timeout_s,
+                               reference_confidences=reference_confidences(model_dir))
+        challenger = staged.preflight(release)
     release = step.publish_archive(release, model_dir)
     report = step.report(release)
-    failure = step.apply_and_wait(release, report)
-    if failure is not None:
-        step.recover(release, failure, report)
-    smoke_test = report["smoke_test"]
-    print(f"[deploy] released model v{model_version} as revision {report['rollout']['revision']}: smoke test accuracy "
-          f"{smoke_test['accuracy']:.2f} on {smoke_test['images']} images", flush=True)
+    if staged is not None:
+        staged.run(release, challenger, report)
+    else:
+        failure = step.apply_and_wait(release, report)
+        if failure is not None:
+            step.recover(release, failure, report)
+    return _record(release, report, token_file)
+
+
+def _record(release: Release, report: dict[str, Any], token_file: str | Path) -> dict[str, Any]:
+    """The deployment record. After a rolled-back shadow or canary rollout the stable Deployment is unchanged
+    (``served_model_version`` is the champion's) and the rollout and smoke-test figures are the challenger's."""
+    applied = report.get("deployment_rollout") or report["challenger"]["deployment_rollout"]
+    smoke_test = report.get("smoke_test") or report["challenger"]["smoke_test"]
+    revision = applied["revision"] if "deployment_rollout" in report else release.previous_revision
+    served = report.setdefault("served_model_version", release.model_version)
+    print(f"[deploy] model v{served} serves as revision {revision}; smoke test of v{release.model_version}: "
+          f"accuracy {smoke_test['accuracy']:.2f} on {smoke_test['images']} images", flush=True)
     # The pipeline holds only its source token here: the monitor's replay uses it too.
     return {
         "target": "kubernetes", "endpoint": release.endpoint, "token_file": str(token_file),
         "source_token_file": str(token_file), "request_log_dir": release.request_log_dir,
         "model_name": release.model_name, **report,
-        "revision": report["rollout"]["revision"], "rollout_seconds": report["rollout"]["seconds"],
+        "revision": revision, "rollout_seconds": applied["seconds"],
         "smoke_test_images": smoke_test["images"], "smoke_test_accuracy": smoke_test["accuracy"],
         "smoke_test_latency_ms_mean": smoke_test["latency_ms_mean"],
     }
