@@ -48,6 +48,7 @@ from components.deploy.kubernetes.release import (
     find_named,
     render_release,
 )
+from components.deploy.pods.manifests import upsert_env
 
 RUNNER = "docker"  # state.json's "runner" when the home is served by the serving pod's containers
 RELEASES_DIR = "releases"  # under the serving home: the local model store, one release store per model
@@ -122,18 +123,8 @@ def apply_release(deployment: dict, configuration: dict) -> dict:
             target = next(c for c in pod[group] if c["name"] == patch["name"])
             if "image" in patch:
                 target["image"] = patch["image"]
-            _set_env(target, patch.get("env", []))
+            target["env"] = upsert_env(target.get("env") or [], patch.get("env", []))
     return out
-
-
-def _set_env(container: dict, entries: list[dict]) -> None:
-    env = container.setdefault("env", [])
-    for item in entries:
-        index = next((i for i, e in enumerate(env) if e["name"] == item["name"]), None)
-        if index is None:
-            env.append(item)
-        else:
-            env[index] = item
 
 
 def local_pod_spec(deployment: dict, *, store: Path, log_dir: Path, extra_env: dict[str, str]) -> dict:
@@ -152,7 +143,7 @@ def local_pod_spec(deployment: dict, *, store: Path, log_dir: Path, extra_env: d
                                                  "readOnly": True})
     server = find_named(spec["containers"], SERVER_CONTAINER, "container")
     server.setdefault("volumeMounts", []).append({"name": "local-request-log", "mountPath": str(log_dir)})
-    _set_env(server, [{"name": k, "value": v} for k, v in extra_env.items()])
+    server["env"] = upsert_env(server.get("env") or [], [{"name": k, "value": v} for k, v in extra_env.items()])
     uid, gid = local_identity()
     if uid is not None:
         spec.setdefault("securityContext", {}).update(runAsUser=uid, runAsGroup=gid, fsGroup=gid)

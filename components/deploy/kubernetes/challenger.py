@@ -37,6 +37,7 @@ from components.deploy.kubernetes.release import (
     find_named,
     label_value,
 )
+from components.deploy.pods.manifests import upsert_env
 
 PROXY_CONTAINER = "auth-proxy"
 ROLLOUT_FLAG = "--rollout-file"
@@ -79,16 +80,6 @@ def proxy_port(pod_spec: dict) -> int:
     return int(port["containerPort"])
 
 
-def _set_env(container: dict, name: str, value: str) -> None:
-    env = container.setdefault("env", [])
-    entry = next((e for e in env if e.get("name") == name), None)
-    if entry is None:
-        env.append({"name": name, "value": value})
-    else:
-        entry.clear()
-        entry.update({"name": name, "value": value})
-
-
 def render_challenger(stable: dict, challenger: dict, release: Release, replicas: int) -> dict:
     """The server-side-apply configuration that makes the challenger Deployment run ``release`` on ``replicas``
     pods, with the stable Deployment's pod spec.
@@ -104,8 +95,8 @@ def render_challenger(stable: dict, challenger: dict, release: Release, replicas
                           f"({selector}): its pods would join the stable Service; apply the manifests of this version")
     # The release, as render_release sets it on the stable Deployment.
     fetch = find_named(pod.get("initContainers", []), FETCH_CONTAINER, "init container")
-    _set_env(fetch, MODEL_URI_ENV, release.model_uri)
-    _set_env(fetch, MODEL_VERSION_ENV, release.release_id)
+    fetch["env"] = upsert_env(fetch.get("env") or [], [{"name": MODEL_URI_ENV, "value": release.model_uri},
+                                                      {"name": MODEL_VERSION_ENV, "value": release.release_id}])
     if release.image:
         for container in pod.get("initContainers", []) + pod["containers"]:
             container["image"] = release.image

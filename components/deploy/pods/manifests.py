@@ -216,6 +216,19 @@ def _keyed(kind: str, ref: Mapping[str, Any], source: Mapping[str, Mapping[str, 
     return source[name][key].decode()
 
 
+def upsert_env(env: list[dict], entries: list[dict]) -> list[dict]:
+    """``env`` with ``entries`` merged in by name, as a server-side apply (and the Trainer's UpsertEnvVars) merge
+    them: a variable of the same name is replaced in place, new ones are appended. A new list."""
+    out = list(env)
+    for entry in entries:
+        at = next((i for i, e in enumerate(out) if e.get("name") == entry["name"]), None)
+        if at is None:
+            out.append(entry)
+        else:
+            out[at] = entry
+    return out
+
+
 def container_env(container: Mapping[str, Any], pod: Mapping[str, Any], configmaps: Mapping[str, Mapping[str, bytes]],
                   secrets: Mapping[str, Mapping[str, bytes]]) -> dict[str, str]:
     """A container's environment as the kubelet builds it: ``envFrom`` sources in order, then ``env`` in order,

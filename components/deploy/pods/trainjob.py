@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from components.deploy.pods.manifests import PodError
+from components.deploy.pods.manifests import PodError, upsert_env
 
 NODE = "node"  # the runtime's replicated job and its container (Trainer's constants.Node)
 MASTER_PORT = 29400  # Trainer's constants.ContainerTrainerPort: torchrun's rendezvous on node 0
@@ -34,18 +34,6 @@ NODE_TEMPLATE: dict[str, Any] = {
     }],
     "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}],
 }
-
-
-def _upsert(env: list[dict], entries: list[dict]) -> list[dict]:
-    """The Trainer's apply.UpsertEnvVars: a variable of the same name is replaced in place, new ones appended."""
-    out = list(env)
-    for entry in entries:
-        at = next((i for i, e in enumerate(out) if e["name"] == entry["name"]), None)
-        if at is None:
-            out.append(entry)
-        else:
-            out[at] = entry
-    return out
 
 
 def trainjob_pods(trainjob: dict, node_template: dict | None = None) -> list[dict]:
@@ -70,8 +58,8 @@ def trainjob_pods(trainjob: dict, node_template: dict | None = None) -> list[dic
     if "resourcesPerNode" in trainer:
         container["resources"] = copy.deepcopy(trainer["resourcesPerNode"])
     rank = {"valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}}
-    container["env"] = _upsert(container.get("env") or [], copy.deepcopy(trainer.get("env") or []))
-    container["env"] = _upsert(container["env"], [
+    container["env"] = upsert_env(container.get("env") or [], copy.deepcopy(trainer.get("env") or []))
+    container["env"] = upsert_env(container["env"], [
         {"name": "JOB_COMPLETION_INDEX", **rank},  # the Job controller's, for an Indexed Job
         {"name": "PET_NNODES", "value": str(nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(procs)},
