@@ -62,12 +62,37 @@ def measure(gpu: bool = True) -> Iterator[Cost]:
             cost.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
+METRIC_TYPES = "metric_types"  # metadata key: which logged numbers were booleans or counts
+
+
 def log_metrics(metrics, values: dict[str, float]) -> None:
-    """Log numbers into a KFP Metrics artifact (skips non-finite and non-numeric values)."""
+    """Log numbers into a KFP Metrics artifact (skips non-finite and non-numeric values).
+
+    KFP keeps every metric as a float; the metadata entry ``metric_types`` records which were booleans ("bool") or
+    counts ("int"), so readers (``summary.json``) give them back their type."""
     import math
 
+    import numpy as np
+
+    types = metrics.metadata.get(METRIC_TYPES) or {}
     for k, v in values.items():
-        if isinstance(v, bool):
-            v = float(v)
-        if isinstance(v, (int, float)) and math.isfinite(v):
+        kind = ("bool" if isinstance(v, (bool, np.bool_)) else
+                "int" if isinstance(v, (int, np.integer)) else None)
+        if kind == "bool" or isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(float(v)):
             metrics.log_metric(k, float(v))
+            if kind:
+                types[k] = kind
+    if types:
+        metrics.metadata[METRIC_TYPES] = types
+
+
+def typed_metrics(metadata: dict) -> dict:
+    """A Metrics artifact's metadata with booleans and counts as logged (see ``log_metrics``), without the types."""
+    types = metadata.get(METRIC_TYPES) or {}
+    out = {}
+    for k, v in metadata.items():
+        if k == METRIC_TYPES:
+            continue
+        kind = types.get(k)
+        out[k] = bool(v) if kind == "bool" else int(v) if kind == "int" and float(v).is_integer() else v
+    return out

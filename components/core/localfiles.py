@@ -92,6 +92,8 @@ def atomic_write_text(dest: str | Path, text: str) -> Path:
     return atomic_write_file(dest, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_write_json(dest: str | Path, obj: Any, *, default: Callable[[Any], Any] | None = None) -> Path:
-    """``atomic_write_file`` for JSON: indented, keys sorted (stable diffs), one final newline."""
-    return atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n")
+def atomic_write_json(dest: str | Path, obj: Any, *, default: Callable[[Any], Any] | None = None,
+                      sort_keys: bool = True) -> Path:
+    """``atomic_write_file`` for JSON: indented, keys sorted (stable diffs; ``sort_keys=False`` keeps an order
+    that means something, e.g. steps in pipeline order), one final newline."""
+    return atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=sort_keys, default=default) + "\n")

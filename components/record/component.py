@@ -57,7 +57,7 @@ def record_component(
     Returns:
         The id of the gated record (deploy's parent for the released record).
     """
-    from components.core.cost import log_metrics, measure
+    from components.core.cost import log_metrics, measure, typed_metrics
     from components.core.ledger import Ledger, location
     from components.record.record import record_run
 
@@ -68,7 +68,7 @@ def record_component(
         trained, gated = record_run(
             ledger, run_id=run_id, kfp_run_id=kfp_run_id, model_dir=model.path, dataset_dir=dataset.path,
             model_uri=model.uri, dataset_uri=dataset.uri, config=cfg.as_dict(), image=image,
-            step_metrics={step: dict(m.metadata) for step, m in step_metrics.items()},
+            step_metrics={step: typed_metrics(dict(m.metadata)) for step, m in step_metrics.items()},
             passed={"evaluate": passed_evaluate, "privacy": passed_privacy, "robustness": passed_robustness})
     log_metrics(metrics, {"released_by_gates": gated.data["passed"], **cost.as_metrics()})
     print(f"[record] ledger {ledger.base}: trained {trained.id} (run {trained.data['run_id']}, model "

@@ -21,7 +21,7 @@ PACKAGE = "kfp-mlops"
 CARD_FILE = "data_card.json"  # in the dataset artifact (components.core.data.CARD_FILE; not imported: numpy)
 METADATA_FILE = "metadata.json"  # in the model artifact (components.core.models.METADATA_FILE; not imported: torch)
 GATES = {"evaluate": "evaluation", "privacy": "privacy", "robustness": "robustness"}  # gate step -> gate name
-VERDICT_KEYS = ("passed", "passed_checks", "override", "overridden", "reason", "override_reason")
+VERDICT_KEYS = ("passed", "passed_checks", "override", "overridden", "reason", "remedy", "override_reason")
 
 
 def sha256_of(path: str | Path) -> str | None:
@@ -65,10 +65,11 @@ def gate_verdict(passed: bool, metrics: Mapping[str, Any]) -> dict[str, Any]:
         "overridden": bool(metrics.get("overridden", False)),
         "reason": str(metrics.get("reason", "")),
         "override_reason": str(metrics.get("override_reason", "")),
+        "remedy": str(metrics.get("remedy", "")),
         "blocked_by": sorted(k.removeprefix("blocked_by_") for k, v in metrics.items()
                              if k.startswith("blocked_by_") and v),
-        "numbers": {k: v for k, v in metrics.items()
-                    if k not in VERDICT_KEYS and not k.startswith(("cost_", "blocked_by_"))},
+        "numbers": {k: v for k, v in metrics.items() if k not in VERDICT_KEYS and isinstance(v, (int, float, str))
+                    and not k.startswith(("cost_", "blocked_by_"))},
     }
 
 

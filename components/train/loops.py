@@ -31,6 +31,7 @@ from torch import nn
 from components.core.checkpoint import Checkpointer
 from components.core.data import Splits
 from components.core.models import Classifier, Encoder, EncoderSpec
+from components.core.progress import Progress
 from components.train.augment import NO_AUGMENTATION, AugmentPolicy, augment, finetune_policy
 from components.train.objectives import OBJECTIVES, PretrainModel, build_objective
 from components.train.runtime import (
@@ -45,6 +46,7 @@ from components.train.runtime import (
 
 FINETUNE_MODES = ("linear_probe", "partial", "full")
 Log = Callable[[str], None]
+
 # (model, images, labels, generator) -> (images, labels): an extra per-batch transform after augmentation,
 # e.g. noise or adversarial examples; it may call the model.
 BatchTransform = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -309,6 +311,7 @@ def pretrain_encoder(images: np.ndarray, spec: EncoderSpec, objective: str, epoc
             f"batch {batch_size}, lr {learning_rate}, device {rt.device}"
             + (f", {rt.world_size} processes (DDP)" if rt.distributed else "") + (", bf16" if rt.bf16 else ""))
     loss_sum = torch.tensor(loop.loss_sum, dtype=torch.float64, device=rt.device)
+    progress = Progress("pretrain epoch", epochs, log, start=loop.epoch, quiet=not rt.is_main)
     while loop.epoch < epochs:
         t0 = time.perf_counter()
         batches = epoch_batches(len(data), batch_size, seed, loop.epoch, drop_last=True,
@@ -329,8 +332,7 @@ def pretrain_encoder(images: np.ndarray, spec: EncoderSpec, objective: str, epoc
         loss_sum.zero_()
         seconds = time.perf_counter() - t0
         loop.history.append({"epoch": loop.epoch, "loss": epoch_loss, "lr": loop.epoch_lr, "seconds": seconds})
-        if rt.is_main:
-            log(f"pretrain epoch {loop.epoch}/{epochs} loss {epoch_loss:.4f} ({seconds:.1f}s)")
+        progress.update(loop.epoch, f"loss {epoch_loss:.4f} ({seconds:.1f}s)")
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(f"pretraining loss became {epoch_loss} at epoch {loop.epoch}; lower the learning rate")
         checkpoint_if_due(checkpointer, loop, loss_sum, snapshot, epoch_end=True)
@@ -526,6 +528,7 @@ def finetune_classifier(encoder: Encoder, splits: Splits, epochs: int, batch_siz
     log(f"finetune: {len(x)} labeled images ({label_fraction:.0%} of train), {len(data.val_x)} val, mode {mode}, "
         f"up to {epochs} epochs, patience {patience}, device {rt.device}" + (", bf16" if rt.bf16 else ""))
     loss_sum = torch.tensor(loop.loss_sum, dtype=torch.float64, device=rt.device)
+    progress = Progress("finetune epoch", epochs, log, start=loop.epoch)  # the ETA is an upper bound: early stopping
     while loop.epoch < epochs and loop.since_best < patience:
         t0 = time.perf_counter()
         batches = parts.batches(loop.epoch)
@@ -561,11 +564,12 @@ def finetune_classifier(encoder: Encoder, splits: Splits, epochs: int, batch_siz
         seconds = time.perf_counter() - t0
         loop.history.append({"epoch": loop.epoch, "train_loss": train_loss, "val_loss": val_loss,
                              "val_accuracy": val_acc, "lr": loop.epoch_lr, "seconds": seconds, "n_train": len(x)})
-        log(f"finetune epoch {loop.epoch}/{epochs} train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
-            f"val_acc {val_acc:.4f}{' *' if improved else ''} ({seconds:.1f}s)")
+        progress.update(loop.epoch, f"train_loss {train_loss:.4f} val_loss {val_loss:.4f} val_acc {val_acc:.4f}"
+                                    f"{' *' if improved else ''} ({seconds:.1f}s)")
         checkpoint_if_due(checkpointer, loop, loss_sum, snapshot, epoch_end=True)
     if loop.since_best >= patience:
-        log(f"early stop: no better val loss for {patience} epochs; best epoch {loop.best_epoch}")
+        progress.close(f"early stop after epoch {loop.epoch}: no better val loss for {patience} epochs; "
+                       f"best epoch {loop.best_epoch}")
     model.load_state_dict(best_weights)
     return model.cpu().eval(), loop.history
 

@@ -64,7 +64,7 @@ def test_the_step_records_what_was_trained_and_how_the_gates_decided(tmp_path, m
     g = gated.data
     assert g["passed"] is True and g["blocked_by"] == [] and set(g["gates"]) == {"evaluation", "privacy", "robustness"}
     assert g["gates"]["privacy"] == {"passed": True, "passed_checks": True, "override": False, "overridden": False,
-                                     "reason": "membership-inference AUC 0.530 <= max 0.650", "override_reason": "",
+                                     "reason": "membership-inference AUC 0.530 <= max 0.650", "override_reason": "", "remedy": "",
                                      "blocked_by": [], "numbers": {"mia_auc": 0.53, "max_mia_auc": 0.65}}
     assert out.metadata["released_by_gates"] == 1.0 and out.metadata["cost_wall_seconds"] > 0
 

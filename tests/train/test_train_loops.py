@@ -92,7 +92,9 @@ def test_pretraining_is_deterministic_and_learns(splits, objective):
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert history[-1]["loss"] < history[0]["loss"]
-    assert sum(line.startswith("pretrain epoch") for line in lines) == 3
+    progress = [line for line in lines if line.startswith("pretrain epoch")]
+    assert progress[0].startswith("pretrain epoch 1/3 loss ") and "ETA" in progress[0]  # a line per 5 s, first and last
+    assert progress[-1].startswith("pretrain epoch 3/3 loss ") and progress[-1].endswith(" done")
 
 
 @pytest.mark.parametrize("objective", ["contrastive", "masked"])
