@@ -6,8 +6,8 @@ The same fields are:
 
 * loaded from YAML (``mlops run --config FILE``), nested by area;
 * overridable by flags (``--pretrain-epochs 5``), generated from the fields;
-* the pipeline's root parameters (``pretrain_epochs``), so the KFP UI run form
-  shows each one with its description and default;
+* the pipeline's root parameters (``pretrain_epochs``) locally; on a cluster a box
+  of the KFP run form (``form=True``) or a key of its ``other_settings``;
 * passed to the steps, each of which receives the areas it uses.
 
 A field can have another default on a cluster (``cluster=``: ``mlops compile`` and
@@ -53,11 +53,15 @@ SAME = _SameEverywhere()
 
 def knob(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
          gt: float | None = None, le: float | None = None, lt: float | None = None,
-         cluster: Any = SAME, local_only: bool = False) -> Any:
-    """A config field: its default, a one-line description, what values it allows, and where it applies."""
+         cluster: Any = SAME, local_only: bool = False, form: bool = False) -> Any:
+    """A config field: its default, a one-line description, what values it allows, and where it applies.
+
+    ``form=True``: one of the few settings people change first, a box of its own in the compiled pipeline's
+    KFP run form; every other run setting is reached through the form's ``other_settings`` (pipelines/pipeline.py).
+    """
     return field(default=default, metadata={
         "help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt,
-        "cluster": cluster, "local_only": local_only,
+        "cluster": cluster, "local_only": local_only, "form": form,
     })
 
 
@@ -67,7 +71,7 @@ PORT = {"ge": 1, "le": 65535}
 
 @dataclass
 class DataConfig:
-    source: str = knob("digits", "Where the data comes from: 'digits' (built in), a folder of class-named image folders, an .npz with images and labels, or an s3:// prefix.")
+    source: str = knob("digits", "Where the data comes from: 'digits' (built in), a folder of class-named image folders, an .npz with images and labels, or an s3:// prefix.", form=True)
     seed: int = knob(0, "Seed of the shuffled train/val/test/pool split; the same seed gives the same split.", ge=0)
     test_fraction: float = knob(0.2, "Share of all images held out as the test split.", gt=0.0, lt=1.0)
     val_fraction: float = knob(0.15, "Share of all images used for early stopping and model selection.", gt=0.0, lt=1.0)
@@ -99,7 +103,7 @@ ENCODER_DEPTHS = {"cnn": (4,), "resnet": (10, 18, 34), "vgg": (11, 13, 16, 19)}
 @dataclass
 class PretrainConfig:
     objective: str = knob("contrastive", "Self-supervised objective: 'contrastive' (SimCLR NT-Xent) or 'masked' (masked-image reconstruction).", choices=("contrastive", "masked"))
-    epochs: int = knob(60, "Pretraining epochs over the unlabeled images (pool plus train, labels unused).", ge=1)
+    epochs: int = knob(60, "Pretraining epochs over the unlabeled images (pool plus train, labels unused).", ge=1, form=True)
     batch_size: int = knob(128, "Pretraining batch size; contrastive learning sees 2x this many views.", ge=2)
     learning_rate: float = knob(0.001, "AdamW learning rate for pretraining.", gt=0.0)
     temperature: float = knob(0.2, "NT-Xent temperature (contrastive objective only).", gt=0.0)
@@ -128,11 +132,11 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = knob(40, "Maximum fine-tuning epochs; early stopping usually ends sooner.", ge=1)
+    epochs: int = knob(40, "Maximum fine-tuning epochs; early stopping usually ends sooner.", ge=1, form=True)
     batch_size: int = knob(64, "Fine-tuning batch size.", ge=1)
     learning_rate: float = knob(0.002, "AdamW learning rate for the classification head (the encoder's is encoder_lr_scale times it).", gt=0.0)
     patience: int = knob(10, "Stop after this many epochs without a better validation loss.", ge=0)
-    label_fraction: float = knob(1.0, "Share of the labeled train split used for fine-tuning (few-label experiments).", gt=0.0, le=1.0)
+    label_fraction: float = knob(1.0, "Share of the labeled train split used for fine-tuning (few-label experiments).", gt=0.0, le=1.0, form=True)
     mode: str = knob("full", "'full' (everything trains), 'partial' (head + the last unfreeze_blocks encoder stages) or 'linear_probe' (head only, encoder frozen).", choices=("full", "partial", "linear_probe"))
     unfreeze_blocks: int = knob(1, "Encoder stages that train in 'partial' mode, counted from the output.", ge=1)
     encoder_lr_scale: float = knob(0.3, "Encoder learning rate as a multiple of the head's (keeps what pretraining learned).", ge=0.0)
@@ -145,7 +149,7 @@ class FinetuneConfig:
     augment_noise_sigma: float = knob(0.0, "Robust training: add Gaussian pixel noise to every training image, its sigma drawn per image from U(0, this); 0 = off. Raises accuracy under noise.", ge=0.0, le=1.0)
     adversarial_epsilon: float = knob(0.0, "Robust training: replace a share of each batch with FGSM examples (random start) of this L-infinity size; 0 = off. Raises accuracy under FGSM/PGD.", ge=0.0, le=1.0)
     adversarial_fraction: float = knob(0.5, "Robust training: share of each batch replaced by adversarial examples when adversarial_epsilon > 0.", gt=0.0, le=1.0)
-    dp_epsilon: float = knob(0.0, "Differential privacy: fine-tune with DP-SGD (Opacus) to this target epsilon; 0 = no DP. Uses the dp_* settings instead of epochs/batch_size/learning_rate/mode.", ge=0.0)
+    dp_epsilon: float = knob(0.0, "Differential privacy: fine-tune with DP-SGD (Opacus) to this target epsilon; 0 = no DP. Uses the dp_* settings instead of epochs/batch_size/learning_rate/mode.", ge=0.0, form=True)
     dp_delta: float = knob(1e-5, "Differential privacy: target delta; must be below 1/(number of training images).", gt=0.0, lt=1.0)
     dp_max_grad_norm: float = knob(1.0, "Differential privacy: per-example gradient clipping norm.", gt=0.0)
     dp_batch_size: int = knob(256, "Differential privacy: expected batch size of the Poisson sampling (DP-SGD wants large batches).", ge=16)
@@ -156,14 +160,14 @@ class FinetuneConfig:
 
 @dataclass
 class GateConfig:
-    min_test_accuracy: float = knob(0.9, "Evaluation gate: the lowest test accuracy that may be released.", **PROBABILITY)
+    min_test_accuracy: float = knob(0.9, "Evaluation gate: the lowest test accuracy that may be released.", **PROBABILITY, form=True)
     max_regression: float = knob(0.005, "Champion/challenger gate: how much lower than the production model's test accuracy (same test split) the new model's may be; negative demands an improvement.", ge=-1.0, le=1.0)
     champion_model: str = knob("serving", "The model in production to compare with: 'serving' (the model the local server in serving.home serves), 'store' (the latest release in the model store, serving.model_store_uri), 'none' (no comparison), or a model dir, a .mar or a storage release (s3://.../latest).", cluster="store")
-    max_mia_auc: float = knob(0.65, "Privacy gate: the highest membership-inference attack AUC that may be released (0.5 = no leakage).", ge=0.5, le=1.0)
+    max_mia_auc: float = knob(0.65, "Privacy gate: the highest membership-inference attack AUC that may be released (0.5 = no leakage).", ge=0.5, le=1.0, form=True)
     noise_sigma: float = knob(0.1, "Robustness check: standard deviation of the Gaussian pixel noise (pixels are in [0, 1]).", ge=0.0)
     fgsm_epsilon: float = knob(0.03, "Robustness check: L-infinity size of the FGSM adversarial perturbation.", **PROBABILITY)
     min_noise_accuracy: float = knob(0.85, "Robustness gate: the lowest accuracy under Gaussian noise that may be released.", **PROBABILITY)
-    min_fgsm_accuracy: float = knob(0.7, "Robustness gate: the lowest accuracy under FGSM that may be released.", **PROBABILITY)
+    min_fgsm_accuracy: float = knob(0.7, "Robustness gate: the lowest accuracy under FGSM that may be released.", **PROBABILITY, form=True)
     max_dp_epsilon: float = knob(10.0, "Privacy gate: the largest DP epsilon a model fine-tuned with DP-SGD may have spent (ignored without DP).", gt=0.0)
     max_leaks: int = knob(0, "Privacy gate: the most test images that may be exact or near duplicates of a train image.", ge=0)
     near_duplicate_distance: float = knob(0.03, "Privacy check: RMS pixel distance (each image's mean brightness removed; pixels in [0, 1]) at or below which a test and a train image count as near-duplicates.", **PROBABILITY)
@@ -223,7 +227,7 @@ class RolloutConfig:
     """How a new model (the challenger) replaces the one in production (the champion): at once, or after live
     evidence from mirrored (shadow) or split (canary) traffic. The first release is always 'replace'."""
 
-    strategy: str = knob("replace", "'replace' (serve the new model at once), 'shadow' (it gets a mirrored copy of a share of live requests; only the champion answers; answers compared) or 'canary' (it answers a share of live requests).", choices=("replace", "shadow", "canary"))
+    strategy: str = knob("replace", "'replace' (serve the new model at once), 'shadow' (it gets a mirrored copy of a share of live requests; only the champion answers; answers compared) or 'canary' (it answers a share of live requests).", choices=("replace", "shadow", "canary"), form=True)
     share: float = knob(0.1, "Share of live requests the challenger gets (mirrored or answered).", gt=0.0, le=1.0)
     min_requests: int = knob(200, "Requests the challenger must have seen before a decision (a criterion that fails decides earlier).", ge=1)
     max_wait_s: float = knob(600.0, "Seconds to wait for min_requests; then on_deadline decides.", gt=0.0)
@@ -315,6 +319,7 @@ class Parameter:
     lt: float | None = None
     cluster_default: Any = SAME
     local_only: bool = False
+    form: bool = False  # a box of its own in the cluster run form
 
     @property
     def key(self) -> str:
@@ -366,7 +371,7 @@ def _parameters_of(area: str, cls: type) -> list[Parameter]:
         m = f.metadata
         out.append(Parameter(area, f.name, hints[f.name], f.default, m["help"], m.get("choices"), m.get("ge"),
                              m.get("gt"), m.get("le"), m.get("lt"), m.get("cluster", SAME),
-                             m.get("local_only", False)))
+                             m.get("local_only", False), m.get("form", False)))
     return out
 
 
@@ -517,21 +522,49 @@ def flat_parameters(cfg: Config, target: str = LOCAL) -> dict[str, Any]:
     return {p.key: p.value_in(cfg) for p in parameters(target=target)}
 
 
-def add_flags(parser: argparse.ArgumentParser, areas: tuple[str, ...] = tuple(_area_types())) -> None:
-    """Add one ``--area-field`` flag per config field; each defaults to None (= keep the config's value)."""
+# Settings whose flag is spelled without the area, the same on every command that takes them (the generated
+# --cluster-kfp-host form still parses, hidden from the help).
+FLAG_SPELLINGS = {"cluster_kfp_host": "--kfp-host", "cluster_namespace": "--namespace",
+                  "cluster_experiment": "--experiment", "cluster_pipeline_name": "--pipeline-name",
+                  "cluster_service_account": "--service-account"}
+
+
+def flag_of(p: Parameter) -> str:
+    """The command-line flag of a field: ``--area-field``, or its spelling in ``FLAG_SPELLINGS``."""
+    return FLAG_SPELLINGS.get(p.key, "--" + p.key.replace("_", "-"))
+
+
+def add_flags(parser: argparse.ArgumentParser, areas: tuple[str, ...] = tuple(_area_types()), *,
+              only: frozenset[str] | None = None, shown: frozenset[str] | None = None, more: str = "") -> None:
+    """Add one flag per config field (``flag_of``); each defaults to None (= keep the config's value).
+
+    ``only``: just these fields (keys ``area_field``). ``shown``: the fields whose flags ``--help`` lists; the others
+    parse the same, their help kept in the action's ``full_help``, and their area's group says so with ``more``
+    (formatted with ``area`` and ``count``) in its description, the full one kept in ``full_description``.
+    """
     for area in areas:
-        group = parser.add_argument_group(f"{area} settings (override --config)")
-        for p in parameters((area,)):
-            flag = "--" + p.key.replace("_", "-")
+        params = [p for p in parameters((area,)) if only is None or p.key in only]
+        if not params:
+            continue
+        hidden = [p for p in params if shown is not None and p.key not in shown]
+        full = f"{area} settings (override --config)"
+        description = more.format(area=area, count=len(hidden)) if hidden else None
+        group = parser.add_argument_group(full, description)
+        group.full_description = None
+        for p in params:
+            flag = flag_of(p)
+            spellings = (flag, "--" + p.key.replace("_", "-")) if flag != "--" + p.key.replace("_", "-") else (flag,)
             if p.type is bool:
-                group.add_argument(flag, dest=p.key, default=None, action=argparse.BooleanOptionalAction,
-                                   help=f"{p.help} (default: {p.default})")
+                kwargs = dict(action=argparse.BooleanOptionalAction, help=f"{p.help} (default: {p.default})")
             elif p.choices:
-                group.add_argument(flag, dest=p.key, default=None, type=p.type, choices=p.choices,
-                                   help=f"{p.help} (default: {p.default!r})")
+                kwargs = dict(type=p.type, choices=p.choices, help=f"{p.help} (default: {p.default!r})")
             else:
-                group.add_argument(flag, dest=p.key, default=None, type=p.type, metavar=p.type.__name__.upper(),
-                                   help=f"{p.help} (default: {p.default!r})")
+                kwargs = dict(type=p.type, metavar=p.type.__name__.upper(), help=f"{p.help} (default: {p.default!r})")
+            action = group.add_argument(spellings[0], dest=p.key, default=None, **kwargs)
+            if p in hidden:
+                action.full_help, action.help = action.help, argparse.SUPPRESS
+            for alias in spellings[1:]:  # the generated spelling of a renamed flag: parses, not listed
+                group.add_argument(alias, dest=p.key, default=None, **{**kwargs, "help": argparse.SUPPRESS})
 
 
 def apply_flags(cfg: Config, args: argparse.Namespace, target: str = LOCAL) -> Config:

@@ -1,9 +1,11 @@
 """The kfp-mlops pipeline, defined once with the KFP v2 SDK.
 
-``build_pipeline(cluster)`` returns the ``@dsl.pipeline`` whose root parameters
-are the run fields of ``pipelines.config`` (flattened ``area_field``, each with
-its description and default), so the KFP UI run form documents itself. The same
-object runs on a cluster (compiled YAML) and on one machine (``kfp.local``).
+``build_pipeline(cluster)`` returns the ``@dsl.pipeline``. For a cluster its root
+parameters are the run form: a box for each of the few fields marked ``form=True``
+in ``pipelines.config`` and ``other_settings``, every other run field by area
+(``pipelines.run_settings``); a first task, ``settings``, checks them as one config
+and hands every field to the steps. Locally (``kfp.local``) every run field is a
+root parameter wired straight to the steps: no extra task.
 
 Compile-time settings come from ``ClusterConfig``: the components are decorated
 here, not in their modules, so the image is configurable without editing code,
@@ -31,15 +33,24 @@ from components.pretrain.component import pretrain_component
 from components.privacy.component import privacy_component
 from components.record.component import record_component
 from components.robustness.component import robustness_component
-from pipelines.config import CLUSTER, LOCAL, PARAMETER_AREAS, ClusterConfig, Config, Parameter, parameters
+from pipelines.config import CLUSTER, LOCAL, PARAMETER_AREAS, ClusterConfig, Config, Parameter, coerce, parameters
 from pipelines.config import defaults as config_defaults
-from pipelines.kfp_steps import StepInput, kfp_function
-from pipelines.pod_settings import apply_cluster_settings, step_settings
+from pipelines.kfp_steps import StepInput, kfp_function, settings_function
+from pipelines.pod_settings import StepSettings, apply_cluster_settings, step_settings
+from pipelines.run_settings import OTHER_SETTINGS, other_settings_of
 
 PIPELINE_NAME = "kfp-mlops"
 PIPELINE_DESCRIPTION = (
     "Raw data to a monitored TorchServe endpoint: ingest, self-supervised pretraining, fine-tuning, "
     "evaluation, privacy and robustness gates, deploy (only when every gate passes), drift monitoring."
+)
+SETTINGS_TASK = "settings"  # the cluster's first task: checks the run's settings, outputs every field
+SETTINGS_POD = StepSettings("100m", "500m", "256Mi", "512Mi", timeout_s=600, retries=0)
+COMPILED_SETTINGS = "compiled_settings"  # the settings task's input: the compiled values behind other_settings
+OTHER_SETTINGS_HELP = (
+    "Every other run setting, by area, as in a config file: open the JSON editor and change a value; a setting "
+    "left out keeps its compiled value; a setting with its own box here is refused. Fields, ranges and "
+    "examples: docs/configuration.md, 'The KFP run form'."
 )
 
 # Step name -> the component function that implements it, in pipeline order.
@@ -70,8 +81,9 @@ STEP_AREAS: dict[str, tuple[str, ...]] = {
 
 
 def step_inputs(step: str, roots: list[RootParameter], target: str) -> list[StepInput]:
-    """The config fields of ``step``'s areas as inputs of its KFP function, typed like their root parameters."""
-    root_types = {r.key: r.type for r in roots}
+    """The config fields of ``step``'s areas as inputs of its KFP function, typed like their root parameters
+    (locally) or like the settings task's outputs, the field's own type (on a cluster)."""
+    root_types = {r.key: r.type for r in roots} if target == LOCAL else {}
     return [StepInput(p, root_types.get(p.key, p.type)) for area in STEP_AREAS[step] for p in parameters((area,))]
 
 
@@ -83,6 +95,12 @@ def make_components(image: str, roots: list[RootParameter], target: str) -> dict
                                   install_kfp_package=False)
         component.component_spec.name = step
         out[step] = component
+    if target == CLUSTER:
+        boxes = [StepInput(r.field, r.type) for r in roots if r.field is not None]
+        component = dsl.component(settings_function(boxes, parameters(target=CLUSTER), OTHER_SETTINGS,
+                                                    COMPILED_SETTINGS), base_image=image, install_kfp_package=False)
+        component.component_spec.name = SETTINGS_TASK
+        out[SETTINGS_TASK] = component
     return out
 
 
@@ -100,7 +118,8 @@ def config_arguments(step: str, cfg: Config, target: str = LOCAL) -> dict[str, A
 
 @dataclass(frozen=True)
 class RootParameter:
-    """A run parameter of the compiled pipeline: a config field, typed so that the KFP run form can start it.
+    """A run parameter of the compiled pipeline: a config field, typed so that the KFP run form can start it
+    (``field`` None: ``other_settings``, a dict).
 
     The stock KFP run form (``NewRunParametersV2``) takes a default that is falsy in JavaScript
     (``0``, ``false``, ``""``) for a missing value and keeps Start disabled, so a field whose
@@ -108,19 +127,23 @@ class RootParameter:
     with the field's own type (``components.core.settings``).
     """
 
-    field: Parameter
+    field: Parameter | None
     type: type
     default: Any
 
     @property
     def key(self) -> str:
-        return self.field.key
+        return self.field.key if self.field is not None else OTHER_SETTINGS
 
     def encode(self, value: Any) -> Any:
         """A config value as this parameter carries it (run parameters of submit, schedule and local runs)."""
+        if self.field is not None:  # strictly typed, so a value set in code (an int on a float field) fits KFP's type
+            value = coerce(value, self.field.type, self.key)
         return settings.encode(value) if self.type is str else value
 
     def description(self) -> str:
+        if self.field is None:
+            return OTHER_SETTINGS_HELP
         p, notes = self.field, []
         if p.range_text():
             notes.append(f"Allowed: {p.range_text()}.")
@@ -135,19 +158,31 @@ _TYPE_WORDS = {int: "whole number", float: "number", bool: "true or false", str:
 
 
 def root_parameters(target: str = CLUSTER, defaults: Config | None = None) -> list[RootParameter]:
-    """The run parameters of the pipeline built for ``target``, with defaults from ``defaults`` (else the target's)."""
+    """The run parameters of the pipeline built for ``target``, with defaults from ``defaults`` (else the target's):
+    locally every run field; on a cluster the fields marked ``form=True``, then ``other_settings``."""
     defaults = defaults or config_defaults(target)
     out = []
     for p in parameters(target=target):
+        if target == CLUSTER and not p.form:
+            continue
         default = p.value_in(defaults)
         typ = p.type if default else str  # falsy: declared as text (see RootParameter)
         out.append(RootParameter(p, typ, settings.encode(default) if typ is str else default))
+    if target == CLUSTER:
+        out.append(RootParameter(None, dict, other_settings_of(defaults)))
     return out
 
 
-def run_parameters(cfg: Config, target: str = CLUSTER) -> dict[str, Any]:
-    """The values to start the pipeline with for ``cfg``: keyed and encoded as its root parameters."""
-    return {r.key: r.encode(r.field.value_in(cfg)) for r in root_parameters(target)}
+def run_parameters(cfg: Config, target: str = CLUSTER, compiled: Config | None = None) -> dict[str, Any]:
+    """The values to start the pipeline with for ``cfg``, keyed and encoded as its root parameters. On a cluster:
+    the boxes, and in ``other_settings`` only what differs from the pipeline's compiled values (``compiled``,
+    else the cluster defaults); left out when nothing does."""
+    out = {r.key: r.encode(r.field.value_in(cfg)) for r in root_parameters(target) if r.field is not None}
+    if target == CLUSTER:
+        differing = other_settings_of(cfg, against=compiled or config_defaults(CLUSTER))
+        if differing:
+            out[OTHER_SETTINGS] = differing
+    return out
 
 
 def _pipeline_docstring(roots: list[RootParameter]) -> str:
@@ -157,8 +192,8 @@ def _pipeline_docstring(roots: list[RootParameter]) -> str:
 
 
 def step_arguments(step: str, channels: dict[str, Any], roots: list[RootParameter], target: str) -> dict[str, Any]:
-    """The field inputs of one step's task: each from its run parameter, or its default where it is none
-    (local-only fields on a cluster)."""
+    """The field inputs of one step's task: each from its channel (locally the run parameter, on a cluster the
+    settings task's output), or its default where it has none (local-only fields on a cluster)."""
     return {item.name: channels[item.name] if item.name in channels else item.field.default_for(target)
             for item in step_inputs(step, roots, target)}
 
@@ -179,6 +214,7 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, target: str = CLUSTE
     roots = root_parameters(target, defaults)
     c = make_components(cluster.image, roots, target)
     names = [r.key for r in roots]
+    compiled = other_settings_of(defaults or config_defaults(target)) if target == CLUSTER else {}
 
     def configure(task, step: str):
         apply_cluster_settings(task, step, cluster, settings_by_step[step], retries=retries)
@@ -187,6 +223,10 @@ def build_pipeline(cluster: ClusterConfig | None = None, *, target: str = CLUSTE
     def pipeline_body(*args, **kwargs):
         p = dict(zip(names, args))
         p.update(kwargs)
+        if target == CLUSTER:  # one task checks the form's values as a config and hands every field on
+            checked = c[SETTINGS_TASK](**p, **{COMPILED_SETTINGS: compiled})
+            apply_cluster_settings(checked, SETTINGS_TASK, cluster, SETTINGS_POD, retries=False)
+            p = {f.key: checked.outputs[f.key] for f in parameters(target=CLUSTER)}
 
         def config(step: str) -> dict[str, Any]:
             return step_arguments(step, p, roots, target)

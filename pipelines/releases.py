@@ -15,6 +15,7 @@ from typing import Any
 
 from components.core.ledger import Ledger, LedgerError, Record, location
 from pipelines import config as config_mod
+from pipelines.commands import add_json, emit_json
 
 SHORT = 12  # characters of a model version or hash shown in text output
 
@@ -212,15 +213,18 @@ def cmd_releases(args: argparse.Namespace) -> int:
 
 def _list(args, cfg, ledger: Ledger) -> int:
     rows = release_rows(ledger)
-    print(json.dumps(rows, indent=2) if args.json else format_rows(rows, ledger.base))
+    if args.json:
+        emit_json(args, rows)
+    else:
+        print(format_rows(rows, ledger.base))
     return 0
 
 
 def _show(args, cfg, ledger: Ledger) -> int:
     view = show(ledger, args.version)
     if args.json:
-        print(json.dumps({**view, "back": [_as_json(r) for r in view["back"]],
-                          "forward": [_as_json(r) for r in view["forward"]]}, indent=2))
+        emit_json(args, {**view, "back": [_as_json(r) for r in view["back"]],
+                         "forward": [_as_json(r) for r in view["forward"]]})
     else:
         print(format_show(view))
     return 0
@@ -228,7 +232,10 @@ def _show(args, cfg, ledger: Ledger) -> int:
 
 def _diff(args, cfg, ledger: Ledger) -> int:
     view = diff(ledger, args.a, args.b)
-    print(json.dumps(view, indent=2) if args.json else format_diff(view))
+    if args.json:
+        emit_json(args, view)
+    else:
+        print(format_diff(view))
     return 0
 
 
@@ -304,18 +311,18 @@ def add_parser(sub) -> None:
     a = action("list", "one line per released model version",
                "Each released version: when, target, strategy, status (production, rolled back, superseded, "
                "in rollout) and the run that trained it.")
-    a.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_json(a, "the rows")
     a = action("show", "a version's lineage, back to its run and forward to what followed",
                "Back: the release, its gates, the run (config and data card hashes, code) and what caused it "
                "(a retrain, the drift before it). Forward: promotion or rollback, drift, retrain, the next release.")
     a.add_argument("version", metavar="VERSION")
-    a.add_argument("--json", action="store_true", help="print the records as JSON")
+    add_json(a, "the records")
     a = action("diff", "two versions' metrics, gates and config side by side",
                "Training and gate numbers (with the change), each gate's verdict, data and code, and every config "
                "field that differs.")
     a.add_argument("a", metavar="A")
     a.add_argument("b", metavar="B")
-    a.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    add_json(a, "the comparison")
     for name, help, description in (
             ("rollback", "serve the version before the one in production again",
              "Take the model in production out and serve the one that served before it (or --to VERSION) on "

@@ -1,6 +1,6 @@
 """The connection to a Kubeflow Pipelines API (``kfp.Client``, API v2beta1): host, token, namespace.
 
-    conn = resolve_connection(cfg.cluster, host="http://localhost:8888")   # --host/--token/--namespace
+    conn = resolve_connection(cfg.cluster, host="http://localhost:8888")   # --kfp-host/--token/--namespace
     client = connect(conn)                       # checks the API answers, then a kfp.Client
 
 Every call goes through ``api_call``: the errors of ``kfp.Client`` and
@@ -71,19 +71,19 @@ def resolve_connection(cluster: ClusterConfig, *, host: str | None = None, token
     env = os.environ if environ is None else environ
     in_cluster = bool(env.get("KUBERNETES_SERVICE_HOST"))
     if host and kube_context:
-        raise ClusterError("pass either --host or --kube-context, not both")
+        raise ClusterError("pass either --kfp-host or --kube-context, not both")
     host = host or (None if kube_context else cluster.kfp_host) or None  # an explicit --kube-context beats the config
     if host is None and kube_context is None:
         if not in_cluster:
             raise ClusterError(
-                "no Kubeflow Pipelines host: pass --host URL (e.g. http://localhost:8888 after "
+                "no Kubeflow Pipelines host: pass --kfp-host URL (e.g. http://localhost:8888 after "
                 "'kubectl -n kubeflow port-forward svc/ml-pipeline 8888:8888'), set cluster.kfp_host in the config, "
                 "or pass --kube-context NAME to go through the Kubernetes API server with your kubeconfig; "
                 f"inside the cluster the default is {IN_CLUSTER_HOST}")
         host = IN_CLUSTER_HOST
     if host is not None:
         if not re.match(r"^https?://[^/\s]+", host):
-            raise ClusterError(f"--host {host!r} must be an http:// or https:// URL, e.g. http://localhost:8888")
+            raise ClusterError(f"--kfp-host {host!r} must be an http:// or https:// URL, e.g. http://localhost:8888")
         host = host.rstrip("/")
 
     token = token or env.get(TOKEN_ENV) or None
@@ -119,11 +119,11 @@ class KubeconfigCredentials:
             k8s_config.load_kube_config(context=kube_context, client_configuration=self._loaded)
         except Exception as exc:  # the kubernetes loader raises many kinds; all mean "fix the kubeconfig"
             raise ClusterError(f"cannot use the kubeconfig (context {kube_context or 'current'}): {exc}; "
-                               "check KUBECONFIG / ~/.kube/config, or pass --host instead") from None
+                               "check KUBECONFIG / ~/.kube/config, or pass --kfp-host instead") from None
         if self._loaded.cert_file or not self._loaded.api_key.get("authorization"):
             raise ClusterError(f"kube context {kube_context or '(current)'} authenticates with a client certificate, "
                                "which this route does not support; use 'kubectl -n kubeflow port-forward "
-                               "svc/ml-pipeline 8888:8888' and --host http://localhost:8888")
+                               "svc/ml-pipeline 8888:8888' and --kfp-host http://localhost:8888")
         self.api_server = self._loaded.host.rstrip("/")
         self.ssl_ca_cert = self._loaded.ssl_ca_cert
         self.verify_ssl = self._loaded.verify_ssl
@@ -222,7 +222,7 @@ def api_call(where: str, what: str, fn: Callable, *args, **kwargs):
         raise ClusterError(_http_error_message(where, what, exc), status=exc.status) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise ClusterError(f"cannot reach Kubeflow Pipelines at {where} ({what}): {reason}. Check --host "
+        raise ClusterError(f"cannot reach Kubeflow Pipelines at {where} ({what}): {reason}. Check --kfp-host "
                            "(is the port-forward running? is it the ml-pipeline API, port 8888?)") from None
 
 
@@ -243,7 +243,7 @@ def _http_error_message(where: str, what: str, exc) -> str:
         return (f"Kubeflow Pipelines at {where} refused {what} (403 Forbidden{detail}). The token is valid but "
                 "may not act in this namespace: check --namespace and that you are a contributor of that profile.")
     if status == 404 and what in ("health check", "connect"):
-        return (f"no Kubeflow Pipelines API at {where} (404 on /apis/v2beta1/healthz): point --host at the "
+        return (f"no Kubeflow Pipelines API at {where} (404 on /apis/v2beta1/healthz): point --kfp-host at the "
                 "ml-pipeline service (port 8888) or the UI's /pipeline path.")
     return f"Kubeflow Pipelines at {where}: {what} failed ({status} {exc.reason}{detail})"
 

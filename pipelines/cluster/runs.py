@@ -8,7 +8,8 @@ What a run is sent:
 * the pipeline, compiled from ``ClusterConfig`` (image, Kubernetes settings); a
   pipeline of that name gets a new *version*, named by the compiled YAML's sha256,
   so submitting the same compile twice reuses its version;
-* the run parameters: ``run_parameters(cfg)`` (never credentials: those come from
+* the run parameters: ``run_parameters(cfg)``, the run form's boxes and, in ``other_settings``,
+  the fields that differ from the compiled values (never credentials: those come from
   the Secret named in ``ClusterConfig``, see ``pipelines/pod_settings.py``);
 * the ServiceAccount on the run (``ClusterConfig.service_account``), not per task.
 """

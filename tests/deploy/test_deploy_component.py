@@ -113,7 +113,9 @@ def test_the_pipeline_wires_every_serving_setting_the_deploy_step_takes(tmp_path
         if p.local_only:  # the local server's settings are constants on a cluster
             assert "runtimeValue" in inputs[p.key], p.key
         else:
-            assert inputs[p.key] == {"componentInputParameter": f"pipelinechannel--{p.key}"}, f"{p.key} is not wired"
+            # from the settings task (the run form's boxes and other_settings, checked), into the gates' conditions
+            assert inputs[p.key] == {"componentInputParameter": f"pipelinechannel--settings-{p.key}"}, \
+                f"{p.key} is not wired"
 
 
 def test_pipeline_wires_serving_batching_into_the_deploy_task():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import cli
+from pipelines.commands import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,7 +73,7 @@ def test_example_configs_and_flags_of_run_examples_are_valid():
     for command in help_examples() + readme_examples():
         if command.startswith("mlops run"):
             args = _parse(command)
-            cli._load_config(args)  # raises ConfigError on a bad value
+            load_config(args)  # raises ConfigError on a bad value
 
 
 def test_a_bad_config_stops_the_run_at_once_with_every_problem(tmp_path):
@@ -232,3 +233,158 @@ def test_monitor_without_serving_state_asks_for_the_reference(tmp_path, run_cli)
     code, _, err = run_cli(["monitor", "--runs-dir", str(runs), "--serving-home", str(tmp_path / "none"),
                             "--log-dir", str(tmp_path)])
     assert code == 1 and "pass --reference" in err
+
+
+# --- conventions: version, help, choices, one spelling per setting, --json ------------------------------------------
+
+
+def test_version_and_bare_mlops(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as done:
+        cli.build_parser().parse_args(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mlops {importlib.metadata.version('kfp-mlops')}"
+    assert cli.main([]) == 2, "no command is a usage error"
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mlops") and "doctor" in out and "predict" in out
+
+
+def _help(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        cli.build_parser().parse_args(argv)
+    return text.getvalue()
+
+
+def test_run_help_is_short_and_help_all_lists_every_setting():
+    from pipelines import config
+    from pipelines.commands.run import FIRST_SETTINGS
+
+    short, full = _help(["run", "--help"]), _help(["run", "--help-all"])
+    assert len(short.splitlines()) < 150 < len(full.splitlines())
+    assert "--pretrain-epochs" in short and "--gates-pgd-steps" not in short
+    hidden = len(config.parameters(("gates",))) - len([k for k in FIRST_SETTINGS if k.startswith("gates_")])
+    words = " ".join(short.split())
+    assert f"{hidden} more gates settings" in words and "mlops config show --area gates" in words
+    for p in config.parameters(config.PARAMETER_AREAS):
+        assert config.flag_of(p) in full, p.key
+    assert "more gates settings" not in full
+
+
+def test_every_settings_flag_parses_on_run_although_help_hides_it():
+    from pipelines import config
+
+    for p in config.parameters(config.PARAMETER_AREAS):
+        value = p.choices[-1] if p.choices else p.default
+        argv = [f"--{'' if value else 'no-'}{p.key.replace('_', '-')}"] if p.type is bool else \
+            [config.flag_of(p), str(value)]
+        args = _parse(" ".join(["mlops", "run", *map(shlex.quote, argv)]))
+        assert getattr(args, p.key) == value, p.key
+
+
+def test_each_subcommand_shows_only_its_flags():
+    listing = _help(["schedule", "list", "--help"])
+    assert "--kfp-host" in listing and "--namespace" in listing
+    assert "--pretrain-epochs" not in listing and "--cron" not in listing and len(listing.splitlines()) < 40
+    create = _help(["schedule", "create", "--help"])
+    assert "--cron" in create and "--pretrain-epochs" in create
+    status = _help(["serve", "status", "--help"])
+    assert "--serving-home" in status and "--gates-override" not in status and "--run-id" not in status
+    assert "--kfp-host" not in _help(["compile", "--help"]), "compile does not connect"
+
+
+def test_fixed_choice_settings_are_argparse_choices(capsys):
+    from pipelines import config
+
+    parser = cli.build_parser()
+    run = parser._subparsers._group_actions[0].choices["run"]
+    by_dest = {a.dest: a for a in run._actions}
+    fixed = [p for p in config.parameters(config.PARAMETER_AREAS) if p.choices]
+    assert {"pretrain_objective", "finetune_mode", "rollout_strategy", "serving_deploy_target"} <= {p.key for p in fixed}
+    for p in fixed:
+        assert tuple(by_dest[p.key].choices) == p.choices, p.key
+    with pytest.raises(SystemExit) as done:
+        parser.parse_args(["run", "--rollout-strategy", "blue-green"])
+    assert done.value.code == 2 and "choose from 'replace', 'shadow', 'canary'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["submit"], ["schedule", "create", "--cron", "0 3 * * *"], ["schedule", "list"], ["schedule", "pause", "x"],
+])
+def test_the_kfp_host_is_spelled_kfp_host_everywhere(argv, monkeypatch):
+    from pipelines import config
+
+    url = "http://localhost:8888"
+    for spelling in ("--kfp-host", "--host", "--cluster-kfp-host"):  # the old ones still parse
+        args = cli.build_parser().parse_args([*argv, spelling, url])
+        assert load_config(args, config.CLUSTER).cluster.kfp_host == url
+    help_text = _help([*argv, "--help"])
+    assert "--kfp-host" in help_text and "--host " not in help_text and "--cluster-kfp-host" not in help_text
+    monkeypatch.setenv("KFP_HOST", "http://from-env:8888")
+    assert load_config(cli.build_parser().parse_args(argv), config.CLUSTER).cluster.kfp_host == "http://from-env:8888"
+    args = cli.build_parser().parse_args([*argv, "--kfp-host", url])
+    assert load_config(args, config.CLUSTER).cluster.kfp_host == url, "the flag beats the environment"
+    assert cli.build_parser().parse_args(["monitor", "--kfp-host", url]).kfp_host == url
+
+
+def test_schedule_without_an_action_creates_and_an_action_after_the_flags_is_found():
+    parser = cli.build_parser()
+    assert parser.parse_args(["schedule", "--cron", "0 3 * * *"]).action == "create"
+    args = parser.parse_args(["schedule", "--kfp-host", "http://h:1", "--token", "t", "--name", "list", "--cron", "@daily"])
+    assert args.action == "create" and args.name == "list", "an option's value is not an action"
+    args = parser.parse_args(["schedule", "--kfp-host", "http://h:1", "--token", "t", "pause", "nightly"])
+    assert args.action == "pause" and args.target == "nightly" and args.token == "t"
+
+
+def test_run_json_prints_only_the_summary_on_stdout(tmp_path, monkeypatch, run_cli):
+    import pipelines.local
+
+    def run_local(cfg, **kwargs):
+        print("[12:00:00] step ingest")  # the run's progress
+        return {"run_id": "r1", "status": "blocked", "gates": {}}
+
+    monkeypatch.setattr(pipelines.local, "run_local", run_local)
+    code, out, err = run_cli(["run", "--json", "--skip-doctor", "--runs-dir", str(tmp_path)])
+    assert code == 3 and json.loads(out) == {"run_id": "r1", "status": "blocked", "gates": {}}
+    assert "step ingest" in err and "step ingest" not in out
+
+
+def test_compile_json(tmp_path, run_cli):
+    out_file = tmp_path / "p.yaml"
+    code, out, _ = run_cli(["compile", "-o", str(out_file), "--json", "--cluster-image", "r.example.com/x:1"])
+    assert code == 0 and json.loads(out)["output"] == str(out_file) and json.loads(out)["image"] == "r.example.com/x:1"
+
+
+def test_config_show(run_cli):
+    code, out, _ = run_cli(["config", "show", "--area", "pretrain", "--pretrain-epochs", "5", "--json"])
+    rows = {r["setting"]: r for r in json.loads(out)}
+    assert code == 0 and set(rows) == {f"pretrain.{n}" for n in __import__("pipelines.config").config.PretrainConfig.__dataclass_fields__}
+    assert rows["pretrain.epochs"]["value"] == 5 and rows["pretrain.epochs"]["default"] == 60
+    assert rows["pretrain.arch"]["allowed"] == "one of cnn, resnet, vgg" and rows["pretrain.epochs"]["flag"] == "--pretrain-epochs"
+    code, out, _ = run_cli(["config", "show", "--area", "cluster", "--target", "cluster"])
+    assert code == 0 and "cluster.kfp_host = ''" in out and "--kfp-host" in out
+
+
+def test_submit_and_schedule_json_against_a_kfp_api(kfp_api, run_cli, monkeypatch):
+    """The result alone on stdout (progress on stderr); the host from $KFP_HOST, the token from $KFP_TOKEN."""
+    monkeypatch.setenv("KFP_HOST", kfp_api.url)
+    monkeypatch.setenv("KFP_TOKEN", "good-token")
+    kfp_api.run_states = ["PENDING", "RUNNING", "SUCCEEDED"]
+    code, out, err = run_cli(["submit", "--json", "--wait", "--poll-s", "0.01", "--pretrain-epochs", "3"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["run_id"] in kfp_api.runs and result["state"] == "SUCCEEDED" and result["exit_code"] == 0
+    assert result["url"] == f"{kfp_api.url}/#/runs/details/{result['run_id']}"
+    assert "RUNNING" in err and "SUCCEEDED" in err
+    code, out, err = run_cli(["schedule", "create", "--cron", "0 3 * * *", "--name", "nightly", "--json"])
+    assert code == 0, err
+    created = json.loads(out)
+    assert created["name"] == "nightly" and created["enabled"] and created["cron"] == "0 0 3 * * *"
+    code, out, _ = run_cli(["schedule", "list", "--json"])
+    assert code == 0 and [s["recurring_run_id"] for s in json.loads(out)] == [created["recurring_run_id"]]
+    code, out, err = run_cli(["schedule", "pause", "nightly", "--json"])
+    assert code == 0 and json.loads(out)["enabled"] is False and "paused" in err

@@ -88,6 +88,9 @@ def test_run_carries_the_config_parameters_and_service_account_never_credentials
     expected = config_defaults(CLUSTER)
     expected.finetune.epochs, expected.data.seed = 7, 5
     assert run["runtime_config"]["parameters"] == run_parameters(expected)
+    # the run form's boxes, and in other_settings only what differs from the compiled values
+    assert run["runtime_config"]["parameters"]["finetune_epochs"] == 7
+    assert run["runtime_config"]["parameters"]["other_settings"] == {"data": {"seed": 5}}
     assert run["service_account"] == "trainer"
     assert _cli(kfp_api, "submit", "--config", str(config_file), "--service-account", "other-sa") == 0
     assert _run_bodies(kfp_api)[-1]["service_account"] == "other-sa", "the flag beats the config"
@@ -163,6 +166,7 @@ def test_schedule_is_a_recurring_run_with_converted_cron_no_catchup_and_max_conc
     assert body["mode"] == "ENABLE"
     assert body["service_account"] == "kfp-mlops-pipeline"
     assert body["runtime_config"]["parameters"] == run_parameters(config_defaults(CLUSTER))
+    assert "other_settings" not in body["runtime_config"]["parameters"], "the defaults: the compiled values apply"
     assert kfp_api.experiments[body["experiment_id"]]["display_name"] == "retraining"
     assert body["pipeline_version_reference"]["pipeline_version_id"] in kfp_api.versions
     assert "converted the 5-field cron '0 3 * * *' to KFP's 6-field form '0 0 3 * * *'" in capsys.readouterr().out
@@ -295,7 +299,7 @@ def test_unreachable_host_gives_a_clear_error(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["submit"], "no Kubeflow Pipelines host: pass --host URL"),
+        (["submit"], "no Kubeflow Pipelines host: pass --kfp-host URL"),
         (["submit", "--host", "localhost:8888"], "must be an http:// or https:// URL"),
         (["schedule", "list"], "no Kubeflow Pipelines host"),
     ],

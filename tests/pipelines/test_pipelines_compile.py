@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from pipelines.config import CLUSTER, ClusterConfig, parameters
-from pipelines.pipeline import STEP_AREAS, STEPS, build_pipeline, compile_pipeline
+from pipelines.pipeline import SETTINGS_TASK, STEP_AREAS, STEPS, build_pipeline, compile_pipeline
 from pipelines.pod_settings import RETRYABLE_STEPS, STEP_DEFAULTS, STORAGE_CONFIG_ENV, STORAGE_STEPS, step_settings
+from pipelines.run_settings import OTHER_SETTINGS
 
 IMAGE = "registry.example.com/team/kfp-mlops:1.2.3"
 
@@ -56,9 +57,10 @@ def test_task_graph(compiled):
     tasks = _all_tasks(spec)
     assert set(STEPS) <= set(tasks), f"missing steps: {set(STEPS) - set(tasks)}"
 
-    def deps(name):
-        return set(tasks[name].get("dependentTasks", []))
+    def deps(name):  # every step also takes its settings from the settings task
+        return set(tasks[name].get("dependentTasks", [])) - {SETTINGS_TASK}
 
+    assert set(tasks["ingest"]["dependentTasks"]) == {SETTINGS_TASK}
     assert deps("pretrain") == {"ingest"}
     assert deps("finetune") == {"ingest", "pretrain"}
     for gate in ("evaluate", "privacy", "robustness"):
@@ -73,13 +75,24 @@ def test_task_graph(compiled):
     assert "deployment" in tasks["monitor"]["inputs"]["artifacts"]
 
 
-def test_every_root_parameter_has_description_and_default(compiled):
+def test_the_run_form_is_the_few_marked_fields_and_other_settings_each_described_with_a_default(compiled):
     _, spec, _ = compiled
     root_params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(root_params) == {p.key for p in parameters(target=CLUSTER)}
+    boxes = {p.key for p in parameters(target=CLUSTER) if p.form}
+    assert 5 <= len(boxes) <= 10, "a handful of boxes: the stock run form lists them without descriptions"
+    assert set(root_params) == boxes | {OTHER_SETTINGS}
+    assert {"data_source", "pretrain_epochs", "finetune_epochs", "finetune_label_fraction", "finetune_dp_epsilon",
+            "gates_min_test_accuracy", "rollout_strategy"} <= boxes
     for name, definition in root_params.items():
         assert definition.get("description"), f"{name} has no description"
         assert "defaultValue" in definition, f"{name} has no defaultValue"
+    other = root_params[OTHER_SETTINGS]
+    assert other["parameterType"] == "STRUCT" and "docs/configuration.md" in other["description"]
+    # every run field without a box is in its default, by area, with its cluster value
+    shown = {f"{area}_{name}" for area, fields in other["defaultValue"].items() for name in fields}
+    assert shown == {p.key for p in parameters(target=CLUSTER) if not p.form}
+    assert other["defaultValue"]["serving"]["deploy_target"] == "kubernetes"
+    assert other["defaultValue"]["pretrain"]["batch_size"] == 128
 
 
 def test_no_root_parameter_has_a_default_the_kfp_run_form_takes_for_missing(compiled):
@@ -89,27 +102,44 @@ def test_no_root_parameter_has_a_default_the_kfp_run_form_takes_for_missing(comp
     root_params = spec["root"]["inputDefinitions"]["parameters"]
     falsy = {name: d["defaultValue"] for name, d in root_params.items() if not d["defaultValue"]}
     assert not falsy, f"the KFP run form cannot start a run with these defaults: {falsy}"
-    assert root_params["data_seed"] == {"parameterType": "STRING", "defaultValue": "0", "isOptional": True,
-                                        "description": root_params["data_seed"]["description"]}
-    assert root_params["gates_override"]["defaultValue"] == "false"
-    assert root_params["gates_override_reason"]["defaultValue"] == '""'
+    assert root_params["finetune_dp_epsilon"] == {
+        "parameterType": "STRING", "defaultValue": "0.0", "isOptional": True,
+        "description": root_params["finetune_dp_epsilon"]["description"]}
     assert root_params["pretrain_epochs"]["parameterType"] == "NUMBER_INTEGER", "truthy defaults keep their type"
 
 
 def test_cluster_defaults_and_no_loopback_settings_in_the_run_form(compiled):
     _, spec, _ = compiled
-    root_params = spec["root"]["inputDefinitions"]["parameters"]
-    assert root_params["serving_deploy_target"]["defaultValue"] == "kubernetes"
-    assert root_params["gates_champion_model"]["defaultValue"] == "store"
-    for local_only in ("serving_host", "serving_inference_port", "serving_management_port", "serving_metrics_port",
-                       "serving_home", "serving_request_log_dir", "serving_startup_timeout_s"):
-        assert local_only not in root_params, local_only
+    other = spec["root"]["inputDefinitions"]["parameters"][OTHER_SETTINGS]["defaultValue"]
+    assert other["serving"]["deploy_target"] == "kubernetes"
+    assert other["gates"]["champion_model"] == "store"
+    for local_only in ("host", "inference_port", "management_port", "metrics_port", "home", "request_log_dir",
+                       "startup_timeout_s"):
+        assert local_only not in other["serving"], local_only
+    assert "replay" not in other["rollout"] and "cluster" not in other
+
+
+KFP_TYPES = {int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN", str: "STRING"}
+
+
+def test_the_settings_task_takes_the_run_form_and_outputs_every_field_typed(compiled):
+    _, spec, _ = compiled
+    root = spec["root"]["dag"]["tasks"]
+    task = root[SETTINGS_TASK]
+    assert "dependentTasks" not in task, "the settings task runs first"
+    wired = task["inputs"]["parameters"]
+    for name in spec["root"]["inputDefinitions"]["parameters"]:
+        assert wired[name] == {"componentInputParameter": name}
+    outputs = spec["components"][f"comp-{SETTINGS_TASK}"]["outputDefinitions"]["parameters"]
+    assert {k: v["parameterType"] for k, v in outputs.items()} == {
+        p.key: KFP_TYPES[p.type] for p in parameters(target=CLUSTER)}
+    assert wired["compiled_settings"]["runtimeValue"]["constant"]["pretrain"]["batch_size"] == 128
+    assert "ingest" in {name for name, t in root.items() if SETTINGS_TASK in t.get("dependentTasks", [])}
 
 
 def test_every_step_gets_each_field_of_its_config_areas_as_a_typed_input(compiled):
     _, spec, _ = compiled
     tasks = _all_tasks(spec)
-    roots = spec["root"]["inputDefinitions"]["parameters"]
     for step, areas in STEP_AREAS.items():
         task_inputs = tasks[step]["inputs"]["parameters"]
         component_inputs = spec["components"][f"comp-{step}"]["inputDefinitions"]["parameters"]
@@ -118,9 +148,11 @@ def test_every_step_gets_each_field_of_its_config_areas_as_a_typed_input(compile
             if p.local_only:  # not a run parameter on a cluster: the default goes in as a constant
                 assert "constant" in wired["runtimeValue"], (step, p.key)
                 continue
-            # deploy and monitor sit in the gates' condition sub-DAGs, which pass the root parameter down
-            assert wired["componentInputParameter"] in (p.key, f"pipelinechannel--{p.key}"), (step, p.key)
-            assert component_inputs[p.key]["parameterType"] == roots[p.key]["parameterType"], (step, p.key)
+            # from the settings task's output; deploy and monitor sit in the gates' condition sub-DAGs,
+            # which pass it down as a channel
+            assert wired.get("taskOutputParameter") == {"outputParameterKey": p.key, "producerTask": SETTINGS_TASK} \
+                or wired.get("componentInputParameter") == f"pipelinechannel--{SETTINGS_TASK}-{p.key}", (step, p.key)
+            assert component_inputs[p.key]["parameterType"] == KFP_TYPES[p.type], (step, p.key)
             assert component_inputs[p.key]["description"] == p.help, (step, p.key)
         own = {p.key for area in areas for p in parameters((area,))}
         assert not {k for k in task_inputs if "_" in k and k.split("_")[0] in STEP_AREAS} - own, step
@@ -133,17 +165,21 @@ def test_compile_with_a_config_file_makes_its_values_the_run_forms_defaults(tmp_
     settings.write_text("pretrain:\n  epochs: 7\ngates:\n  min_test_accuracy: 0.95\nserving:\n  model_store_uri: s3://models/x\n")
     out = tmp_path / "p.yaml"
     assert main(["compile", "-o", str(out), "--config", str(settings)]) == 0
-    root_params = next(yaml.safe_load_all(out.read_text()))["root"]["inputDefinitions"]["parameters"]
+    spec = next(yaml.safe_load_all(out.read_text()))
+    root_params = spec["root"]["inputDefinitions"]["parameters"]
     assert root_params["pretrain_epochs"]["defaultValue"] == 7
     assert root_params["gates_min_test_accuracy"]["defaultValue"] == 0.95
-    assert root_params["serving_model_store_uri"]["defaultValue"] == "s3://models/x"
-    assert root_params["serving_deploy_target"]["defaultValue"] == "kubernetes"
+    other = root_params[OTHER_SETTINGS]["defaultValue"]
+    assert other["serving"]["model_store_uri"] == "s3://models/x"
+    assert other["serving"]["deploy_target"] == "kubernetes"
+    compiled_in = spec["root"]["dag"]["tasks"][SETTINGS_TASK]["inputs"]["parameters"]["compiled_settings"]
+    assert compiled_in["runtimeValue"]["constant"] == other, "a setting left out of other_settings keeps this value"
 
 
 def test_every_step_runs_in_the_configured_image_without_runtime_installs(compiled):
     _, spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == len(STEPS)
+    assert len(executors) == len(STEPS) + 1  # the steps and the settings task
     for name, ex in executors.items():
         container = ex["container"]
         assert container["image"] == IMAGE, name
@@ -222,6 +258,7 @@ def test_every_step_has_its_timeout(compiled):
     _, _, platform = compiled
     for step in STEPS:
         assert int(_k8s(platform, step)["activeDeadlineSeconds"]) == STEP_DEFAULTS[step].timeout_s, step
+    assert int(_k8s(platform, SETTINGS_TASK)["activeDeadlineSeconds"]) > 0
 
 
 def test_retries_with_backoff_on_idempotent_steps_never_on_deploy(compiled):
@@ -238,8 +275,10 @@ def test_retries_with_backoff_on_idempotent_steps_never_on_deploy(compiled):
 
 
 def test_every_step_runs_non_root_with_pull_policy_and_resources(compiled):
+    from pipelines.pipeline import SETTINGS_POD
+
     _, spec, platform = compiled
-    for step, defaults in STEP_DEFAULTS.items():
+    for step, defaults in {**STEP_DEFAULTS, SETTINGS_TASK: SETTINGS_POD}.items():
         k8s = _k8s(platform, step)
         assert k8s["securityContext"] == {"runAsUser": "10001", "runAsGroup": "10001", "runAsNonRoot": True}, step
         assert k8s["imagePullPolicy"] == "IfNotPresent", step
@@ -332,8 +371,8 @@ def normalise(docs: list) -> str:
     Kept: the task graph, conditions, inputs/outputs and their types, images, resources,
     retries, caching and every Kubernetes setting. Replaced by placeholders: the
     component source KFP embeds in each command (the step modules change often and have
-    their own tests), descriptions and parameter defaults (they come from the config's
-    help texts and defaults; test_every_root_parameter_has_description_and_default checks
+    their own tests), descriptions, parameter defaults and the settings task's compiled
+    values (they come from the config's help texts and defaults; the run form's tests check
     them), and the kfp version.
     """
     def walk(node, key=None):
@@ -344,6 +383,8 @@ def normalise(docs: list) -> str:
                     out[k] = "<description>"
                 elif k == "defaultValue" and key == "parameter":
                     out[k] = "<config default>"
+                elif k == "constant" and isinstance(v, dict):
+                    out[k] = "<compiled settings>"
                 else:
                     out[k] = walk(v, "parameter" if key == "parameters" else k)
             return out

@@ -131,9 +131,9 @@ def test_retrain_on_drift_starts_one_cluster_run_per_window_with_the_reason(drif
     assert saved["retrain"] == retrain == json.loads((verdict_dir / RETRAIN_MARKER).read_text())
     first_bytes = (verdict_dir / "verdict.json").read_bytes()
 
-    code, stdout, _ = run_cli(argv)  # the same window again: no second run, the same verdict
+    code, _, err = run_cli(argv)  # the same window again: no second run, the same verdict (words on stderr: --json)
     assert code == 2 and len(kfp_api.calls("POST", "/runs")) == 1
-    assert "already started for this window" in stdout
+    assert "already started for this window" in err
     assert (verdict_dir / "verdict.json").read_bytes() == first_bytes
     code, _, _ = run_cli([*args, "--out", str(out)])  # without the flag, the window's retrain stays in its verdict
     assert (verdict_dir / "verdict.json").read_bytes() == first_bytes
@@ -246,11 +246,14 @@ def test_the_retrain_cronjob_starts_one_run_from_its_pod(drifted_log, kfp_api, m
     (experiment,) = kfp_api.experiments.values()
     assert experiment["namespace"] == binding["metadata"]["namespace"] == "kfp-mlops"
     assert run["service_account"] == "kfp-mlops-pipeline"
-    assert run["runtime_config"]["parameters"]["serving_deploy_target"] == "kubernetes"
+    # the ConfigMap's settings that differ from the compiled ones, in the run form's other_settings
+    # (and nothing else: the cluster's defaults, e.g. deploy to Kubernetes and the champion from the model store)
+    assert run["runtime_config"]["parameters"]["other_settings"] == {"serving": {
+        "model_store_uri": "s3://kfp-mlops/models/digits"}}
     assert "drift in" in run["description"]
 
-    code, stdout, _ = run_cli(argv)  # the same window again (a rerun of the Job): no second run
-    assert code == 2 and len(kfp_api.calls("POST", "/runs")) == 1 and "already started for this window" in stdout
+    code, _, err = run_cli(argv)  # the same window again (a rerun of the Job): no second run
+    assert code == 2 and len(kfp_api.calls("POST", "/runs")) == 1 and "already started for this window" in err
     from components.core.ledger import Ledger
 
     ledger = Ledger(tmp_path / "ledger")

@@ -111,7 +111,8 @@ def test_the_pipeline_records_outside_the_gates_and_deploy_follows_the_gated_rec
     root_tasks = spec.root.dag.tasks
     assert "record" in root_tasks, "record runs when a gate blocks too: outside the conditions"
     record = root_tasks["record"]
-    assert set(record.dependent_tasks) == {"ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness"}
+    assert set(record.dependent_tasks) == {"settings", "ingest", "pretrain", "finetune", "evaluate", "privacy",
+                                           "robustness"}
     assert {f"passed_{g}" for g in ("evaluate", "privacy", "robustness")} <= set(record.inputs.parameters)
     assert not record.trigger_policy.condition
 
