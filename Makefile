@@ -40,8 +40,17 @@ ifeq ($(filter $(CONTAINERS),require auto off),)
 $(error CONTAINERS=$(CONTAINERS): use require, auto or off)
 endif
 export KFP_MLOPS_CONTAINER_TESTS := $(CONTAINERS)
+# The browser tests (tests/browser) drive Debian's headless chromium with its chromedriver. BROWSER=require (CI):
+# install both where missing (scripts/browser.sh, as root) and fail on any skipped browser test; auto (default): those
+# tests skip, saying why, when no browser runs; off: they skip. The tests read the mode from KFP_MLOPS_BROWSER_TESTS
+# and leave a screenshot per test in build/test-artifacts/browser/.
+BROWSER ?= auto
+ifeq ($(filter $(BROWSER),require auto off),)
+$(error BROWSER=$(BROWSER): use require, auto or off)
+endif
+export KFP_MLOPS_BROWSER_TESTS := $(BROWSER)
 
-.PHONY: install run test test-fast containers compile base-image wheelhouse project-wheels image image-cuda lock checkov manifests clean
+.PHONY: install run test test-fast containers browser compile base-image wheelhouse project-wheels image image-cuda lock checkov manifests clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -68,7 +77,7 @@ run: install
 test: install checkov
 	if [ $(CONTAINERS) = require ] && ! scripts/container_engine.sh check >/dev/null; then \
 	    trap 'scripts/container_engine.sh stop' EXIT; fi; \
-	$(MAKE) --no-print-directory containers && $(PYTEST)
+	$(MAKE) --no-print-directory containers browser && $(PYTEST)
 
 test-fast: install checkov
 	$(PYTEST) -m "not slow and not containers"
@@ -81,6 +90,17 @@ ifeq ($(CONTAINERS),require)
 else ifeq ($(CONTAINERS),auto)
 	@if why=$$(scripts/container_engine.sh check); then $(MAKE) --no-print-directory image; else \
 	    echo "$$why: the container tests (tests/containers) will be skipped; an engine: sudo scripts/container_engine.sh ensure"; fi
+else
+	@:
+endif
+
+# What the browser tests need, by BROWSER (above).
+browser:
+ifeq ($(BROWSER),require)
+	scripts/browser.sh ensure
+else ifeq ($(BROWSER),auto)
+	@why=$$(scripts/browser.sh check) || \
+	    echo "$$why: the browser tests (tests/browser) will be skipped; a browser: sudo scripts/browser.sh ensure"
 else
 	@:
 endif

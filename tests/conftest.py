@@ -5,12 +5,15 @@ import time
 import uuid
 from pathlib import Path
 
+import browser_support
 import container_support
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from runbrowser_support import make_run  # noqa: F401 - a fixture of the run browser's tests
 
 from components.core.data import Splits, save_splits
 
@@ -464,13 +467,43 @@ def project_images(container_engine) -> dict:
     return container_support.local_images(container_engine, container_support.project_image_tags())
 
 
+# ---------------------------------------------------------------- the browser tests (tests/browser_support.py)
+# Fixtures of nested folders live here too: a second conftest.py would be imported as the module "conftest" and
+# shadow this one for the tests that import helpers from it.
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """The session's headless Chromium (Selenium WebDriver); skips, saying how to get one, when none is installed."""
+    driver = browser_support.start_chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def browser(chromium, request):
+    """The session's Chromium for one test, its console emptied first; on teardown a screenshot of the page it
+    shows goes to build/test-artifacts/browser/<test>.png (CI keeps that folder)."""
+    import warnings
+
+    browser_support.console_entries(chromium)  # the messages of the tests before this one
+    yield chromium
+    path = browser_support.artifacts_dir() / f"{browser_support.artifact_name(request.node.nodeid)}.png"
+    try:
+        browser_support.screenshot(chromium, path)
+    except Exception as err:  # the test's own result matters more than its picture
+        warnings.warn(f"no screenshot of {request.node.nodeid}: {err}", stacklevel=1)
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     container_support.fail_instead_of_skip(outcome.get_result(), item.path)
+    browser_support.fail_instead_of_skip(outcome.get_result(), item.path)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_make_collect_report(collector):
     outcome = yield
     container_support.fail_instead_of_skip(outcome.get_result(), collector.path)
+    browser_support.fail_instead_of_skip(outcome.get_result(), collector.path)

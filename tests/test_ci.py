@@ -1,9 +1,10 @@
-"""How CI runs the container tests, checked without a Docker engine.
+"""How CI runs the container and browser tests, checked without a Docker engine or a browser.
 
 .ci/run calls `make test CONTAINERS=require`: the Makefile installs and starts an engine, builds the images and sets
 KFP_MLOPS_CONTAINER_TESTS=require, under which a container test that skips fails (tests/container_support.py).
 Here: that rule on a real container test whose engine is absent, the line `make test` prints when no engine
-answers, and scripts/container_engine.sh's refusal to stop a daemon it did not start.
+answers, and scripts/container_engine.sh's refusal to stop a daemon it did not start. The same for BROWSER=require
+and the browser tests (tests/browser_support.py, scripts/browser.sh), with a browser that is not there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ CONTAINER_TEST = "tests/containers/test_containers_images.py::test_pipeline_imag
 
 
 # Settings of the run around this one (`make test`'s own, pytest's) that must not reach the runs started here.
-OUTER_SETTINGS = ("PYTEST_ADDOPTS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", container_support.MODE_ENV)
+OUTER_SETTINGS = ("PYTEST_ADDOPTS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", container_support.MODE_ENV,
+                  "KFP_MLOPS_BROWSER_TESTS")
 
 
 def no_engine_env(**extra: str) -> dict[str, str]:
@@ -39,9 +41,9 @@ def run_pytest(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
                           env=no_engine_env(**{container_support.MODE_ENV: mode}))
 
 
-def test_ci_runs_make_test_with_the_container_tests_required():
+def test_ci_runs_make_test_with_the_container_and_browser_tests_required():
     lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert "make test CONTAINERS=require" in lines
+    assert "make test CONTAINERS=require BROWSER=require" in lines
 
 
 def test_without_an_engine_a_container_test_skips_saying_how_to_get_one(tmp_path):
@@ -119,3 +121,75 @@ def test_the_engine_script_stops_only_a_dockerd_it_started(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+# ---------------------------------------------------------------- the browser tests (tests/browser)
+# A browser test that needs only the browser (no pipeline run), and a browser that is not there.
+BROWSER_TEST = "tests/browser/test_browser_harness.py::test_console_errors_and_uncaught_exceptions_are_seen"
+NO_BROWSER = {"KFP_MLOPS_CHROMIUM": "/nonexistent/kfp-mlops/chromium"}
+
+
+def run_browser_test(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-n", "0", "-p", "no:cacheprovider",
+                           "--basetemp", str(tmp_path / "basetemp"), BROWSER_TEST],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+                          env=no_engine_env(KFP_MLOPS_BROWSER_TESTS=mode, **NO_BROWSER))
+
+
+def test_without_a_browser_a_browser_test_skips_saying_how_to_get_one(tmp_path):
+    done = run_browser_test(tmp_path, "auto")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "1 skipped" in out and "no /nonexistent/kfp-mlops/chromium to run" in out, out
+    assert "scripts/browser.sh ensure" in out, out
+
+
+def test_when_required_a_skipped_browser_test_fails_with_the_skips_reason(tmp_path):
+    done = run_browser_test(tmp_path, "require")
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "KFP_MLOPS_BROWSER_TESTS=require: a browser test may not skip" in out, out
+    assert "no /nonexistent/kfp-mlops/chromium to run" in out, out
+
+
+def test_browser_tests_turned_off_skip_even_with_a_browser(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-n", "0", "-p", "no:cacheprovider",
+                           "--basetemp", str(tmp_path / "basetemp"), BROWSER_TEST],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+                          env=no_engine_env(KFP_MLOPS_BROWSER_TESTS="off"))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "1 skipped" in out and "BROWSER=off" in out, out
+
+
+def test_make_test_says_in_one_line_why_the_browser_tests_will_be_skipped():
+    done = subprocess.run(["make", "--no-print-directory", "browser", "BROWSER=auto"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False, env=no_engine_env(**NO_BROWSER))
+    assert done.returncode == 0, done.stdout + done.stderr
+    line, = done.stdout.splitlines()
+    assert "no /nonexistent/kfp-mlops/chromium" in line and "browser tests (tests/browser) will be skipped" in line
+
+
+def test_an_unknown_browser_mode_is_refused():
+    done = subprocess.run(["make", "--no-print-directory", "browser", "BROWSER=sometimes"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False, env=no_engine_env())
+    assert done.returncode != 0 and "use require, auto or off" in done.stderr
+
+
+def test_the_browser_script_names_a_driver_that_does_not_match_the_browser(tmp_path):
+    """chromedriver drives only its own major version of Chromium: check says so instead of a test failing later."""
+    chromium = tmp_path / "chromium"
+    chromium.write_text("#!/bin/sh\necho 'Chromium 156.0.8078.129 built on Debian GNU/Linux 12 (bookworm)'\n")
+    driver = tmp_path / "chromedriver"
+    driver.write_text("#!/bin/sh\necho 'ChromeDriver 131.0.6778.85 (abc-refs/branch-heads/6778@{#1})'\n")
+    for path in (chromium, driver):
+        path.chmod(0o755)
+    done = subprocess.run([str(ROOT / "scripts" / "browser.sh"), "check"], capture_output=True, text=True,
+                          timeout=60, check=False,
+                          env=no_engine_env(KFP_MLOPS_CHROMIUM=str(chromium), KFP_MLOPS_CHROMEDRIVER=str(driver)))
+    assert done.returncode == 1 and "is version 156 but" in done.stdout and "drives version 131" in done.stdout
+
+    driver.write_text("#!/bin/sh\necho 'ChromeDriver 156.0.8078.129 (abc-refs/branch-heads/8078@{#2497})'\n")
+    done = subprocess.run([str(ROOT / "scripts" / "browser.sh"), "check"], capture_output=True, text=True,
+                          timeout=60, check=False,
+                          env=no_engine_env(KFP_MLOPS_CHROMIUM=str(chromium), KFP_MLOPS_CHROMEDRIVER=str(driver)))
+    assert done.returncode == 0, done.stdout + done.stderr

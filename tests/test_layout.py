@@ -102,3 +102,11 @@ def test_no_module_is_over_600_lines_unless_the_architecture_says_why():
     long = {str(p.relative_to(ROOT)): n for p in modules().values()
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert set(long) <= explained, {k: v for k, v in long.items() if k not in explained}
+
+
+def test_the_tests_have_one_conftest():
+    """A nested conftest.py is imported as the module "conftest" too and shadows tests/conftest.py for every test
+    that imports helpers from it (``from conftest import settings_of``): fixtures of nested folders live in
+    tests/conftest.py."""
+    tests = Path(__file__).resolve().parent
+    assert sorted(p.relative_to(tests).as_posix() for p in tests.rglob("conftest.py")) == ["conftest.py"]
