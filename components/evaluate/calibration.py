@@ -1,7 +1,8 @@
 """Calibration: does the confidence a classifier states match the accuracy it delivers?
 
-Reliability bins (equal-width confidence bins), the expected calibration error
-(ECE) over them, and the reliability diagram as inline SVG for the report.
+Reliability bins (equal-width confidence bins) and the expected calibration error
+(ECE) over them; the per-prediction confidences stay in the result for the report's
+reliability diagram (``components.core.plots.reliability_diagram``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, n_b
 
 
 def calibration(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, Any]:
-    """ECE, the reliability bins and the mean confidence of a classifier's softmax outputs [N, K]."""
+    """ECE, the reliability bins and the mean confidence of a classifier's softmax outputs [N, K], plus each
+    prediction's ``confidences`` and whether it was ``correct`` (the reliability diagram bins them its own way)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     confidences = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == np.asarray(labels)
@@ -64,50 +66,6 @@ def calibration(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = ECE
         "n_bins": n_bins,
         "mean_confidence": float(confidences.mean()) if len(confidences) else 0.0,
         "bins": reliability_bins(confidences, correct, n_bins),
+        "confidences": [round(float(c), 6) for c in confidences],
+        "correct": [bool(c) for c in correct],
     }
-
-
-def render_reliability_svg(bins: list[dict[str, float]], ece: float, size: int = 320) -> str:
-    """A reliability diagram as inline SVG: accuracy per confidence bin against the diagonal of perfect calibration.
-
-    Blue bars are the accuracy of each non-empty bin, red outlines the gap to the
-    bin's mean confidence; hover a bar for its numbers.
-    """
-    pad, plot = 40, size - 60  # left/bottom margin for the axes, square plotting area
-    x0, y0 = pad, 10  # top-left corner of the plot
-
-    def px(v: float) -> float:
-        return x0 + v * plot
-
-    def py(v: float) -> float:
-        return y0 + (1 - v) * plot
-
-    parts = [f'<svg class="reliability" width="{size}" height="{size}" viewBox="0 0 {size} {size}" role="img" '
-             f'aria-label="Reliability diagram, ECE {ece:.4f}">',
-             f'<rect x="{x0}" y="{y0}" width="{plot}" height="{plot}" fill="#fff" stroke="#d0d7de"/>']
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<line x1="{px(tick):.1f}" y1="{py(0):.1f}" x2="{px(tick):.1f}" y2="{py(0) + 4:.1f}" stroke="#57606a"/>'
-                     f'<text x="{px(tick):.1f}" y="{py(0) + 16:.1f}" font-size="10" text-anchor="middle">{tick:g}</text>'
-                     f'<line x1="{px(0) - 4:.1f}" y1="{py(tick):.1f}" x2="{px(0):.1f}" y2="{py(tick):.1f}" stroke="#57606a"/>'
-                     f'<text x="{px(0) - 6:.1f}" y="{py(tick) + 3:.1f}" font-size="10" text-anchor="end">{tick:g}</text>')
-    for b in bins:
-        if not b["count"]:
-            continue
-        left, width = px(b["lower"]), (b["upper"] - b["lower"]) * plot
-        tip = (f"confidence {b['lower']:.2f}-{b['upper']:.2f}: {b['count']} predictions, "
-               f"mean confidence {b['confidence']:.3f}, accuracy {b['accuracy']:.3f}")
-        parts.append(f'<rect class="bar" x="{left:.1f}" y="{py(b["accuracy"]):.1f}" width="{width:.1f}" '
-                     f'height="{b["accuracy"] * plot:.1f}" fill="#0969da" fill-opacity="0.75" stroke="#fff">'
-                     f'<title>{tip}</title></rect>')
-        low, high = sorted((b["accuracy"], b["confidence"]))
-        if high - low > 1e-9:
-            parts.append(f'<rect class="gap" x="{left:.1f}" y="{py(high):.1f}" width="{width:.1f}" '
-                         f'height="{(high - low) * plot:.1f}" fill="#cf222e" fill-opacity="0.2" stroke="#cf222e"/>')
-    parts += [
-        f'<line x1="{px(0)}" y1="{py(0)}" x2="{px(1)}" y2="{py(1)}" stroke="#57606a" stroke-dasharray="4 3"/>',
-        f'<text x="{px(0.5):.1f}" y="{size - 8}" font-size="11" text-anchor="middle">confidence (max softmax probability)</text>',
-        f'<text x="12" y="{py(0.5):.1f}" font-size="11" text-anchor="middle" transform="rotate(-90 12 {py(0.5):.1f})">accuracy</text>',
-        f'<text x="{px(0) + 6}" y="{y0 + 16}" font-size="12">ECE {ece:.4f}</text>',
-        "</svg>",
-    ]
-    return "\n".join(parts)

@@ -1,5 +1,5 @@
-"""The evaluation report: one self-contained HTML page (inline SVG and PNG data URIs, no external assets)
-that the KFP UI shows as the evaluate step's HTML artifact.
+"""The evaluation report: one self-contained HTML page (its figures drawn by plotly, plotly.js embedded once, no
+external assets) that the KFP UI shows as the evaluate step's HTML artifact.
 """
 
 from __future__ import annotations
@@ -8,19 +8,11 @@ import html
 import math
 from typing import Any
 
-import numpy as np
-
 from components.core.gates import OVERRIDDEN, OVERRIDE_NOT_NEEDED, verdict_word
-from components.evaluate.calibration import render_reliability_svg
+from components.core.plots import FigureEmbedder, confusion_heatmap, reliability_diagram, saliency_overlay
 from components.evaluate.saliency import SMOOTHGRAD_SAMPLES
 
 REPORT_FILE = "report.html"
-
-
-def _cell_colour(share: float, diagonal: bool) -> str:
-    # Correct predictions in green, mistakes in red; the stronger the share of the true class, the darker.
-    rgb = "46, 160, 67" if diagonal else "215, 58, 73"
-    return f"rgba({rgb}, {0.08 + 0.85 * share:.3f})" if share > 0 else "#fff"
 
 
 def _number(value: Any, fmt: str) -> str:
@@ -75,57 +67,50 @@ def _render_gate(gate: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _render_saliency(examples: list[dict[str, Any]]) -> str:
+def _render_saliency(examples: list[dict[str, Any]], embedder: FigureEmbedder) -> str:
     if not examples:
         return ""
     esc = html.escape
-    cards = []
-    for e in examples:
-        label = f"true {e['true']}, predicted {e['predicted']} ({e['confidence']:.0%})"
-        cards.append(
-            f'<figure class="{"correct" if e["correct"] else "wrong"}">'
-            f'<img src="{e["image_png"]}" alt="test image {e["index"]}: {esc(label)}">'
-            f'<img src="{e["saliency_png"]}" alt="saliency of test image {e["index"]}">'
-            f'<figcaption>#{e["index"]}: {esc(label)}</figcaption></figure>'
-        )
+    titles = [f"<span style='color:{'#1a7f37' if e['correct'] else '#cf222e'}'>{'✓' if e['correct'] else '✗'} "
+              f"#{e['index']}</span>: true {esc(str(e['true']))}<br>predicted {esc(str(e['predicted']))} "
+              f"({e['confidence']:.0%})" for e in examples]
+    figure = saliency_overlay([e["image"] for e in examples], [e["saliency"] for e in examples], titles,
+                              title="SmoothGrad saliency over the test image")
     return ("<h2>Saliency</h2>\n<p>SmoothGrad: how strongly each pixel moves the predicted class's logit "
-            f"(mean |gradient| over {SMOOTHGRAD_SAMPLES} noisy copies; bright = influential). "
-            "Red frames are mistakes, green ones correct predictions.</p>\n"
-            f'<div class="saliency">{"".join(cards)}</div>')
+            f"(mean |gradient| over {SMOOTHGRAD_SAMPLES} noisy copies), drawn over the image in grey: the darker the "
+            "red, the more influential the pixel. ✗ marks a mistake, ✓ a correct prediction; the most confident "
+            "mistakes come first.</p>\n" + embedder.embed(figure, "saliency"))
 
 
 def render_report_html(result: dict[str, Any]) -> str:
     """A self-contained HTML page (no external assets) showing an ``evaluate`` / ``evaluate_and_gate`` result."""
     esc = html.escape
     names = [str(n) for n in result["class_names"]]
-    matrix = np.asarray(result["confusion_matrix"], dtype=np.int64)
-    row_totals = matrix.sum(axis=1)
     calib = result.get("calibration")
+    embedder = FigureEmbedder()
 
     class_rows = "\n".join(
         f"<tr><th>{esc(str(c['class']))}</th><td>{c['precision']:.3f}</td><td>{c['recall']:.3f}</td>"
         f"<td>{c['f1']:.3f}</td><td>{c['support']}</td></tr>"
         for c in result["per_class"]
     )
-    header = "".join(f"<th>{esc(n)}</th>" for n in names)
-    matrix_rows = []
-    for i, name in enumerate(names):
-        cells = []
-        for j in range(len(names)):
-            share = matrix[i, j] / row_totals[i] if row_totals[i] else 0.0
-            cells.append(f'<td style="background:{_cell_colour(share, i == j)}" '
-                         f'title="true {esc(name)}, predicted {esc(names[j])}: {share:.1%} of the class">{matrix[i, j]}</td>')
-        matrix_rows.append(f"<tr><th>{esc(name)}</th>{''.join(cells)}</tr>")
-
+    confusion_html = ("<h2>Confusion matrix</h2>\n<p>Rows: true class, columns: predicted; colour: share of the true "
+                      "class, green where right, red where wrong.</p>\n"
+                      + embedder.embed(confusion_heatmap(result["confusion_matrix"], names), "confusion-matrix"))
     gate_html = _render_gate(result["gate"]) if result.get("gate") else ""
     ece_box = f'<div>ECE ({calib["n_bins"]} bins)<b>{calib["ece"]:.4f}</b></div>' if calib else ""
-    calibration_html = "" if not calib else (
-        "<h2>Calibration</h2>\n"
-        f"<p>Expected calibration error {calib['ece']:.4f} over {calib['n_bins']} equal-width confidence bins "
-        f"(mean confidence {calib['mean_confidence']:.3f}, accuracy {result['test_accuracy']:.3f}). "
-        "Bars below the dashed diagonal: over-confident; above: under-confident.</p>\n"
-        + render_reliability_svg(calib["bins"], calib["ece"])
-    )
+    calibration_html = ""
+    if calib and calib.get("confidences"):
+        figure = reliability_diagram(calib["confidences"], calib["correct"])
+        bins = figure.layout.meta["bins"]
+        calibration_html = (
+            "<h2>Calibration</h2>\n"
+            f"<p>Expected calibration error {calib['ece']:.4f} over {calib['n_bins']} equal-width confidence bins "
+            f"(mean confidence {calib['mean_confidence']:.3f}, accuracy {result['test_accuracy']:.3f}). "
+            f"The diagram bins the predictions by rank into {len(bins)} bins of about {bins[0]['count']} each, so "
+            "every point rests on the same evidence. Points below the dashed diagonal: over-confident; above: "
+            "under-confident.</p>\n" + embedder.embed(figure, "reliability-diagram"))
+    saliency_html = _render_saliency(result.get("saliency") or [], embedder)
 
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -145,12 +130,6 @@ caption {{ text-align: left; font-weight: bold; padding-bottom: 0.4rem; }}
 .blocked, .worse {{ color: #cf222e; }}
 .reason {{ font-family: ui-monospace, monospace; background: #f6f8fa; padding: 0.5rem; }}
 .overridden {{ background: #fff8c5; border: 1px solid #d4a72c; padding: 0.5rem; }}
-.saliency {{ display: flex; flex-wrap: wrap; gap: 1rem; }}
-.saliency figure {{ margin: 0; padding: 0.4rem; border: 3px solid; border-radius: 6px; max-width: 210px; }}
-.saliency figure.correct {{ border-color: #2da44e; }}
-.saliency figure.wrong {{ border-color: #cf222e; }}
-.saliency img {{ width: 96px; height: 96px; image-rendering: pixelated; margin-right: 4px; }}
-.saliency figcaption {{ font-size: 0.8rem; }}
 </style>
 </head>
 <body>
@@ -169,13 +148,9 @@ caption {{ text-align: left; font-weight: bold; padding-bottom: 0.4rem; }}
 <tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
 {class_rows}
 </table>
-<table>
-<caption>Confusion matrix (rows: true class, columns: predicted; colour: share of the true class)</caption>
-<tr><th>true \\ predicted</th>{header}</tr>
-{chr(10).join(matrix_rows)}
-</table>
+{confusion_html}
 {calibration_html}
-{_render_saliency(result.get("saliency") or [])}
+{saliency_html}
 </body>
 </html>
 """

@@ -1,12 +1,11 @@
 """Saliency: which pixels move the predicted class's logit (SmoothGrad), for a few test images picked for the report.
 
-The maps and the images travel as PNG data URIs, so the report needs no external assets.
+The images (grey) and their maps travel as small nested lists in the result, and the report draws them with
+plotly (``components.core.plots.saliency_overlay``).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 from typing import Any
 
 import numpy as np
@@ -82,46 +81,10 @@ def pick_examples(y_true: np.ndarray, y_pred: np.ndarray, confidences: np.ndarra
     return chosen
 
 
-# Anchor colours of a perceptually ordered dark-to-bright heat map (close to matplotlib's "inferno").
-_HEAT = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
-
-
-def heatmap_rgb(values: np.ndarray) -> np.ndarray:
-    """Map a 2-D array to uint8 RGB [H, W, 3], scaled so its maximum is the brightest colour."""
-    values = np.asarray(values, dtype=np.float64)
-    top = values.max() if values.size else 0.0
-    t = np.clip(values / top, 0, 1) if top > 0 else np.zeros_like(values)
-    pos = t * (len(_HEAT) - 1)
-    low = np.clip(np.floor(pos).astype(int), 0, len(_HEAT) - 2)
-    frac = (pos - low)[..., None]
-    return np.round(_HEAT[low] * (1 - frac) + _HEAT[low + 1] * frac).astype(np.uint8)
-
-
-def png_data_uri(pixels: np.ndarray, size: int = 96) -> str:
-    """A ``data:image/png;base64,...`` URI of an image, upscaled with nearest neighbour to about ``size`` pixels.
-
-    ``pixels``: uint8 [H, W, 3] RGB, or float [C, H, W] / [H, W] in [0, 1] (C = 1 or 3).
-    """
-    from PIL import Image
-
-    a = np.asarray(pixels)
-    if a.dtype != np.uint8:
-        if a.ndim == 3 and a.shape[0] in (1, 3):
-            a = a.transpose(1, 2, 0)
-        a = np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
-        if a.ndim == 3 and a.shape[2] == 1:
-            a = a[..., 0]
-    image = Image.fromarray(a)
-    scale = max(1, size // max(image.size))
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def saliency_examples(model, x: np.ndarray, y_true: np.ndarray, probabilities: np.ndarray, class_names: list[str],
                       n: int = SALIENCY_EXAMPLES, seed: int = 0) -> list[dict[str, Any]]:
-    """SmoothGrad maps of the predicted logit for ``n`` picked test images, ready for the report."""
+    """SmoothGrad maps of the predicted logit for ``n`` picked test images, ready for the report: each with its
+    ``image`` (grey, channels averaged, [H][W] in [0, 1]) and ``saliency`` ([H][W], the map as computed)."""
     if n <= 0 or len(x) == 0:
         return []
     y_pred, confidences = probabilities.argmax(axis=1), probabilities.max(axis=1)
@@ -133,6 +96,6 @@ def saliency_examples(model, x: np.ndarray, y_true: np.ndarray, probabilities: n
         "predicted": class_names[int(y_pred[i])],
         "confidence": float(confidences[i]),
         "correct": bool(y_true[i] == y_pred[i]),
-        "image_png": png_data_uri(x[i]),
-        "saliency_png": png_data_uri(heatmap_rgb(saliency)),
+        "image": np.round(np.asarray(x[i], dtype=np.float64).mean(axis=0), 4).tolist(),
+        "saliency": np.asarray(saliency, dtype=np.float64).round(6).tolist(),
     } for i, saliency in zip(chosen, maps)]

@@ -5,7 +5,7 @@ pipelines/kfp_steps.py writes the KFP function around it (one typed input per co
 
 from __future__ import annotations
 
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from components.core.settings import Settings
 
@@ -15,7 +15,7 @@ def privacy_component(
     model: Input[Model],
     cfg: Settings,
     metrics: Output[Metrics],
-    report: Output[Markdown],
+    report: Output[HTML],
 ) -> bool:
     """Privacy gate: membership-inference audit, train/test leakage and the DP budget of the fine-tuned model.
 
@@ -26,7 +26,8 @@ def privacy_component(
             subsampling and reference models).
         metrics: attack AUCs and TPRs at 1% FPR, duplicate counts, DP epsilon, the limits, the verdict
             (passed, passed_checks, overridden, blocked_by_<limit>) and the step's cost.
-        report: Markdown report of the audit, the duplicate list and the verdict.
+        report: a self-contained HTML page: the verdict, the audit with its ROC curves, the duplicate list
+            and the DP budget.
 
     Returns:
         True when every limit holds, or when ``gates.override`` is set.
@@ -34,10 +35,10 @@ def privacy_component(
     from components.core.cost import measure
     from components.core.gates import publish_verdict
     from components.privacy.privacy import privacy_check, privacy_metrics
-    from components.privacy.report import render_privacy_report
+    from components.privacy.report import render_privacy_html
 
     print(f"privacy: membership-inference audit, leakage and DP check of {model.path}", flush=True)
     with measure() as cost:
         result = privacy_check(dataset.path, model.path, cfg)
     return publish_verdict("privacy", result, privacy_metrics(result), cost.as_metrics(), metrics, report.path,
-                           render_privacy_report(result))
+                           render_privacy_html(result))

@@ -83,6 +83,12 @@ def _tpr_at_fpr(is_member: np.ndarray, score: np.ndarray, max_fpr: float) -> flo
     return float(tpr[fpr <= max_fpr].max())  # roc_curve always starts at (0, 0)
 
 
+def _roc_points(is_member: np.ndarray, score: np.ndarray, auc: float) -> dict[str, Any]:
+    """The ROC curve's corners (sklearn drops the collinear points in between) for the report's figure."""
+    fpr, tpr, _ = roc_curve(is_member, score)
+    return {"fpr": [round(float(v), 6) for v in fpr], "tpr": [round(float(v), 6) for v in tpr], "auc": auc}
+
+
 def _best_balanced_accuracy(is_member: np.ndarray, score: np.ndarray) -> float:
     """Accuracy of the best single threshold; with equal class sizes it is (TPR + TNR) / 2."""
     fpr, tpr, _ = roc_curve(is_member, score)
@@ -160,7 +166,8 @@ def membership_inference_audit(
         A dict with ``loss_attack_auc``, ``confidence_attack_auc``, ``reference_attack_auc`` (when
         run), ``mia_auc`` (the largest: the gate's number), ``strongest_attack``, TPR at 1% FPR
         per attack and ``tpr_at_1pct_fpr`` / ``attack_accuracy`` of the strongest, mean loss /
-        confidence / accuracy on each side, and ``n_per_side``.
+        confidence / accuracy on each side, ``n_per_side``, and ``roc``: per attack its ROC curve
+        (``fpr``, ``tpr``, ``auc``).
     """
     if len(members_x) != len(members_y) or len(nonmembers_x) != len(nonmembers_y):
         raise ValueError(
@@ -213,4 +220,5 @@ def membership_inference_audit(
     if "reference" in aucs:
         result["reference_attack_auc"] = aucs["reference"]
         result["reference_attack_tpr_at_1pct_fpr"] = tprs["reference"]
+    result["roc"] = {name: _roc_points(is_member, score, aucs[name]) for name, score in scores.items()}
     return result

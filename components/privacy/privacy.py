@@ -126,5 +126,6 @@ def privacy_check(dataset_dir: str, model_dir: str, cfg: Settings) -> dict[str, 
 
 def privacy_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The numbers of a ``privacy_check`` result for KFP Metrics (no lists, no text)."""
-    skip = {"seed", "leaks", "dp", "strongest_attack", "reason", "blocked_by", "limits_checked", "override_reason"}
+    skip = {"seed", "leaks", "dp", "strongest_attack", "reason", "blocked_by", "limits_checked", "override_reason",
+            "roc"}
     return {**{k: v for k, v in result.items() if k not in skip}, **verdict_metrics(result)}

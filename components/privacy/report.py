@@ -1,4 +1,4 @@
-"""The privacy step's Markdown report for the KFP UI."""
+"""The privacy step's report: Markdown text, and the HTML page (that text plus the ROC figure) the step writes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,27 @@ from components.core.gates import verdict_banner, verdict_word
 MAX_LISTED_LEAKS = 50  # pairs listed in the report (all are counted)
 
 
+ATTACK_NAMES = {"loss": "loss threshold", "confidence": "confidence threshold", "reference": "reference-calibrated"}
+
+
 def render_privacy_report(result: dict[str, Any]) -> str:
-    """A Markdown report of a ``privacy_check`` result for the KFP UI."""
+    """A Markdown report of a ``privacy_check`` result."""
+    return "\n".join(_sections(result))
+
+
+def render_privacy_html(result: dict[str, Any]) -> str:
+    """The step's report: a self-contained HTML page, the Markdown text with the attacks' ROC curves after the
+    membership-inference tables (no figure when the result holds no ROC points)."""
+    from components.core.plots import report_page, roc_curve
+
+    head, tail = _sections(result)
+    curves = [{"name": ATTACK_NAMES.get(name, name), **points} for name, points in (result.get("roc") or {}).items()]
+    figure = [("membership-roc", roc_curve(curves))] if curves else []
+    return report_page(f"Privacy check — {verdict_word(result)}", [head, *figure, tail])
+
+
+def _sections(result: dict[str, Any]) -> tuple[str, str]:
+    """The report up to the membership-inference tables, and the rest."""
     r = result
     attack_rows = [f"| loss threshold | {r['loss_attack_auc']:.3f} | {r.get('loss_attack_tpr_at_1pct_fpr', float('nan')):.3f} |",
                    f"| confidence threshold | {r['confidence_attack_auc']:.3f} | "
@@ -37,7 +56,7 @@ def render_privacy_report(result: dict[str, Any]) -> str:
     else:
         dp_text = ("Not trained with differential privacy (set `finetune.dp_epsilon` to fine-tune with DP-SGD); "
                    "the ε limit does not apply.")
-    return f"""# Privacy check — {verdict_word(r)}
+    head = f"""# Privacy check — {verdict_word(r)}
 
 {verdict_banner(r)}
 
@@ -64,8 +83,8 @@ Best balanced attack accuracy of the strongest attack: {r['attack_accuracy']:.3f
 | mean loss | {r['member_mean_loss']:.4f} | {r['nonmember_mean_loss']:.4f} |
 | mean top confidence | {r['member_mean_confidence']:.4f} | {r['nonmember_mean_confidence']:.4f} |
 | accuracy | {r['member_accuracy']:.3f} | {r['nonmember_accuracy']:.3f} |
-
-## Leakage: train/test duplicates
+"""
+    tail = f"""## Leakage: train/test duplicates
 {leaks['n_exact_duplicates']} exact and {leaks['n_near_duplicates']} near-duplicate test images (RMS pixel distance after
 removing mean brightness <= {r['near_duplicate_distance']:g}, average-hash pre-filter).
 {f"Closest train/test pair among hash candidates: {nearest:.4f}." if nearest is not None else ""}
@@ -85,3 +104,4 @@ removing mean brightness <= {r['near_duplicate_distance']:g}, average-hash pre-f
 * **Duplicates** between train and test mean the test accuracy is partly measured on training data;
   remove them at ingest (exact copies are already dropped there) or split by source.
 """
+    return head, tail

@@ -5,7 +5,7 @@ pipelines/kfp_steps.py writes the KFP function around it (one typed input per co
 
 from __future__ import annotations
 
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from components.core.settings import Settings
 
@@ -15,7 +15,7 @@ def robustness_component(
     model: Input[Model],
     cfg: Settings,
     metrics: Output[Metrics],
-    report: Output[Markdown],
+    report: Output[HTML],
 ) -> bool:
     """Robustness gate: test accuracy under noise, common corruptions, FGSM and PGD.
 
@@ -26,14 +26,15 @@ def robustness_component(
             (the Gaussian noise, the noise corruption and PGD's random start).
         metrics: every accuracy and relative drop, the limits, the verdict (passed, passed_checks,
             overridden, blocked_by_<limit>) and the step's cost.
-        report: Markdown tables (perturbations, corruptions by severity) and the verdict.
+        report: a self-contained HTML page: the verdict, the tables (perturbations, corruptions by
+            severity) and the accuracy curves against corruption severity and attack strength.
 
     Returns:
         True when every limit holds, or when ``gates.override`` is set.
     """
     from components.core.cost import measure
     from components.core.gates import publish_verdict
-    from components.robustness.report import render_robustness_report
+    from components.robustness.report import render_robustness_html
     from components.robustness.robustness import robustness_check, robustness_metrics
 
     g = cfg.gates
@@ -42,4 +43,4 @@ def robustness_component(
     with measure() as cost:
         result = robustness_check(dataset.path, model.path, cfg)
     return publish_verdict("robustness", result, robustness_metrics(result), cost.as_metrics(), metrics, report.path,
-                           render_robustness_report(result))
+                           render_robustness_html(result))

@@ -1,4 +1,5 @@
-"""The robustness step's Markdown report for the KFP UI."""
+"""The robustness step's report: Markdown text, and the HTML page (that text plus the accuracy curves) the step
+writes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,24 @@ from components.core.gates import verdict_banner, verdict_word
 
 
 def render_robustness_report(result: dict[str, Any]) -> str:
-    """A Markdown report of a ``robustness_check`` result for the KFP UI."""
+    """A Markdown report of a ``robustness_check`` result."""
+    return "\n".join(_sections(result))
+
+
+def render_robustness_html(result: dict[str, Any]) -> str:
+    """The step's report: a self-contained HTML page, the Markdown text with accuracy against corruption severity
+    and against attack strength drawn after the summary table."""
+    from components.core.plots import report_page, robustness_curves
+
+    head, tail = _sections(result)
+    corruptions, attacks = result.get("corruptions") or [], result.get("attack_curve") or []
+    figure = [("robustness-curves", robustness_curves(corruptions, attacks, result["clean_accuracy"]))] \
+        if corruptions or attacks else []
+    return report_page(f"Robustness check — {verdict_word(result)}", [head, *figure, tail])
+
+
+def _sections(result: dict[str, Any]) -> tuple[str, str]:
+    """The report up to the summary table, and the rest."""
     r = result
 
     def row(name: str, acc: float, drop: float | None, limit: float | None) -> str:
@@ -23,7 +41,7 @@ def render_robustness_report(result: dict[str, Any]) -> str:
         for c in r.get("corruptions", [])
     )
     drop_ok = "✅" if r["corruption_relative_drop"] <= r["max_corruption_drop"] else "❌"
-    return f"""# Robustness check — {verdict_word(r)}
+    head = f"""# Robustness check — {verdict_word(r)}
 
 {verdict_banner(r)}
 
@@ -38,8 +56,8 @@ Accuracy on the {r['n_test']} test images, clean and perturbed (pixels stay in [
 {row(f"common corruptions (mean of {len(r.get('corruptions', []))})", r['corruption_accuracy'], r['corruption_relative_drop'], r['min_corruption_accuracy'])}
 
 Mean corruption relative drop {100 * r['corruption_relative_drop']:.1f}% (max allowed {100 * r['max_corruption_drop']:.1f}%) {drop_ok}
-
-## Common corruptions by severity
+"""
+    tail = f"""## Common corruptions by severity
 
 | corruption | severity | parameter | accuracy | relative drop |
 |---|---|---|---|---|
@@ -57,3 +75,4 @@ pixelate as the share of the side the image is averaged down to.
 * A blocked model can be retrained with `finetune.augment_noise_sigma` (noise) or
   `finetune.adversarial_epsilon` (FGSM adversarial training).
 """
+    return head, tail

@@ -99,13 +99,45 @@ def corruption_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: 
     return rows
 
 
+# Multiples of each attack's gate epsilon measured for the report's accuracy-against-strength curve (1 is the gate's
+# own measurement, reused; the gate looks at its epsilon only). FGSM costs one gradient per image, so its curve is
+# cheap; PGD costs pgd_steps gradients per image, so another PGD point would cost as much as the gate's own PGD.
+ATTACK_STRENGTHS = {"FGSM": (0.25, 0.5, 1.0, 2.0), "PGD": (1.0,)}
+
+
+def attack_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: Any, seed: int, fgsm_accuracy: float,
+                 pgd_accuracy: float) -> list[dict[str, Any]]:
+    """Accuracy under FGSM and PGD at ``ATTACK_STRENGTHS`` times their gate epsilons (capped at 1), one row each:
+    ``attack``, ``epsilon``, ``accuracy``, ``gate`` (the gate's own point). PGD keeps its steps; an explicit step
+    size scales with epsilon, 0 stays 2.5 epsilon / steps."""
+    rows = []
+    for attack, gate_epsilon, gate_accuracy in (("FGSM", g.fgsm_epsilon, fgsm_accuracy),
+                                                ("PGD", g.pgd_epsilon, pgd_accuracy)):
+        done: set[float] = set()
+        for scale in sorted(ATTACK_STRENGTHS[attack], key=lambda s: s != 1.0):  # the gate's point first: kept
+            epsilon = min(1.0, float(gate_epsilon) * scale)
+            if epsilon in done:
+                continue
+            done.add(epsilon)
+            if scale == 1.0:
+                acc = gate_accuracy
+            elif attack == "FGSM":
+                acc = accuracy(model, fgsm(model, x, y, epsilon), y)
+            else:
+                acc = accuracy(model, pgd(model, x, y, epsilon, g.pgd_steps, g.pgd_step_size * scale,
+                                          g.pgd_random_start, seed), y)
+            rows.append({"attack": attack, "epsilon": epsilon, "accuracy": acc, "gate": scale == 1.0})
+    return sorted(rows, key=lambda r: (r["attack"], r["epsilon"]))
+
+
 def robustness_check(dataset_dir: str, model_dir: str, cfg: Settings) -> dict[str, Any]:
     """Accuracy of the model at ``model_dir`` on the clean and perturbed test split, and the verdict.
 
     ``cfg.gates`` holds the perturbations, the attacks, the limits and the override;
     ``cfg.data.seed`` seeds the Gaussian noise, the noise corruption and PGD's random start.
     Returns the accuracies (clean, noise, FGSM, PGD, mean corruption) and their relative drops
-    from clean, the per-corruption table (``corruptions``), the limits, and the verdict of
+    from clean, the per-corruption table (``corruptions``), accuracy against attack strength (``attack_curve``,
+    see :func:`attack_curve`), the limits, and the verdict of
     ``components.core.gates.decide``: ``passed``, ``passed_checks``, ``overridden``, ``blocked_by``, ``reason``.
     """
     g, seed = cfg.gates, cfg.data.seed
@@ -122,6 +154,7 @@ def robustness_check(dataset_dir: str, model_dir: str, cfg: Settings) -> dict[st
     fgsm_acc = accuracy(model, fgsm(model, x, y, g.fgsm_epsilon), y)
     pgd_acc = accuracy(model, pgd(model, x, y, g.pgd_epsilon, g.pgd_steps, g.pgd_step_size, g.pgd_random_start, seed), y)
     table = corruption_table(model, x, y, clean, g.corruption_severities, seed)
+    curve = attack_curve(model, x, y, g, seed, fgsm_acc, pgd_acc)
     corruption_mean = float(np.mean([row["accuracy"] for row in table]))
     corruption_drop = _relative_drop(clean, corruption_mean)
 
@@ -164,12 +197,13 @@ def robustness_check(dataset_dir: str, model_dir: str, cfg: Settings) -> dict[st
         "n_test": int(len(y)),
         "seed": int(seed),
         "corruptions": table,
+        "attack_curve": curve,
         **verdict,
     }
 
 
 def robustness_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The numbers of a ``robustness_check`` result for KFP Metrics (no tables, no text)."""
-    skip = {"seed", "corruptions", "reason", "blocked_by", "limits_checked", "override_reason"}
+    skip = {"seed", "corruptions", "attack_curve", "reason", "blocked_by", "limits_checked", "override_reason"}
     numbers = {k: v for k, v in result.items() if k not in skip}
     return {**numbers, **verdict_metrics(result)}

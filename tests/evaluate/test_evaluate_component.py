@@ -1,8 +1,9 @@
 """Tests of the evaluate step's KFP component: metrics, confusion matrix, report, console line and the gate."""
 
 import pytest
-from conftest import assert_self_contained_html, settings_of
+from conftest import settings_of
 from kfp import dsl
+from report_checks import assert_offline_report
 
 from components.evaluate.component import evaluate_component
 from components.evaluate.evaluate import evaluate
@@ -45,10 +46,10 @@ def test_component_logs_metrics_report_and_gates(tmp_path, dataset_dir, known_mo
     assert [a["displayName"] for a in matrix["annotationSpecs"]] == expected["class_names"]
     assert [row["row"] for row in matrix["rows"]] == expected["confusion_matrix"]
     page = (tmp_path / "report" / "index.html").read_text()
-    assert_self_contained_html(page)
+    assert_offline_report(page, ["confusion-matrix", "reliability-diagram", "saliency"])
     assert "no model in production" in page and ("PASSED" if passes else "BLOCKED") in page
     out = capsys.readouterr().out
-    assert ("PASSED" if passes else "FAILED") in out and f"{expected['test_accuracy']:.4f}" in out
+    assert ("PASSED" if passes else "BLOCKED") in out and f"{expected['test_accuracy']:.4f}" in out
     assert "no model in production" in out
 
 
@@ -63,7 +64,7 @@ def test_component_compares_with_the_served_champion(tmp_path, dataset_dir, weak
     assert arts["report"].metadata["passed"] is False
     page = (tmp_path / "report" / "index.html").read_text()
     assert "Champion (in production) vs challenger" in page and "known-1" in page and "weak-1" in page
-    assert "BLOCKED" in page and "FAILED" in capsys.readouterr().out
+    assert "BLOCKED" in page and "evaluate BLOCKED: " in capsys.readouterr().out
 
 
 def test_component_is_a_valid_kfp_component():
@@ -88,9 +89,9 @@ def test_component_override_releases_a_blocked_model_loudly(tmp_path, dataset_di
     assert m["champion_compared"] == 1.0 and m["champion_accuracy"] > m["challenger_accuracy"]  # the numbers stay
     assert arts["report"].metadata["passed"] is True
     page = (tmp_path / "report" / "index.html").read_text()
-    assert_self_contained_html(page)
+    assert_offline_report(page, ["confusion-matrix", "reliability-diagram", "saliency"])
     assert "FAILED (OVERRIDDEN)" in page and "the checks FAILED but the gate let the release through" in page
     assert "release manager: &lt;b&gt;demo&lt;/b&gt; on synthetic data" in page and "Blocked by: max_regression" in page
     out = capsys.readouterr().out
-    assert "evaluate: OVERRIDDEN" in out and "WARNING released despite failed checks" in out
+    assert "evaluate OVERRIDDEN: " in out and "WARNING released despite failed checks" in out
     assert "release manager: <b>demo</b> on synthetic data" in out

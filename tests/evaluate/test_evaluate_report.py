@@ -1,6 +1,9 @@
-"""Tests of the evaluation report: a self-contained HTML page that shows the numbers and escapes every name."""
+"""Tests of the evaluation report: a self-contained HTML page that shows the numbers and figures and escapes every
+name."""
 
-from conftest import assert_self_contained_html, settings_of
+import numpy as np
+from conftest import settings_of
+from report_checks import assert_offline_report, figure_traces
 
 from components.core.data import Splits, save_splits
 from components.core.models import save_classifier
@@ -20,12 +23,12 @@ def test_report_is_self_contained_and_shows_the_numbers():
         "confusion_matrix": [[1, 1], [0, 2]],
     }
     page = render_report_html(result)
-    assert_self_contained_html(page)
+    assert_offline_report(page, ["confusion-matrix"])  # no calibration or saliency in the result: no such figures
     assert "75.00%" in page and "0.733" in page and "abc123" in page
     assert "&lt;dog&gt;" in page and "<dog>" not in page  # class names are escaped
-    # Every matrix cell is coloured: correct ones green, mistakes red, zeros plain.
-    assert page.count("rgba(46, 160, 67") == 2 and page.count("rgba(215, 58, 73") == 1
-    assert ">1</td>" in page and ">2</td>" in page
+    correct, mistakes = figure_traces(page, "confusion-matrix")
+    assert correct["customdata"] == [[1, 1], [0, 2]] and correct["x"] == ["cat", "&lt;dog&gt;"]
+    assert correct["text"] == [["1", ""], ["", "2"]] and mistakes["text"] == [["", "1"], ["", ""]]
 
 
 def test_full_report_is_self_contained_and_escapes_names(tmp_path, splits, known_model):
@@ -42,11 +45,18 @@ def test_full_report_is_self_contained_and_escapes_names(tmp_path, splits, known
         gates=GateConfig(min_test_accuracy=0.5, max_regression=0.0, champion_model=str(weird)),
         serving=ServingConfig(home="")))
     page = render_report_html(result)
-    assert_self_contained_html(page)
+    assert_offline_report(page, ["confusion-matrix", "reliability-diagram", "saliency"])
     assert "<evil>" not in page and "&lt;evil&gt;&quot;3&quot;&lt;/evil&gt;" in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;v0&gt;" in page and "&lt;v1&gt;" in page
-    assert page.count("data:image/png;base64,") == 16  # 8 images + 8 saliency maps
-    assert 'class="reliability"' in page and "Release gate: <span" in page and "PASSED" in page
+    assert "Release gate: <span" in page and "PASSED" in page
+    saliency = figure_traces(page, "saliency")
+    assert len(saliency) == 16  # 8 images, each in grey under its map
+    first = result["saliency"][0]
+    np.testing.assert_allclose(saliency[0]["z"], first["image"])
+    np.testing.assert_allclose(saliency[1]["z"], np.asarray(first["saliency"]) / np.max(first["saliency"]), rtol=1e-6)
+    reliability = {t["name"]: t for t in figure_traces(page, "reliability-diagram")}
+    assert sum(reliability["predictions per bin"]["y"]) == result["n_test"]
+    assert min(reliability["predictions per bin"]["y"]) >= 20
     assert "Champion (in production) vs challenger" in page
 
 

@@ -1,15 +1,11 @@
-"""Tests of saliency: vanilla and SmoothGrad maps, the examples picked for the report, heat maps and PNG data URIs."""
-
-import base64
-import io
+"""Tests of saliency: vanilla and SmoothGrad maps, and the examples picked for the report."""
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from components.evaluate.saliency import heatmap_rgb, pick_examples, png_data_uri, saliency_maps
+from components.evaluate.saliency import pick_examples, saliency_examples, saliency_maps
 from components.train.loops import predict_logits
 
 
@@ -52,13 +48,16 @@ def test_pick_examples_takes_confident_mistakes_then_one_correct_per_class():
     assert sorted(pick_examples(y_true, y_pred, confidences, n=20)) == list(range(8))
 
 
-def test_png_data_uri_and_heatmap():
-    heat = heatmap_rgb(np.array([[0.0, 1.0], [2.0, 4.0]]))
-    assert heat.dtype == np.uint8 and heat.shape == (2, 2, 3)
-    assert tuple(heat[0, 0]) == (0, 0, 4) and tuple(heat[1, 1]) == (252, 255, 164)  # darkest and brightest
-    assert heat[0, 1].sum() < heat[1, 0].sum() < heat[1, 1].sum()  # brighter with the value
-    uri = png_data_uri(np.random.default_rng(0).random((3, 8, 8)), size=96)
-    image = Image.open(io.BytesIO(base64.b64decode(uri.removeprefix("data:image/png;base64,"))))
-    assert image.format == "PNG" and image.size == (96, 96) and image.mode == "RGB"
-    gray = Image.open(io.BytesIO(base64.b64decode(png_data_uri(np.zeros((1, 32, 32))).split(",", 1)[1])))
-    assert gray.size == (96, 96) and gray.mode == "L"
+def test_examples_carry_the_grey_image_and_its_map(splits, known_model):
+    from components.core.models import load_classifier
+
+    model, _ = load_classifier(known_model[0])
+    x, y = splits.test_x[:12], splits.test_y[:12]
+    probabilities = torch.softmax(predict_logits(model, x), dim=1).numpy()
+    examples = saliency_examples(model, x, y, probabilities, [str(d) for d in range(10)], n=3)
+    assert len(examples) == 3
+    maps = saliency_maps(model, x[[e["index"] for e in examples]], targets=probabilities.argmax(1)[[e["index"] for e in examples]])
+    for e, expected in zip(examples, maps):
+        np.testing.assert_allclose(e["image"], x[e["index"]].mean(axis=0), atol=1e-4)
+        np.testing.assert_allclose(e["saliency"], expected, atol=1e-6)
+        assert e["predicted"] == str(probabilities[e["index"]].argmax()) and e["true"] == str(y[e["index"]])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import MEMORISED_EXAMPLES, run_gate_in_local_pipeline, settings_of
 from kfp import dsl
+from report_checks import assert_offline_report, figure_traces
 
 from components.core.data import save_splits
 from components.core.models import save_classifier
@@ -123,8 +124,8 @@ def test_leaks_block_the_gate_and_are_listed_in_the_report(artifacts, splits, tm
 
 def test_component_runs_with_kfp_artifacts_and_writes_report(artifacts, tmp_path):
     metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
-    report = dsl.Markdown(uri=str(tmp_path / "out" / "report.md"))
-    assert report.path == str(tmp_path / "out" / "report.md")  # a local uri is the path itself
+    report = dsl.HTML(uri=str(tmp_path / "out" / "report.html"))
+    assert report.path == str(tmp_path / "out" / "report.html")  # a local uri is the path itself
 
     passed = privacy_component(
         dataset=dsl.Dataset(uri=str(artifacts / "small_dataset")), model=dsl.Model(uri=str(artifacts / "memoriser")),
@@ -136,8 +137,20 @@ def test_component_runs_with_kfp_artifacts_and_writes_report(artifacts, tmp_path
     assert metrics.metadata["mia_auc"] > DEFAULT_MAX_AUC
     assert metrics.metadata["max_mia_auc"] == DEFAULT_MAX_AUC
     assert metrics.metadata["cost_wall_seconds"] > 0
-    text = (tmp_path / "out" / "report.md").read_text()
-    assert "FAILED" in text and "membership-inference AUC" in text and "| loss threshold |" in text
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert_offline_report(page, ["membership-roc"])
+    assert "<h1>Privacy check — FAILED</h1>" in page and "membership-inference AUC" in page
+    assert "<td>loss threshold</td>" in page  # the Markdown tables rendered, not shown raw
+    assert "| loss threshold |" not in page and "\n## " not in page
+    assert page.index("<h2>Membership inference</h2>") < page.index('id="membership-roc"') \
+        < page.index("<h2>Leakage: train/test duplicates</h2>")
+    roc = figure_traces(page, "membership-roc")
+    curves = {t["name"]: t for t in roc if t["mode"] == "lines"}
+    loss = curves[f"loss threshold (AUC {metrics.metadata['loss_attack_auc']:.3f})"]
+    assert loss["x"][0] == 0 and loss["x"][-1] == 1 and loss["y"][-1] == 1 and len(loss["x"]) == len(loss["y"])
+    [point] = [t for t in roc if t["name"].startswith("loss threshold: TPR")]
+    assert point["y"] == [pytest.approx(metrics.metadata["loss_attack_tpr_at_1pct_fpr"], abs=1e-6)]
+    assert "chance (AUC 0.5)" in {t["name"] for t in roc}
 
 
 def test_component_compiles_as_a_kfp_component():
@@ -149,7 +162,7 @@ def test_component_compiles_as_a_kfp_component():
 
 def test_override_releases_a_blocked_model_and_says_so(artifacts, tmp_path):
     metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
-    report = dsl.Markdown(uri=str(tmp_path / "report.md"))
+    report = dsl.HTML(uri=str(tmp_path / "report.html"))
     passed = privacy_component(
         dataset=dsl.Dataset(uri=str(artifacts / "small_dataset")), model=dsl.Model(uri=str(artifacts / "memoriser")),
         cfg=gate_settings(max_mia_auc=DEFAULT_MAX_AUC, override=True,
@@ -160,8 +173,9 @@ def test_override_releases_a_blocked_model_and_says_so(artifacts, tmp_path):
     m = metrics.metadata
     assert m["passed"] == 1.0 and m["passed_checks"] == 0.0 and m["overridden"] == 1.0
     assert m["blocked_by_max_mia_auc"] == 1.0 and m["blocked_by_max_leaks"] == 0.0
-    text = (tmp_path / "report.md").read_text()
-    assert text.startswith("# Privacy check — FAILED (OVERRIDDEN)") and "DPO sign-off #42: synthetic data only" in text
+    page = (tmp_path / "report.html").read_text()
+    assert "<h1>Privacy check — FAILED (OVERRIDDEN)</h1>" in page and "DPO sign-off #42: synthetic data only" in page
+    assert "<blockquote>" in page  # the override banner, rendered
 
 
 @pytest.mark.slow

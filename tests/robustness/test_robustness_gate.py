@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 from conftest import run_gate_in_local_pipeline, settings_of
 from kfp import dsl
+from report_checks import assert_offline_report, figure_traces
 
 from components.core.data import save_splits
 from components.core.models import save_classifier
 from components.core.settings import Settings
 from components.robustness.component import robustness_component
 from components.robustness.corruptions import gaussian_noise
-from components.robustness.robustness import accuracy, robustness_check
+from components.robustness.robustness import accuracy, attack_curve, robustness_check
 from components.train.adversarial import fgsm
 from pipelines.config import DataConfig, GateConfig
 
@@ -182,8 +183,8 @@ def test_pgd_and_corruption_settings_are_validated(artifacts, overrides, message
 
 def test_component_runs_with_kfp_artifacts_and_writes_report(artifacts, tmp_path):
     metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
-    report = dsl.Markdown(uri=str(tmp_path / "out" / "report.md"))
-    assert report.path == str(tmp_path / "out" / "report.md")  # a local uri is the path itself
+    report = dsl.HTML(uri=str(tmp_path / "out" / "report.html"))
+    assert report.path == str(tmp_path / "out" / "report.html")  # a local uri is the path itself
     d = DEFAULTS
     passed = robustness_component(
         dataset=dsl.Dataset(uri=str(artifacts / "dataset")), model=dsl.Model(uri=str(artifacts / "model")),
@@ -194,9 +195,32 @@ def test_component_runs_with_kfp_artifacts_and_writes_report(artifacts, tmp_path
                 "cost_wall_seconds"):
         assert key in metrics.metadata, key
     assert metrics.metadata["passed"] == 1.0
-    text = (tmp_path / "out" / "report.md").read_text()
-    assert text.startswith("# Robustness check — PASSED")
-    assert f"| FGSM (L∞ epsilon {d.fgsm_epsilon}) | {metrics.metadata['fgsm_accuracy']:.3f} |" in text
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert_offline_report(page, ["robustness-curves"])
+    assert "<h1>Robustness check — PASSED</h1>" in page
+    assert f"<td>FGSM (L∞ epsilon {d.fgsm_epsilon})</td>\n<td>{metrics.metadata['fgsm_accuracy']:.3f}</td>" in page
+    lines = {t["name"]: t for t in figure_traces(page, "robustness-curves")}
+    clean = metrics.metadata["clean_accuracy"]
+    assert set(lines) == {"gaussian_noise", "gaussian_blur", "contrast", "brightness", "pixelate", "FGSM", "PGD"}
+    assert lines["contrast"]["x"] == list(range(d.corruption_severities + 1)) and lines["contrast"]["y"][0] == clean
+    fgsm = lines["FGSM"]
+    assert fgsm["x"] == [0, d.fgsm_epsilon / 4, d.fgsm_epsilon / 2, d.fgsm_epsilon, 2 * d.fgsm_epsilon]
+    assert fgsm["y"][0] == clean and fgsm["y"][3] == metrics.metadata["fgsm_accuracy"]  # the gate's own point
+    assert lines["PGD"]["x"] == [0, d.pgd_epsilon]
+    assert lines["PGD"]["y"][1] == metrics.metadata["pgd_accuracy"]
+
+
+def test_attack_curve_reuses_the_gate_points_and_measures_the_others(regularised_model, test_set):
+    x, y = test_set
+    g = Settings(fgsm_epsilon=0.6, pgd_epsilon=0.0, pgd_steps=2, pgd_step_size=0.0, pgd_random_start=False)
+    rows = attack_curve(regularised_model, x, y, g, 0, fgsm_accuracy=0.123, pgd_accuracy=0.456)
+    points = [(r["attack"], r["epsilon"], r["gate"]) for r in rows]
+    # FGSM at 0.15, 0.3, 0.6 (the gate's) and 1.0 (2 x 0.6, capped); PGD at the gate's epsilon only
+    assert points == [("FGSM", 0.15, False), ("FGSM", 0.3, False), ("FGSM", 0.6, True), ("FGSM", 1.0, False),
+                      ("PGD", 0.0, True)]
+    assert rows[2]["accuracy"] == 0.123 and rows[4]["accuracy"] == 0.456  # reused, not measured again
+    assert rows[1]["accuracy"] == accuracy(regularised_model, fgsm(regularised_model, x, y, 0.3), y)
+    assert rows[3]["accuracy"] == accuracy(regularised_model, fgsm(regularised_model, x, y, 1.0), y)
 
 
 def test_component_compiles_as_a_kfp_component():
@@ -208,7 +232,7 @@ def test_component_compiles_as_a_kfp_component():
 
 def test_override_releases_a_blocked_model_loudly(artifacts, tmp_path):
     metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
-    report = dsl.Markdown(uri=str(tmp_path / "report.md"))
+    report = dsl.HTML(uri=str(tmp_path / "report.html"))
     passed = robustness_component(
         dataset=dsl.Dataset(uri=str(artifacts / "dataset")), model=dsl.Model(uri=str(artifacts / "model")),
         cfg=gate_settings(noise_sigma=0.1, fgsm_epsilon=0.03, min_noise_accuracy=0.0, min_fgsm_accuracy=1.0, pgd_steps=2,
@@ -220,9 +244,9 @@ def test_override_releases_a_blocked_model_loudly(artifacts, tmp_path):
     m = metrics.metadata
     assert m["passed"] == 1.0 and m["passed_checks"] == 0.0 and m["overridden"] == 1.0 and m["override"] == 1.0
     assert m["blocked_by_min_fgsm_accuracy"] == 1.0 and m["blocked_by_min_noise_accuracy"] == 0.0
-    text = (tmp_path / "report.md").read_text()
-    assert text.startswith("# Robustness check — FAILED (OVERRIDDEN)")
-    assert "OVERRIDDEN" in text and "release manager: demo on synthetic data" in text
+    page = (tmp_path / "report.html").read_text()
+    assert "<h1>Robustness check — FAILED (OVERRIDDEN)</h1>" in page
+    assert "OVERRIDDEN" in page and "release manager: demo on synthetic data" in page
 
 
 @pytest.mark.slow
