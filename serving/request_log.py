@@ -8,7 +8,9 @@ dropped and counted (``stats()["dropped"]``) rather than slowing an answer down.
 A daemon thread collects what piled up every ``poll_s`` (0.2 s), computes the
 monitoring features of the whole block at once
 (``components.core.features.image_features`` and ``embedding_projection``) and
-appends the lines to a :class:`RotatingJsonl` file.
+appends the lines to a :class:`RotatingJsonl` file, keeping the same rows as columns: closing
+a file also writes its columnar copy beside it (``serving.request_columns``), which the
+monitor reads instead of the lines.
 
 Files are ``requests-<host>-<pid>-<UTC start>-<seq>.jsonl`` and are rotated when
 they reach ``max_bytes`` or are ``max_age_s`` old (5 minutes by default; checked
@@ -49,7 +51,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +60,7 @@ import numpy as np
 from components.core.names import REQUEST_LOG_MAX_AGE_ENV as MAX_AGE_ENV
 from components.core.names import REQUEST_LOG_MAX_BYTES_ENV as MAX_BYTES_ENV
 from components.core.names import REQUEST_LOG_QUEUE_ENV as QUEUE_ENV
+from serving.request_columns import COLUMNAR_SUFFIX, ColumnBuffer, round_significant, write_columns
 from serving.request_spool import (
     REQUEST_LOG_ENV,
     SPOOL_ENV,
@@ -94,10 +97,13 @@ class LogBatch:
 
 
 META_COLUMNS = ["timestamp", "model_version", "source", "predicted_class", "predicted_label"]
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
 
 
-def _rows(batches: LogBatch | list[LogBatch]) -> tuple[list[str], list[tuple]]:
-    """The float column names and, per request in time order, ``(timestamp, meta..., [floats], all finite)``.
+def _rows(batches: LogBatch | list[LogBatch]) -> tuple[list[str], list[tuple], dict]:
+    """The float column names; per request in time order, ``(timestamp, meta..., [floats], all finite)``;
+    and the same requests as columns (``serving.request_columns``), floats rounded as the lines print them.
 
     All batches of a block share one ``image_features`` and one ``embedding_projection``
     call: their fixed cost (a DataFrame, the projection matrix) is paid once per block.
@@ -110,43 +116,59 @@ def _rows(batches: LogBatch | list[LogBatch]) -> tuple[list[str], list[tuple]]:
     by_shape: dict[tuple, list[LogBatch]] = {}
     for b in batches:
         by_shape.setdefault((b.images.shape[1:], b.embeddings.shape[1]), []).append(b)
-    stamps: dict[float, str] = {}  # a batch shares one answer time: format it once
-    rows = []
+    stamps: dict[float, tuple[str, int]] = {}  # a batch shares one answer time: format it once
+    rows, matrices = [], []
     for group in by_shape.values():
         features = image_features(np.concatenate([b.images for b in group]))[FEATURE_COLUMNS].to_numpy()
         projected = embedding_projection(np.concatenate([b.embeddings for b in group]))
         confidences = np.concatenate([np.asarray(b.confidences, dtype=np.float64) for b in group])
-        matrix = np.column_stack([confidences, features, projected])
+        matrix = round_significant(np.column_stack([confidences, features, projected]))
+        matrices.append(matrix)
         values, finite = matrix.tolist(), np.isfinite(matrix).all(axis=1).tolist()
         i = 0
         for b in group:
             for j in range(len(b.predicted)):
                 t = b.timestamps[j]
                 if t not in stamps:
-                    stamps[t] = datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+                    when = datetime.fromtimestamp(t, timezone.utc)
+                    stamps[t] = (when.isoformat(timespec="milliseconds"), (when - _EPOCH) // _MS)
                 rows.append((t, stamps[t], b.model_version, b.sources[j], int(b.predicted[j]), b.labels[j], values[i],
-                             finite[i]))
+                             finite[i], len(matrices) - 1, i))
                 i += 1
     if len(by_shape) > 1:
         rows.sort(key=lambda r: r[0])  # one file in time order even when two models shared a block
-    return float_columns, [r[1:] for r in rows]
+    if len(by_shape) > 1:  # (the embedding projection has the same columns for every embedding width)
+        values = np.stack([matrices[r[8]][r[9]] for r in rows])
+    else:
+        values = matrices[0] if matrices else np.zeros((0, len(float_columns)))
+    columns = {"float_columns": float_columns, "timestamp_ms": np.array([r[1][1] for r in rows], np.int64),
+               "values": values,
+               "predicted_class": np.array([r[4] for r in rows], np.int64),
+               "model_version": [r[2] for r in rows], "source": [r[3] for r in rows],
+               "predicted_label": [r[5] for r in rows]}
+    return float_columns, [(r[1][0], *r[2:8]) for r in rows], columns
 
 
 def build_records(batches: LogBatch | list[LogBatch]) -> list[dict]:
     """The records of one or more batches as dicts (what each JSON line holds)."""
-    float_columns, rows = _rows(batches)
+    float_columns, rows, _ = _rows(batches)
     return [{**dict(zip(META_COLUMNS, row[:5])), **dict(zip(float_columns, row[5]))} for row in rows]
 
 
 def format_lines(batches: LogBatch | list[LogBatch]) -> list[bytes]:
-    """The JSON lines of one or more batches, floats with 6 significant digits.
+    """The JSON lines of one or more batches, floats with 6 significant digits (see ``format_block``)."""
+    return format_block(batches)[0]
+
+
+def format_block(batches: LogBatch | list[LogBatch]) -> tuple[list[bytes], dict]:
+    """The JSON lines of one or more batches, floats with 6 significant digits, and the same rows as columns.
 
     Formatted with one ``%`` per line from a template: about four times cheaper than
     ``json.dumps`` of a dict (float repr dominates it), which is most of what
     logging costs per request. A row with a non-finite number falls back to
     ``json.dumps`` (``NaN``/``Infinity``, as Python's json reads them).
     """
-    float_columns, rows = _rows(batches)
+    float_columns, rows, columns = _rows(batches)
     template = "{" + ",".join(f'"{k}":%s' for k in META_COLUMNS[:3]) + f',"{META_COLUMNS[3]}":%d,"{META_COLUMNS[4]}":%s,'
     template += ",".join(f'"{k}":%.6g' for k in float_columns) + "}\n"
     quoted: dict[str, str] = {}
@@ -163,7 +185,7 @@ def format_lines(batches: LogBatch | list[LogBatch]) -> list[bytes]:
         else:
             record = {**dict(zip(META_COLUMNS, (stamp, version, source, predicted, label))), **dict(zip(float_columns, values))}
             lines.append((json.dumps(record, separators=(",", ":")) + "\n").encode())
-    return lines
+    return lines, columns
 
 
 def _write_whole(fd: int, data: bytes) -> None:
@@ -182,7 +204,10 @@ class RotatingJsonl:
     Not thread-safe: only the writer thread uses it. A file is opened lazily on
     the first write, so quiet periods leave no empty files, and it stays locked
     (``flock``) while open. ``on_closed(path)`` is called with every file that
-    will not be written again; a file left empty is deleted instead.
+    will not be written again; a file left empty is deleted instead. When every
+    block of a file came with its columns (``write(lines, columns)``), closing it
+    also writes its columnar copy beside it (``serving.request_columns``), which
+    ``on_closed`` gets too.
     """
 
     def __init__(self, directory: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_age_s: float = DEFAULT_MAX_AGE_S,
@@ -199,24 +224,28 @@ class RotatingJsonl:
         self._opened_at = 0.0
         self._size = 0
         self._seq = 0
+        self._columns: ColumnBuffer | None = None  # the open file's rows as columns; None: lines only
+        self._file_lines = 0
 
-    def write(self, lines: list[bytes]) -> None:
+    def write(self, lines: list[bytes], columns: dict | None = None) -> None:
         """Append whole lines, starting a new file first if the current one is old, and whenever
         the next line would take it past ``max_bytes`` (a single longer line gets a file of its own).
-        On an error (a full disk) the lines of the failed block are not in any file, and no part of them is."""
+        On an error (a full disk) the lines of the failed block are not in any file, and no part of them is.
+        ``columns``: the same rows as columns (``format_block``), kept for the file's columnar copy."""
         self.maybe_rotate()
         chunk: list[bytes] = []
         size = self._size if self._fd is not None else 0
-        for line in lines:
+        start = 0
+        for i, line in enumerate(lines):
             if size and size + len(line) > self.max_bytes:
-                self._append(chunk)
-                chunk, size = [], 0
+                self._append(chunk, columns, start)
+                chunk, size, start = [], 0, i
                 self.close()
             chunk.append(line)
             size += len(line)
-        self._append(chunk)
+        self._append(chunk, columns, start)
 
-    def _append(self, lines: list[bytes]) -> None:
+    def _append(self, lines: list[bytes], columns: dict | None = None, start: int = 0) -> None:
         if not lines:
             return
         if self._fd is None:
@@ -230,6 +259,9 @@ class RotatingJsonl:
             raise
         self._size += len(data)
         self.lines_written += len(lines)
+        self._file_lines += len(lines)
+        if self._columns is not None and (columns is None or not self._columns.add(columns, start, start + len(lines))):
+            self._columns = None  # a block without (matching) columns: this file keeps its lines only
 
     def _cut_back(self, size: int) -> None:
         """Drop a partly written block: the file ends with its last whole line again."""
@@ -252,12 +284,21 @@ class RotatingJsonl:
         if self._fd is None:
             return
         fd, closed, empty = self._fd, self.path, self._size == 0
-        self._fd, self.path = None, None
+        columns, file_lines = self._columns, self._file_lines
+        self._fd, self.path, self._columns = None, None, None
         if empty and closed is not None:
             closed.unlink(missing_ok=True)  # while still locked: nobody else takes an empty file for an orphan
+        copy = None
+        if not empty and closed is not None and columns is not None and columns.rows == file_lines:
+            try:  # while the lines are still locked: a drain or an orphan scan never sends one without the other
+                copy = write_columns(closed.with_suffix(COLUMNAR_SUFFIX), columns.arrays())
+            except (OSError, ValueError) as err:  # the lines are whole and kept: the monitor reads them instead
+                logger.error("request log: no columnar copy of %s (%s); its lines are kept", closed, err)
         os.close(fd)
         if self.on_closed is not None and closed is not None and not empty:
             self.on_closed(closed)
+            if copy is not None:
+                self.on_closed(copy)
 
     def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -271,6 +312,8 @@ class RotatingJsonl:
             raise OSError(errno.EBUSY, f"{path} is being written by another process")
         self.path, self._fd = path, fd
         self._opened_at, self._size = now, os.fstat(fd).st_size
+        self._file_lines = 0
+        self._columns = ColumnBuffer() if self._size == 0 else None  # lines of unknown rows before: lines only
 
 
 class RequestLogger:
@@ -411,15 +454,16 @@ class RequestLogger:
         n = sum(len(b.predicted) for b in batches)
         before = self._files.lines_written
         try:
-            lines, chunk, size = [], [], 0
+            blocks, chunk, size = [], [], 0
             for batch in batches:  # chunks of ~512 requests: the features' fixed cost stays small per request,
                 chunk.append(batch)  # and the request thread gets the GIL back between chunks
                 size += len(batch.predicted)
                 if size >= 512 or batch is batches[-1]:
-                    lines += format_lines(chunk)
+                    blocks.append(format_block(chunk))
                     chunk, size = [], 0
                     time.sleep(0)
-            self._files.write(lines)
+            for lines, columns in blocks:
+                self._files.write(lines, columns)
         except Exception as err:  # noqa: BLE001 - a log problem must never reach the answers
             written = self._files.lines_written - before
             self._written += written

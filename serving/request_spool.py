@@ -44,7 +44,10 @@ DEFAULT_DRAIN_TIMEOUT_S = 40.0
 MAX_SPOOLED_FILES = 200  # s3 destination unreachable for long: keep this many closed files, drop the oldest
 UPLOAD_RETRY_S = 30.0
 SINGLE_PUT_MAX_BYTES = 64 * 1024 * 1024
-FILE_PATTERN = re.compile(r"requests-(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-(?P<stamp>\d{8}T\d{6}Z)-(?P<seq>\d+)\.jsonl")
+# A rotated file's lines (.jsonl) and its columnar copy (.npz, written whole under a dot name, then renamed)
+FILE_PATTERN = re.compile(
+    r"requests-(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-(?P<stamp>\d{8}T\d{6}Z)-(?P<seq>\d+)\.(?:jsonl|npz)")
+SPOOLED_FILES = ("requests-*.jsonl", "requests-*.npz")
 # Beside the log files (dot files, never *.jsonl, never uploaded): one per live writer, locked while it runs and
 # holding the last drain request it answered; and the drain request of this host.
 WRITER_PREFIX = ".writer-"
@@ -98,6 +101,13 @@ def _orphan_of(path: Path, host: str) -> bool:
     """A spooled file of ``host``'s writers that no live process writes or sends."""
     match = FILE_PATTERN.fullmatch(path.name)
     return bool(match) and match["host"] == host and orphaned(path, int(match["pid"]))
+
+
+def _spooled(directory: Path) -> list[Path]:
+    """The closed (or orphaned) log files in a spool directory. A columnar copy is never locked: an upload of
+    one whose writer is about to send it too is safe, since every upload holds the file's lock and the second
+    finds it gone."""
+    return sorted(path for pattern in SPOOLED_FILES for path in directory.glob(pattern))
 
 
 def upload_spooled(path: Path, prefix: str, one_request: bool = False) -> str:
@@ -162,7 +172,7 @@ class SpoolUploads:
     def adopt_orphans(self) -> None:
         """Take over this host's spooled files that no live process writes or sends (killed before uploading)."""
         try:
-            candidates = sorted(self.directory.glob("requests-*.jsonl"))
+            candidates = _spooled(self.directory)
         except OSError:
             return
         known = set(self.pending)
@@ -302,14 +312,14 @@ def drain(destination: str, spool_dir: str | Path | None = None, timeout_s: floa
         request_path.unlink(missing_ok=True)
     if str(destination).startswith("s3://"):  # (a directory destination has every written line already)
         _upload_orphans(directory, host, str(destination).rstrip("/"), deadline, result)
-        result["left"] = sorted(p.name for p in directory.glob("requests-*.jsonl"))
+        result["left"] = sorted(p.name for p in _spooled(directory))
     return result
 
 
 def _upload_orphans(directory: Path, host: str, prefix: str, deadline: float, result: dict) -> None:
     """Upload the closed spool files nobody owns, in a thread: a hung upload must not outlast the deadline."""
     def send_all() -> None:
-        for path in sorted(directory.glob("requests-*.jsonl")):
+        for path in _spooled(directory):
             if time.monotonic() >= deadline:
                 return
             if not _orphan_of(path, host):

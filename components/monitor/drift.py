@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 
 from components.core.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, PREDICTION_COLUMNS
-from components.monitor.guards import MIN_ROWS, check_window, nan_share
 from components.core.stattests import (
     DRIFT_METHOD,
     DRIFT_THRESHOLD,
@@ -32,6 +31,7 @@ from components.core.stattests import (
     is_p_value,
     register_stattests,
 )
+from components.monitor.guards import MIN_ROWS, check_window, nan_share
 from components.monitor.verdict import Verdict, drift_message
 
 CATEGORICAL_COLUMNS = ["predicted_class"]

@@ -1,6 +1,8 @@
 """Reading one time window of the serving request log fast, and sampling it with a stated error bound.
 
-The request log is JSON lines (``serving/request_log.py`` writes them). Parsing every
+The request log is JSON lines (``serving/request_log.py`` writes them), and each closed file
+has a columnar copy beside it (``.npz``), read instead of its lines where it exists
+(``columnar.py``: counted from two columns, only the drawn rows read). Parsing every
 line of a large window with ``json`` or pyarrow is far over the time budget (see
 docs/benchmarks.md), and the drift tests do not need every line, so this module reads
 only what it needs:
@@ -53,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from components.core.names import REQUEST_LOG_MAX_AGE_ENV as MAX_AGE_ENV
+from components.monitor.columnar import COLUMNAR_SUFFIX, ColumnarFile, ColumnarParts, millis
 
 DEFAULT_EPSILON = 0.02  # sup-distance between the sample's and the window's CDF, per feature
 DEFAULT_ALPHA = 0.01  # probability that the bound is exceeded
@@ -63,8 +66,10 @@ FAST_LAYOUTS = (
     (b'{"timestamp":"', b',"model_version":"'),
     (b'{"timestamp": "', b', "model_version": "'),
 )
-# requests-<host>-<pid>-<UTC start>-<seq>.jsonl, as serving/request_log.py names its rotated files
-LOG_FILE_NAME = re.compile(r"requests-.+-\d+-(?P<stamp>\d{8}T\d{6}Z)-\d+\.jsonl")
+# requests-<host>-<pid>-<UTC start>-<seq>.jsonl, as serving/request_log.py names its rotated files, and .npz for
+# the columnar copy it writes beside a file when closing it (read instead of the lines: columnar.py)
+LOG_FILE_NAME = re.compile(r"requests-.+-\d+-(?P<stamp>\d{8}T\d{6}Z)-\d+\.(?:jsonl|npz)")
+LOG_SUFFIXES = (".jsonl", COLUMNAR_SUFFIX)
 # A rotated file holds lines answered from shortly before its start (its name) until its last write
 # (its modification time: a local file's mtime, an object's upload time). Files last written more
 # than FILE_SPAN_SLACK before the window, or started FILE_START_SLACK after its end, cannot hold its
@@ -133,6 +138,8 @@ def list_log_files(log_dir: str | Path, since: datetime | None = None, until: da
                    cache_dir: str | Path | None = None, max_file_age_s: float | None = None) -> list[Path]:
     """The ``*.jsonl`` files of a local directory or an ``s3://`` prefix, skipping rotated files outside the window.
 
+    Where a file has a columnar copy (``<name>.npz``, written when it was closed), the copy is listed instead.
+
     ``max_file_age_s`` is the writer's rotation age (``serving.request_log_max_age_s``; None:
     ``$KFP_MLOPS_REQUEST_LOG_MAX_AGE_S``, else 1 h). S3 objects are downloaded into
     ``cache_dir`` (default: a per-prefix directory in the temp dir) once: rotated log files
@@ -146,8 +153,8 @@ def list_log_files(log_dir: str | Path, since: datetime | None = None, until: da
         from components.core import blobs
 
         listed = blobs.Storage().list_modified(location.rstrip("/") + "/")
-        uris = [u for u, modified in listed
-                if u.endswith(".jsonl") and _may_overlap(u.rsplit("/", 1)[-1], lo, hi, max_file_age_s, modified)]
+        uris = _prefer_columnar([u for u, modified in listed if u.endswith(LOG_SUFFIXES)
+                                 and _may_overlap(u.rsplit("/", 1)[-1], lo, hi, max_file_age_s, modified)])
         cache = Path(cache_dir) if cache_dir else Path(os.environ.get("TMPDIR", "/tmp")) / (
             "kfp-mlops-log-cache-" + hashlib.sha256(location.encode()).hexdigest()[:12])
         files = []
@@ -163,8 +170,14 @@ def list_log_files(log_dir: str | Path, since: datetime | None = None, until: da
             f"request log directory {path} does not exist: check 'request_log_dir' in the deployment "
             "record, and that the server has handled at least one request"
         )
-    return sorted(p for p in path.glob("*.jsonl")
-                  if _may_overlap(p.name, lo, hi, max_file_age_s, _modified(p)))
+    return sorted(Path(p) for p in _prefer_columnar([str(p) for p in path.iterdir() if p.name.endswith(LOG_SUFFIXES)])
+                  if _may_overlap(Path(p).name, lo, hi, max_file_age_s, _modified(Path(p))))
+
+
+def _prefer_columnar(names: list[str]) -> list[str]:
+    """Drop each ``.jsonl`` whose ``.npz`` copy is listed too: the same requests, read faster."""
+    copies = {n[:-len(COLUMNAR_SUFFIX)] for n in names if n.endswith(COLUMNAR_SUFFIX)}
+    return [n for n in names if not (n.endswith(".jsonl") and n[:-len(".jsonl")] in copies)]
 
 
 def _modified(path: Path) -> datetime | None:
@@ -212,6 +225,7 @@ class WindowIndex:
     line_start: np.ndarray  # [M] byte offsets
     line_end: np.ndarray  # [M] byte offset of the newline
     parsed: list[dict]  # records of the window read on the slow path (other layouts)
+    columnar: ColumnarParts = field(default_factory=ColumnarParts)  # rows of the window in columnar copies
     files: int = 0
     rows_in_window: int = 0  # every request of the window, any model version
     bad_lines: int = 0
@@ -220,8 +234,26 @@ class WindowIndex:
 
     @property
     def size(self) -> int:
-        """Requests of the window and the model version: the population that is sampled."""
-        return len(self.line_start) + len(self.parsed)
+        """Requests of the window and the model version: the population that is sampled.
+
+        Numbered: the indexed lines, then the columnar rows, then the records parsed on the way."""
+        return len(self.line_start) + self.columnar.size + len(self.parsed)
+
+    def records(self, ids: np.ndarray) -> list[dict | None]:
+        """The records at population positions ``ids``, in that order; None for a line that does not parse.
+        Records of the slow path are the index's own dicts: copy one before changing it."""
+        ids = np.asarray(ids, np.int64)
+        n_fast, n_col = len(self.line_start), self.columnar.size
+        out: list[dict | None] = [None] * len(ids)
+        for k in np.flatnonzero(ids < n_fast).tolist():
+            out[k] = _parse_record(self.line(int(ids[k])))
+        in_columns = np.flatnonzero((ids >= n_fast) & (ids < n_fast + n_col))
+        if len(in_columns):
+            for k, record in zip(in_columns.tolist(), self.columnar.records(ids[in_columns] - n_fast)):
+                out[k] = record
+        for k in np.flatnonzero(ids >= n_fast + n_col).tolist():
+            out[k] = self.parsed[int(ids[k]) - n_fast - n_col]
+        return out
 
     def line(self, i: int) -> bytes:
         f = int(self.line_file[i])
@@ -229,6 +261,7 @@ class WindowIndex:
 
     def close(self) -> None:
         self.buffers = []
+        self.columnar.close()
         for handle in self._handles:
             try:
                 handle.close()
@@ -288,7 +321,15 @@ def index_window(files: list[Path], since: datetime | None = None, until: dateti
                         line_end=np.zeros(0, np.int64), parsed=[], files=len(files))
     files_idx, starts_all, ends_all = [], [], []
 
+    lo_ms, hi_ms = millis(lo), millis(hi)
     for f_i, path in enumerate(files):
+        if path.name.endswith(COLUMNAR_SUFFIX):
+            index.buffers.append(np.zeros(0, np.uint8))
+            part = ColumnarFile(path)
+            in_window, selection = part.select(lo_ms, hi_ms, None if model_version is None else str(model_version))
+            index.rows_in_window += in_window
+            index.columnar.add(part, selection)
+            continue
         size = path.stat().st_size
         if size == 0:
             index.buffers.append(np.zeros(0, np.uint8))
@@ -464,21 +505,15 @@ def read_index(index: WindowIndex, keep: Callable[[dict], bool] | None = None, e
     population = index.size
     target = dkw_sample_size(epsilon, alpha) if epsilon is not None else None
     bad = 0
-    n_fast = len(index.line_start)
-
-    def read(i: int) -> dict | None:
-        if i >= n_fast:
-            return index.parsed[i - n_fast]
-        return _parse_record(index.line(i))
 
     def whole() -> WindowSample:
         records, unreadable = [], 0
-        for i in range(population):
-            record = read(i)
-            if record is None:
-                unreadable += 1
-            elif keep(record):
-                records.append(record)
+        for start in range(0, population, 1 << 16):  # in blocks: bounded temporaries besides the records kept
+            for record in index.records(np.arange(start, min(population, start + (1 << 16)))):
+                if record is None:
+                    unreadable += 1
+                elif keep(record):
+                    records.append(record)
         return WindowSample(frame=_frame(records), files=index.files, rows_in_window=index.rows_in_window,
                             rows_of_version=population, rows_selected=len(records), sampled=False,
                             draws=population, seed=None, epsilon=0.0, alpha=alpha,
@@ -494,9 +529,8 @@ def read_index(index: WindowIndex, keep: Callable[[dict], bool] | None = None, e
         if draws >= population // 2:  # most draws rejected: reading everything is cheaper and exact
             return whole()
         batch = rng.integers(0, population, size=max(256, target - len(records)))
-        for i in batch:
+        for record in index.records(batch):
             draws += 1
-            record = read(int(i))
             if record is None:
                 bad += 1
             elif keep(record):

@@ -13,8 +13,8 @@ from conftest import MONITOR_REFERENCE_ROWS
 from monitor_traffic import T0, log_records, rotate_90, served, write_log
 
 from components.core.features import FEATURE_COLUMNS, MODEL_REFERENCE_FILE
-from components.monitor.report import prometheus_metrics
 from components.core.stattests import PREDICTION_METHOD
+from components.monitor.report import prometheus_metrics
 from components.monitor.verdict import STATUSES
 
 
@@ -31,7 +31,7 @@ def cli_runs(tmp_path_factory, run_cli, reference, model_dir, model, held_out):
               + log_records(served(model, rotate_90(held_out[300:600], None)), T0 + timedelta(hours=1), step_s=10,
                             model_version="m1"), compact=True)
     common = ["monitor", "--json", "--log-dir", str(logs), "--reference", str(root / "reference.csv"),
-              "--model-version", "m1", "--out", str(root / "out")]
+              "--model-version", "m1", "--out", str(root / "out"), "--serving-home", str(root / "serving")]
     clean = ["--since", "2025-01-01T12:00:00Z", "--until", "2025-01-01T13:00:00Z"]
     drifted = ["--since", "2025-01-01T13:00:00Z", "--until", "2025-01-01T14:00:00Z"]
     runs = {"clean": run_cli(common + clean)}
@@ -144,7 +144,8 @@ def test_prometheus_metrics_are_valid_text_format(cli_runs):
     (["--last", "an hour"], "not a duration: 'an hour'"),
 ], ids=["last-and-since", "settle-alone", "bad-duration"])
 def test_cli_rejects_contradictory_windows(tmp_path, run_cli, argv, message):
-    code, _, err = run_cli(["monitor", "--log-dir", str(tmp_path), "--reference", str(tmp_path / "r.csv"), *argv])
+    code, _, err = run_cli(["monitor", "--log-dir", str(tmp_path), "--reference", str(tmp_path / "r.csv"),
+                            "--serving-home", str(tmp_path / "serving"), *argv])
     assert code == 1 and message in err, err
 
 
@@ -160,7 +161,7 @@ def test_monitor_reads_logs_and_references_from_s3_and_writes_results_there(buck
     blobs.put_file(root / MODEL_REFERENCE_FILE, f"s3://{bucket}/monitoring/{MODEL_REFERENCE_FILE}")
     argv = ["monitor", "--json", "--log-dir", f"s3://{bucket}/request-logs",
             "--reference", f"s3://{bucket}/monitoring/reference.csv", "--model-version", "m1",
-            "--since", "2025-01-01T13:00:00Z", "--until", "2025-01-01T14:00:00Z"]
+            "--since", "2025-01-01T13:00:00Z", "--until", "2025-01-01T14:00:00Z", "--serving-home", str(root / "serving")]
     code, stdout, err = run_cli(argv)
     verdict = _last_json_line(stdout)
     local = _last_json_line(runs["drifted"][1])

@@ -14,8 +14,8 @@ from monitor_traffic import add_noise, invert, photo_patches, rotate_30, rotate_
 from PIL import Image
 
 from components.core.features import EMBEDDING_COLUMNS, FEATURE_COLUMNS, PREDICTION_COLUMNS, image_features
-from components.monitor.drift import drift_report
 from components.core.stattests import PREDICTION_METHOD, chi2_two_sample, embedding_drift
+from components.monitor.drift import drift_report
 from serving.client import encode_png
 
 

@@ -206,7 +206,8 @@ def test_clean_and_shifted_traffic_through_the_real_server_and_its_log(real_serv
                                      "--reference", str(tmp_path / "reference.csv"),
                                      "--model-reference", str(model_dir / MODEL_REFERENCE_FILE),
                                      "--model-version", record["model_version"], "--since", since.isoformat(),
-                                     "--until", until.isoformat(), "--out", str(tmp_path / "out")])
+                                     "--until", until.isoformat(), "--out", str(tmp_path / "out"),
+                                     "--serving-home", str(tmp_path / "serving")])
         verdicts[name] = verdict = json.loads(stdout.strip().splitlines()[-1])
         assert verdict["current_rows"] == sent == 200 and verdict["log"]["rows_in_window"] == 200, (name, err)
         assert set(verdict["checks"]) == {"image_features", "prediction", "embedding"}

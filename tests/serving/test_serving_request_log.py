@@ -50,13 +50,13 @@ def test_fast_lines_are_the_records_as_json(tmp_path):
 
 def test_full_queue_drops_and_counts_without_blocking(tmp_path, monkeypatch):
     gate = threading.Event()
-    real_format = request_log_mod.format_lines
+    real_format = request_log_mod.format_block
 
     def stuck_format(batches):
         gate.wait(10)  # the writer is stuck (a slow disk, a hung upload)
         return real_format(batches)
 
-    monkeypatch.setattr(request_log_mod, "format_lines", stuck_format)
+    monkeypatch.setattr(request_log_mod, "format_block", stuck_format)
     log = RequestLogger(str(tmp_path / "log"), queue_batches=2, poll_s=0.01)
     assert log.submit(_log_batch(3))
     deadline = time.monotonic() + 5
@@ -142,16 +142,21 @@ def test_s3_destination_uploads_closed_files_and_orphans(moto_server, tmp_path, 
     host = host_tag()
     orphan = spool / f"requests-{host}-{2**22 + 1}-20260101T000000Z-0001.jsonl"
     orphan.write_text('{"timestamp": "2026-01-01T00:00:00+00:00"}\n')
+    orphan.with_suffix(".npz").write_bytes(b"its columnar copy")  # killed after writing it, before sending both
     log = RequestLogger("s3://logs/requests/digits", max_bytes=1, spool_dir=spool)
     for _ in range(3):
         log.submit(_log_batch(2))
         assert log.flush(10)
     log.close()
-    uris = blobs.list_uris("s3://logs/requests/digits")
+    listed = blobs.list_uris("s3://logs/requests/digits")
+    uris = [u for u in listed if u.endswith(".jsonl")]
+    copies = [u for u in listed if u.endswith(".npz")]  # each closed file's columnar copy goes beside it
     assert len(uris) == 1 + 3 * 2 and any(u.endswith(orphan.name) for u in uris), uris  # max_bytes=1: a file a line
+    assert sorted(u[:-len(".npz")] for u in copies) == sorted(u[:-len(".jsonl")] for u in uris)
     lines = [line for u in uris for line in blobs.read_bytes(u).decode().splitlines()]
+    assert blobs.read_bytes(next(u for u in copies if orphan.stem in u)) == b"its columnar copy"
     assert len(lines) == 1 + 3 * 2 and all(json.loads(line)["timestamp"] for line in lines)
-    assert list(spool.iterdir()) == [] and log.stats()["uploaded_files"] == 7
+    assert list(spool.iterdir()) == [] and log.stats()["uploaded_files"] == 7 + 7
 
 
 def test_s3_upload_failure_keeps_the_file_for_later(tmp_path, monkeypatch):
@@ -169,3 +174,72 @@ def test_s3_upload_failure_keeps_the_file_for_later(tmp_path, monkeypatch):
     assert log.stats()["upload_failures"] >= 1 and log.stats()["uploaded_files"] == 0
 
 
+
+
+def _varied_batches(k: int, t0: float = 1_700_000_000.0) -> list[LogBatch]:
+    batches = []
+    for i in range(k):
+        b = _log_batch(3 + i % 4, t=t0 + 0.37 * i)
+        b.sources = [("client", "replay", "smoke-test")[(i + j) % 3] for j in range(len(b.predicted))]
+        b.predicted = [(i + j) % 10 for j in range(len(b.predicted))]
+        b.labels = [str(p) for p in b.predicted]
+        b.confidences = [float("nan") if (i, j) == (1, 0) else 0.1 + 0.8 * ((i * 7 + j) % 10) / 10
+                         for j in range(len(b.predicted))]
+        b.model_version = "v1" if i % 5 else "v2"
+        batches.append(b)
+    return batches
+
+
+def test_closed_files_get_a_columnar_copy_holding_the_same_requests(tmp_path):
+    from components.monitor.columnar import ColumnarFile
+
+    log = RequestLogger(str(tmp_path), max_bytes=6000, poll_s=0.01)
+    for batch in _varied_batches(20):
+        assert log.submit(batch)
+    assert log.flush(10)
+    log.close()
+    jsonl = sorted(tmp_path.glob("requests-*.jsonl"))
+    assert len(jsonl) > 2 and sorted(tmp_path.glob("requests-*.npz")) == [p.with_suffix(".npz") for p in jsonl]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    for path in jsonl:
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        copy = ColumnarFile(path.with_suffix(".npz"))
+        records = copy.records(np.arange(copy.rows))
+        copy.close()
+        assert len(records) == len(lines)
+        for line, record in zip(lines, records):
+            assert record["timestamp"].isoformat(timespec="milliseconds") == line["timestamp"]
+            assert list(record) == list(line)
+            for key, value in line.items():
+                if key != "timestamp":  # the very numbers the line carries, NaN included
+                    assert value == record[key] or (value != value and record[key] != record[key]), key
+
+
+def test_a_columnar_copy_that_cannot_be_written_leaves_the_lines_whole(tmp_path, monkeypatch):
+    import serving.request_columns as columns_mod
+
+    def disk_full(handle, **arrays):
+        handle.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(columns_mod.np, "savez", disk_full)
+    log = RequestLogger(str(tmp_path), poll_s=0.01)
+    log.submit(_log_batch(4))
+    assert log.flush(10)
+    log.close()
+    assert [p.suffix for p in tmp_path.iterdir() if p.name.startswith("requests-")] == [".jsonl"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no half file under any name
+    assert len(_log_lines(tmp_path)) == 4
+
+
+def test_a_file_with_a_block_written_without_columns_keeps_its_lines_only(tmp_path):
+    wide = _log_batch(2, t=1_700_000_001.0)
+    wide.embeddings = np.ones((2, 24), np.float32)  # another model in the same file: the same projected columns
+    files = RotatingJsonl(tmp_path)
+    files.write(*request_log_mod.format_block([_log_batch(3), wide]))
+    files.write(request_log_mod.format_lines([_log_batch(2, t=1_700_000_002.0)]))  # lines only
+    files.close()
+    assert [p.suffix for p in tmp_path.iterdir()] == [".jsonl"]
+    files.write(*request_log_mod.format_block([_log_batch(3, t=1_700_000_005.0), wide]))  # the next file: columns
+    files.close()
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".jsonl", ".jsonl", ".npz"]
