@@ -2,6 +2,8 @@
 
     python benchmarks/serving.py                 # ~5 minutes on 2 cores; tables, then one JSON line
     python benchmarks/serving.py --duration 4 --rounds 1 --concurrency 1 32
+    python benchmarks/serving.py --quick         # ~2 minutes: for iterating, not for the figures in the docs
+    python benchmarks/serving.py --proxy-loops   # ~1 minute: the auth proxy alone, asyncio's loop against uvloop
 
 What runs, all on loopback, all stopped at the end (also on Ctrl-C or errors):
 
@@ -64,9 +66,24 @@ sys.path.append(str(HERE))
 
 from serving_bench.inprocess import in_process  # noqa: E402
 from serving_bench.load import measure, prometheus_sums, python_load, run_load  # noqa: E402
-from serving_bench.report import Measurements, build_result, noise_line, print_summary, round_order, table  # noqa: E402
+from serving_bench.proxy import proxy_loops, serve_fixed_answer, serve_proxy  # noqa: E402
+from serving_bench.report import (  # noqa: E402
+    Measurements,
+    build_result,
+    goals_lines,
+    noise_line,
+    print_summary,
+    round_order,
+    table,
+)
 from serving_bench.servers import VARIANT_KEYS, serve_peer, start_servers, stop_server, train_digits  # noqa: E402
 from serving_bench.tail import attribute_tail, machine_noise  # noqa: E402
+
+# The servers measured at the concurrencies below the top one, once each, in this order.
+LOWER_CONCURRENCY_ORDER = ("ours", "ours-batch1", "ours-proxied", "peer")
+# --quick: the settings of a short iteration run (concurrency 1 and 32, two rounds, no side measurements).
+QUICK = {"duration": 3.0, "warmup": 1.0, "rounds": 2, "jit_warmup": 5.0, "noise_probe": 1.0, "concurrency": [1, 32],
+         "skip": ["nolog", "defaults", "inprocess", "attribution"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,9 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise-probe", type=float, default=2.0,
                         help="seconds of the idle-machine noise probe before each round (default 2)")
     parser.add_argument("--load-gen", choices=["auto", "wrk", "python"], default="auto")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["peer", "nolog", "defaults", "proxied", "inprocess", "attribution"],
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["peer", "nolog", "defaults", "proxied", "batch1", "inprocess", "attribution"],
                         help="leave parts out (for quick tuning runs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run for iterating: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()
+                                                                    if k != "skip") + " --skip " + " ".join(QUICK["skip"])
+                             + " (flags given explicitly still win)")
+    parser.add_argument("--proxy-loops", action="store_true",
+                        help="only the auth proxy, in front of an upstream that answers at once: its CPU per request "
+                             "and throughput with asyncio's and with uvloop's event loop, in interleaved rounds")
     parser.add_argument("--_load", help=argparse.SUPPRESS)
+    parser.add_argument("--_upstream", help=argparse.SUPPRESS)
+    parser.add_argument("--_proxy", help=argparse.SUPPRESS)
     parser.add_argument("--_peer", help=argparse.SUPPRESS)
     return parser
 
@@ -147,7 +174,7 @@ def measure_rounds(args: argparse.Namespace, variants: dict[str, Any], targets: 
     print(table([]), flush=True)
     for c in sorted(args.concurrency):
         if c != top:
-            for name in ("ours", "peer"):
+            for name in LOWER_CONCURRENCY_ORDER:
                 if name in targets:
                     run(name, c)
     # The top concurrency in rounds, the servers interleaved: load from elsewhere on the machine
@@ -199,6 +226,9 @@ def run_benchmark(args: argparse.Namespace, shipped: dict[str, Any], variants: d
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.quick:  # QUICK as defaults, so explicit flags still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     if args._peer:  # the peer server's process
         spec = json.loads(args._peer)
         serve_peer(spec["port"], spec["workers"])
@@ -209,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
                              spec["duration_s"])
         Path(spec["out"]).write_text(json.dumps(result))
         return 0
+    if args._upstream:  # the fixed-answer upstream of --proxy-loops
+        serve_fixed_answer(int(args._upstream))
+        return 0
+    if args._proxy:  # one auth proxy of --proxy-loops
+        spec = json.loads(args._proxy)
+        serve_proxy(spec["port"], spec["upstream_port"], spec["home"], spec["loop"])
+        return 0
     if args.rounds < 1 or args.duration <= 0:
         parser.error("--rounds must be at least 1 and --duration positive")
     shipped = {**{k: getattr(args, k) for k in VARIANT_KEYS if k != "env"}, "env": {}}
@@ -217,10 +254,20 @@ def main(argv: list[str] | None = None) -> int:
     if tool == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk), use --load-gen python")
 
+    if args.proxy_loops:
+        from sklearn.datasets import load_digits
+
+        from serving.client import encode_png
+
+        png = encode_png((load_digits().images[-1][None] / 16.0).astype("float32"))
+        print(json.dumps({"proxy_loops": proxy_loops(png, max(args.concurrency), args.rounds, args.duration, tool)}))
+        return 0
     measured = run_benchmark(args, shipped, variants, tool)
     print_summary(measured)
     settings = {**shipped, "peer_workers": args.peer_workers, "duration_s": args.duration, "rounds": args.rounds}
-    print(json.dumps(build_result(measured, settings)))
+    result = build_result(measured, settings)
+    print(goals_lines(result))
+    print(json.dumps(result))
     return 0
 
 

@@ -223,6 +223,13 @@ def torchserve_setups(work: Path, settings: dict[str, Any], variants: dict[str, 
     setups = [TorchServeSetup("ours", mar, work / "requests", label, dict(shipped))]
     if "nolog" not in skip:
         setups.append(TorchServeSetup("ours-nolog", mar, None, label + ", request log off", dict(shipped)))
+    if "batch1" not in skip:
+        # The same server without batching, measured at the lower concurrencies only: TorchServe waits up to
+        # maxBatchDelay for a second request even when none is queued, so this shows what gathering costs a
+        # lone request (the concurrency-1 latency) against what the rest of the path costs.
+        b1 = build("export-batch1", settings["workers"], 1, settings["max_batch_delay_ms"])
+        setups.append(TorchServeSetup("ours-batch1", b1, work / "requests-batch1",
+                                      f"torchserve {settings['workers']}w b1 (no gathering)", dict(shipped)))
     if "defaults" not in skip:
         # TorchServe as it comes (the same hardening and handler): no batching, its own log4j2
         # configuration, Netty threads, job queue and JVM options at their defaults, request log on.

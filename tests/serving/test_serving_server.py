@@ -190,6 +190,8 @@ def test_served_batching_and_workers_come_from_the_archive(served):
         answers = list(pool.map(lambda im: predict(served["record"]["endpoint"], encode_png(im), served["token"]), images))
     assert [a["class_index"] for a in answers] == [predict(served["record"]["endpoint"], encode_png(im), served["token"])["class_index"]
                                                    for im in images]
+    # The batches reached the worker through the handler's buffered reader (serving/handler.py, read_exactly).
+    assert "reads the frontend's messages through a 64 KiB buffer" in (served["server"].logs / "model_log.log").read_text()
 
 
 @pytest.mark.slow
