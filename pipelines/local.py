@@ -3,7 +3,8 @@
 The embedded default: no cluster, CPU, local files. Two runners (``mlops run --runner``):
 
 * ``subprocess`` (the default): every step is a subprocess of this Python
-  (``SubprocessRunner(use_venv=False)``), running this checkout's code.
+  (``SubprocessRunner(use_venv=False)``), running this checkout's code, started as a fork of a pre-imported
+  parent rather than a fresh Python (``pipelines.warm_start``; ``warm_start=False``: fresh Pythons).
 * ``docker``: every step is a container of the pipeline image (``cluster.image``, ``make image``), through
   ``kfp.local.DockerRunner``, as on a cluster; the deploy step serves from containers of the serving image
   (``components.deploy.containers``). See ``DockerSteps`` for how the containers run.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import inspect
 import io
 import json
 import os
@@ -29,8 +29,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from components.core.cost import typed_metrics
 from components.core.localfiles import atomic_write_json
 from pipelines.config import LOCAL, Config, to_dict
+from pipelines.docker_steps import DockerSteps
+from pipelines.warm_start import warm_started
 
 SUMMARY_FILE = "summary.json"
 SUBPROCESS, DOCKER = "subprocess", "docker"
@@ -45,8 +48,8 @@ GATES = {"evaluate": "evaluation", "privacy": "privacy", "robustness": "robustne
 REPORTS = {
     ("ingest", "data_card"): ("data_card", ".md"),
     ("evaluate", "report"): ("evaluation", ".html"),
-    ("privacy", "report"): ("privacy", ".md"),
-    ("robustness", "report"): ("robustness", ".md"),
+    ("privacy", "report"): ("privacy", ".html"),
+    ("robustness", "report"): ("robustness", ".html"),
     ("monitor", "drift_report"): ("drift", ".html"),
     ("monitor", "verdict"): ("drift_verdict", ".json"),
 }
@@ -105,9 +108,16 @@ class ConsoleFilter(io.TextIOBase):
             level, message = match.groups()
             self._time_task(message)
             self.skipping = "block" if " outputs:" in message else False
-            if "Executing task" in message:
-                return f"[{time.strftime('%H:%M:%S')}] {message.replace('Executing task', 'step')}"
-            if "finished with status" in message or level == "ERROR":
+            started, ended = self._TASK_START.search(message), self._TASK_END.search(message)
+            if started:
+                return f"[{time.strftime('%H:%M:%S')}] {step_position(started.group(1))} started"
+            if ended:
+                status = message.rsplit("finished with status", 1)[1].strip(" .")
+                status = {"SUCCESS": "succeeded", "FAILURE": "FAILED"}.get(status, status.lower())
+                took = self.task_seconds.get(ended.group(1))
+                took = f" in {took:.1f} s" if took is not None else ""
+                return f"[{time.strftime('%H:%M:%S')}] {step_position(ended.group(1))} {status}{took}"
+            if level == "ERROR" or "finished with status" in message:  # the pipeline's own end
                 return f"[{time.strftime('%H:%M:%S')}] {message}"
             return None
         if self.skipping == "block":
@@ -135,20 +145,27 @@ class ConsoleFilter(io.TextIOBase):
         return "    " + body
 
 
+def step_position(task: str) -> str:
+    """``3/9 finetune``: a task's place in the pipeline's order, for the console."""
+    name = task.split("-", 1)[0] if task not in STEP_NAMES else task  # kfp names a repeated task "name-2"
+    return f"{STEP_NAMES.index(name) + 1}/{len(STEP_NAMES)} {task}" if name in STEP_NAMES else task
+
+
 def new_run_id() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = None, serve_after: bool = True,
               quiet: bool = False, verbose: bool = False, runner: str = SUBPROCESS,
-              manifests: str | Path = SERVING_MANIFESTS) -> dict[str, Any]:
+              manifests: str | Path = SERVING_MANIFESTS, warm_start: bool = True) -> dict[str, Any]:
     """Run every step through kfp.local; return (and write) the run summary.
 
     The full kfp.local log goes to ``runs/<run-id>/pipeline.log``; the console shows the
     steps and their own output (``verbose`` shows everything). ``runner``: ``subprocess``
     (steps are subprocesses of this Python) or ``docker`` (steps are containers of
     ``cfg.cluster.image``; deploy serves from the serving Deployment of ``manifests``, a
-    kustomize directory, as containers of ``cfg.cluster.serving_image``).
+    kustomize directory, as containers of ``cfg.cluster.serving_image``). ``warm_start``: the subprocess
+    runner's tasks start as forks of a pre-imported parent (``pipelines.warm_start``), not as fresh Pythons.
     """
     from kfp import local
 
@@ -184,6 +201,7 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*You may be attemping to run a task that uses.*")
         console = sys.stdout = ConsoleFilter(log_file, stdout, verbose=verbose)
+        warm = None
         try:
             if docker is not None:
                 with docker.started(pipeline_root) as (kfp_runner, image):
@@ -193,8 +211,9 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
             else:
                 local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                            raise_on_error=False)
-                started = time.time()
-                build_pipeline(cfg.cluster, target=LOCAL)(**params)
+                started = time.time()  # the warm parent's start and stop count as orchestration
+                with warm_started(run_dir, enabled=warm_start) as warm:
+                    build_pipeline(cfg.cluster, target=LOCAL)(**params)
         finally:
             sys.stdout = stdout
             for name, value in env_before.items():
@@ -204,178 +223,19 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
                     os.environ[name] = value
     summary = collect_summary(run_id, run_dir, pipeline_root, time.time() - started, runner=runner,
                               image=docker.image if docker else None, task_seconds=console.task_seconds)
+    if warm is not None:
+        summary["warm_start"] = warm.as_summary()
     summary["log"] = str(log_path)
-    atomic_write_json(run_dir / SUMMARY_FILE, summary)
+    atomic_write_json(run_dir / SUMMARY_FILE, summary, sort_keys=False)
     if not serve_after and summary["steps"]["deploy"]["status"] == "succeeded":
         from components.deploy.containers import served_from
 
         served_from(serving_home).stop()
         summary["serving"] = "stopped (--no-serve-after)"
-        atomic_write_json(run_dir / SUMMARY_FILE, summary)
+        atomic_write_json(run_dir / SUMMARY_FILE, summary, sort_keys=False)
     if not quiet:
         print(format_summary(summary), flush=True)
     return summary
-
-
-# Host variables a step container gets (the S3 settings and keys components/core/s3_client.py reads, the model
-# store), as a cluster's steps get them from the storage ConfigMap and Secret. Not those naming files of
-# this machine, which the containers do not have.
-STEP_ENV_PREFIXES = ("S3_", "AWS_")
-STEP_ENV_NAMES = ("KFP_MLOPS_MODEL_STORE", "KFP_MLOPS_REFERENCE")
-STEP_ENV_EXCLUDED = ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE")
-PINNED_REPOSITORY = "kfp-mlops-run/pipeline"  # a run's own tag of the pipeline image, removed after the run
-
-
-def step_code_digest(packages: tuple[str, ...] = ("components", "serving")) -> str:
-    """sha256 over the Python files of the packages the steps import (paths and bytes), found beside the
-    ``components`` package Python imports. Runs here and, by its source, inside the pipeline image: equal
-    digests mean the steps run this checkout's code."""
-    import hashlib
-    import importlib
-    import pathlib
-
-    digest = hashlib.sha256()
-    top = pathlib.Path(importlib.import_module("components").__file__).parent.parent
-    for name in packages:
-        root = top / name
-        for path in sorted(root.rglob("*.py")):
-            if "__pycache__" not in path.parts:
-                digest.update(f"{name}/{path.relative_to(root).as_posix()}\n".encode())
-                digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-class DockerSteps:
-    """What ``--runner docker`` sets up around a run.
-
-    * The pipeline image (``cluster.image``) is pinned: its id is read before the run, tagged for the run
-      (``kfp-mlops-run/pipeline:<run-id>``) and the steps are built on that tag, so every step runs the image
-      the summary names, even if ``make image`` retags it meanwhile. Its step code must be this checkout's
-      (``step_code_digest``), else the run stops before it starts: rebuild with ``make image``.
-    * The steps run as this user's uid:gid, or as ``cluster.run_as_user``/``run_as_group`` when this is root
-      (the run's pipeline root is handed to them; ``containers.local_identity``), HOME=/tmp, all capabilities dropped, no privilege
-      escalation; on the host's network, so the endpoint and an S3 server on loopback are the same address
-      inside and out. kfp.local bind-mounts the pipeline root at its own path; the serving home (and the
-      request-log directory) are mounted read-only at theirs, so the paths in records and state files mean
-      the same files everywhere. No host code is mounted: the steps import the image's installed package.
-    * The serving broker (``components.deploy.broker``) runs in this process: the deploy step asks it to
-      serve, this process starts the serving containers (``components.deploy.containers.serve_release``).
-    """
-
-    def __init__(self, cfg: Config, run_id: str, manifests: str | Path):
-        self.cfg, self.run_id, self.manifests = cfg, run_id, Path(manifests)
-        self.home = Path(cfg.serving.home)
-        self.image: dict[str, Any] = {}
-
-    def check(self) -> DockerSteps:
-        """Fail now, with what to do, if the engine, the images or the manifests are not there."""
-        from components.deploy.containers import local_identity, request_log_dir_of
-        from components.deploy.pods import PodError, docker_client
-
-        self.client = docker_client()
-        pipeline_image = self.image_on_engine(self.cfg.cluster.image)
-        self.image_on_engine(self.cfg.cluster.serving_image)  # the deploy step will need it
-        self.image = {"image": self.cfg.cluster.image, "image_id": pipeline_image.id,
-                      "image_repo_digests": pipeline_image.attrs.get("RepoDigests") or []}
-        uid, gid = local_identity()
-        self.uid, self.gid = (self.cfg.cluster.run_as_user, self.cfg.cluster.run_as_group) if uid is None else (uid, gid)
-        if not self.uid:
-            raise PodError("the steps would run as root: set cluster.run_as_user to a non-root uid")
-        if not (self.manifests / "kustomization.yaml").is_file():
-            raise FileNotFoundError(f"no kustomization.yaml in {self.manifests}: the docker runner serves the "
-                                    "serving Deployment of the manifests (run from a checkout of kfp-mlops)")
-        request_log_dir_of(self.cfg.serving, self.home)  # an s3:// request log cannot work here: say so now
-        ours, theirs = step_code_digest(), self.image_code_digest(pipeline_image.id)
-        if ours != theirs:
-            raise PodError(f"the pipeline image {self.cfg.cluster.image} ({pipeline_image.short_id}) holds other step "
-                           f"code than this checkout (digest {theirs[:12]} there, {ours[:12]} here): rebuild it with "
-                           "'make image', so that the steps run the code you see")
-        return self
-
-    def image_on_engine(self, image: str):
-        from components.deploy.pods import PodError
-
-        try:
-            return self.client.images.get(image)
-        except Exception:  # noqa: BLE001 - docker.errors.ImageNotFound and the engine's other refusals
-            raise PodError(f"image {image} is not on the Docker engine and a local run never pulls: build it with "
-                           "'make image' (or tag yours with that name)") from None
-
-    def image_code_digest(self, image: str) -> str:
-        script = inspect.getsource(step_code_digest) + "\nprint(step_code_digest())\n"
-        output = self.client.containers.run(image, ["python", "-c", script], remove=True, network_mode="none",
-                                            user=f"{self.uid}:{self.gid}", environment={"HOME": "/tmp"})
-        return output.decode().strip().splitlines()[-1]
-
-    def environment(self, broker_socket: Path) -> dict[str, str]:
-        from components.core import ledger
-        from components.core.names import LEDGER_ENV
-        from components.deploy.broker import SOCKET_ENV
-
-        passed = {k: v for k, v in os.environ.items()
-                  if (k.startswith(STEP_ENV_PREFIXES) or k in STEP_ENV_NAMES) and k not in STEP_ENV_EXCLUDED}
-        # The ledger where this machine has it (mounted read-write, see mounts), and what the record step names.
-        recorded = {LEDGER_ENV: ledger.location(self.cfg.serving), ledger.RUN_ID_ENV: self.run_id,
-                    ledger.IMAGE_ENV: self.image["image"], ledger.IMAGE_ID_ENV: self.image["image_id"]}
-        return {**passed, **recorded, "HOME": "/tmp", "DO_NOT_TRACK": "1", SOCKET_ENV: str(broker_socket)}
-
-    def mounts(self, broker_dir: Path, request_log_dir: Path) -> list:
-        from docker.types import Mount
-
-        mounts = [Mount(str(self.home), str(self.home), type="bind", read_only=True),
-                  Mount(str(broker_dir), str(broker_dir), type="bind", read_only=True)]
-        if not request_log_dir.is_relative_to(self.home):
-            mounts.append(Mount(str(request_log_dir), str(request_log_dir), type="bind", read_only=True))
-        from components.core.ledger import prepare_directory
-
-        ledger_dir = prepare_directory(self.cfg.serving, (self.uid, self.gid) if os.getuid() == 0 else None)
-        if ledger_dir is not None:  # the record, deploy and monitor steps append to the release ledger there
-            mounts.append(Mount(str(ledger_dir), str(ledger_dir), type="bind", read_only=False))
-        return mounts
-
-    def serve(self, request: dict[str, Any]) -> dict[str, Any]:
-        from components.deploy.containers import serve_release
-
-        return serve_release(request["archive"], request["model_version"], self.cfg.serving, self.home,
-                             overlay=self.manifests, serving_image=self.cfg.cluster.serving_image,
-                             model_dir=request["model_dir"], dataset_dir=request["dataset_dir"], run_id=self.run_id)
-
-    def stop_serving(self) -> dict[str, Any]:
-        from components.deploy.containers import served_from
-
-        return served_from(self.home).stop()
-
-    def started(self, pipeline_root: Path):
-        """A context: (the DockerRunner, the run's tag of the pipeline image) while the broker listens."""
-        import contextlib
-
-        from kfp import local
-
-        from components.deploy.broker import ServingBroker
-        from components.deploy.containers import prepare_home
-        from pipelines.pipeline import GATE_STEPS
-
-        @contextlib.contextmanager
-        def context():
-            if os.getuid() == 0:
-                os.chown(pipeline_root, self.uid, self.gid)  # the steps write their outputs there
-            paths = prepare_home(self.cfg.serving, self.home, self.uid, self.gid)
-            tag = re.sub(r"[^A-Za-z0-9_.-]", "-", self.run_id)[:128].lstrip(".-") or "run"
-            self.client.images.get(self.image["image_id"]).tag(PINNED_REPOSITORY, tag)
-            broker = ServingBroker(pipeline_root, GATE_STEPS, serve=self.serve, stop=self.stop_serving,
-                                   allowed_uid=self.uid, owner=(self.uid, self.gid))
-            try:
-                with broker:
-                    runner = local.DockerRunner(
-                        user=f"{self.uid}:{self.gid}", environment=self.environment(broker.socket_path),
-                        mounts=self.mounts(broker.directory, paths["request_log_dir"]), network_mode="host",
-                        cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
-                        labels={"kfp-mlops.io/run-id": self.run_id})
-                    yield runner, f"{PINNED_REPOSITORY}:{tag}"
-            finally:
-                self.client.images.remove(f"{PINNED_REPOSITORY}:{tag}", noprune=True)
-
-        return context()
 
 
 def _task_outputs(task_dir: Path) -> dict[str, Any] | None:
@@ -397,7 +257,8 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
 
     Each step that ran also gets its ``runner``, under ``docker`` the image it ran in (``image``: name,
     ``image_id``, ``image_repo_digests``), and, from ``task_seconds`` (kfp.local's start to finish of each
-    task), ``task_seconds`` and ``overhead_seconds`` (that minus the step's own ``seconds``)."""
+    task), ``task_seconds`` and ``overhead_seconds`` (that minus the step's own ``seconds``). ``orchestration``:
+    the run's seconds outside the steps' own (``orchestration_block``)."""
     runs = sorted(p for p in pipeline_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     kfp_run = runs[-1] if runs else pipeline_root
     steps: dict[str, dict[str, Any]] = {}
@@ -408,7 +269,7 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
         out = _task_outputs(task_dir)
         if out is not None:
             outputs[step] = out
-            metrics = (_artifact(out, "metrics") or {}).get("metadata", {})
+            metrics = typed_metrics((_artifact(out, "metrics") or {}).get("metadata", {}))
             steps[step] = {
                 "status": "succeeded",
                 "seconds": round(metrics.get("cost_wall_seconds", 0.0), 2),
@@ -430,9 +291,12 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
     for step, gate in GATES.items():
         if step not in outputs:
             continue
-        metrics = (_artifact(outputs[step], "metrics") or {}).get("metadata", {})
-        numbers = {k: v for k, v in metrics.items() if not k.startswith("cost_")}
-        gates[gate] = {**numbers, "passed": bool(outputs[step].get("parameterValues", {}).get("Output"))}
+        metrics = typed_metrics((_artifact(outputs[step], "metrics") or {}).get("metadata", {}))
+        numbers = {k: v for k, v in metrics.items() if not k.startswith(("cost_", "blocked_by_"))}
+        gates[gate] = {**numbers, "passed": bool(outputs[step].get("parameterValues", {}).get("Output")),
+                       "reason": str(metrics.get("reason", "")),
+                       "blocked_by": sorted(k.removeprefix("blocked_by_") for k, v in metrics.items()
+                                            if k.startswith("blocked_by_") and v)}
     blocked_by = [g for g, v in gates.items() if not v["passed"]]
     # A gate released by an explicit override still failed its checks: say so at the top level.
     overridden = [g for g, v in gates.items() if v.get("overridden")]
@@ -441,15 +305,17 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
             steps[step]["reason"] = (f"gate(s) not passed: {', '.join(blocked_by)}" if blocked_by
                                      else f"an earlier step failed: {failed}" if failed else "not reached")
 
-    evaluation = (_artifact(outputs.get("evaluate", {}), "metrics") or {}).get("metadata", {})
+    evaluation = typed_metrics((_artifact(outputs.get("evaluate", {}), "metrics") or {}).get("metadata", {}))
     summary: dict[str, Any] = {
         "run_id": run_id,
         "runner": runner,
         "status": "failed" if failed else ("blocked" if blocked_by else "succeeded"),
         "seconds": round(seconds, 1),
+        "orchestration": orchestration_block(seconds, steps),
         "steps": steps,
         "metrics": {k: v for k, v in evaluation.items() if not k.startswith("cost_")},
         "gates": gates,
+        "blocked_by": blocked_by,
         "endpoint": None,
         "management_endpoint": None,
         "token_file": None,
@@ -487,9 +353,22 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
     return summary
 
 
+def orchestration_block(seconds: float, steps: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """How much of the run's ``seconds`` was spent outside the steps' own ``seconds`` (starting tasks, imports
+    before a step's first measured line, kfp.local's work between tasks), and its share of the run."""
+    inside = sum(info["seconds"] for info in steps.values() if info.get("seconds") is not None)
+    outside = seconds - inside
+    return {"steps_seconds": round(inside, 2), "seconds": round(outside, 2),
+            "share": round(outside / seconds, 3) if seconds > 0 else 0.0}
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """A short human summary of a run."""
     lines = ["", f"Run {s['run_id']}: {s['status'].upper()} in {s['seconds']} s"]
+    if s.get("orchestration"):
+        o = s["orchestration"]
+        lines.append(f"Orchestration: {o['seconds']:.1f} s outside the steps ({o['share']:.0%} of the run; the "
+                     f"steps {o['steps_seconds']:.1f} s)")
     for step, info in s["steps"].items():
         secs = f"{info['seconds']:.1f} s" if info.get("seconds") is not None else ""
         extra = f"  ({info['reason']})" if info.get("reason") else ""
@@ -498,7 +377,7 @@ def format_summary(s: dict[str, Any]) -> str:
     if "test_accuracy" in m:
         lines.append(f"Test accuracy {m['test_accuracy']:.4f}" + (f", macro-F1 {m['macro_f1']:.4f}" if "macro_f1" in m else ""))
     for gate, g in s.get("gates", {}).items():
-        lines.append(f"Gate {gate:<11} {'passed' if g['passed'] else 'BLOCKED'}")
+        lines.append(gate_line(gate, g))
     if s.get("rollout"):
         r = s["rollout"]
         lines.append(f"Rollout {r['strategy']}: {r['decision'].upper()} {r['challenger_version']} (champion "
@@ -519,6 +398,17 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"Full log: {s['log']}")
     lines.append(f"Summary: {Path(s['run_dir']) / SUMMARY_FILE}")
     return "\n".join(lines)
+
+
+def gate_line(gate: str, g: dict[str, Any]) -> str:
+    """One gate of a summary in words: passed, or BLOCKED with the failing numbers and what to try."""
+    reason = f": {g['reason']}" if g.get("reason") else ""
+    if g.get("overridden"):
+        return f"Gate {gate:<11} OVERRIDDEN{reason} (released anyway: {g.get('override_reason', '')})"
+    if g.get("passed"):
+        return f"Gate {gate:<11} passed"
+    remedy = f" ({g['remedy']})" if g.get("remedy") else ""
+    return f"Gate {gate:<11} BLOCKED{reason}{remedy}"
 
 
 def _runs_newest_first(runs_dir: str | Path) -> list[Path]:

@@ -69,7 +69,8 @@ def deploy_component(
 
     serving = cfg.serving
     ledger = Ledger(location(serving))  # where the release is recorded: known before anything changes
-    with measure() as cost, recorded_if_rolled_back(ledger, serving, gated_record, run_id):
+    # gpu=False: deploying touches no tensor, so torch is not imported for it (seconds in a fresh Python)
+    with measure(gpu=False) as cost, recorded_if_rolled_back(ledger, serving, gated_record, run_id):
         if serving.deploy_target == "kubernetes":
             from components.deploy.kubernetes import deploy_kubernetes
 

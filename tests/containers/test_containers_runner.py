@@ -46,7 +46,7 @@ def engine():
     (a failure under `make test CONTAINERS=require`, which builds them first)."""
     from container_support import HOW_TO_BUILD, engine_client, local_images, project_image_tags
 
-    from pipelines.local import DockerSteps, step_code_digest
+    from pipelines.docker_steps import DockerSteps, step_code_digest
 
     client = engine_client()
     images = local_images(client, project_image_tags())

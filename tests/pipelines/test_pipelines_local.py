@@ -1,6 +1,11 @@
-"""The local runner's console: step transitions and the steps' own output, not kfp.local's dumps."""
+"""The local runner: its console (step transitions and the steps' own output, not kfp.local's dumps), and on a
+real run the orchestration block of the summary and the warm start against kfp.local's plain subprocesses."""
 
 import io
+import json
+from pathlib import Path
+
+import pytest
 
 from pipelines.local import ConsoleFilter
 
@@ -37,7 +42,7 @@ def test_console_shows_steps_and_step_output_but_not_dumps():
         f.write(chunk)
     shown = console.getvalue()
     assert log.getvalue() == KFP_OUTPUT, "the log file keeps everything"
-    assert "step 'ingest'" in shown and "finished with status SUCCESS" in shown
+    assert "] 1/9 ingest started" in shown and "] 1/9 ingest succeeded in " in shown  # its place and its time
     assert "ingest: loaded 1797 images" in shown
     assert "ValueError: boom" in shown and 'File "x.py"' in shown, "errors from a step must reach the console"
     assert "parameterValues" not in shown and "KFP Executor" not in shown and "uri=" not in shown
@@ -79,3 +84,93 @@ def test_console_keeps_every_line_a_step_prints_even_when_it_starts_like_json():
                  '{"status": "ok"', "[monitor] verdict ok"):
         assert line in shown, f"{line!r} was hidden from the console:\n{shown}"
     assert "parameterValues" not in shown and '"outputs"' not in shown and "{odd}" not in shown
+
+
+# -- a real run, warm-started and not: the orchestration block, the same outputs, nothing left behind ----------
+
+def _tiny_config(tmp_path):
+    import socket
+
+    from pipelines import config
+
+    cfg = config.load(Path(__file__).resolve().parents[2] / "examples" / "quick.yaml")
+    socks = [socket.socket() for _ in range(3)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    cfg.serving.inference_port, cfg.serving.management_port, cfg.serving.metrics_port = (
+        s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    cfg.serving.home = str(tmp_path / "serving")
+    cfg.pretrain.epochs, cfg.finetune.epochs, cfg.monitor.replay_limit = 1, 2, 40
+    gates = cfg.gates  # a run this short is not robust: the gates must let it through to deploy and monitor
+    gates.min_test_accuracy, gates.min_noise_accuracy, gates.min_fgsm_accuracy, gates.min_pgd_accuracy = 0.3, 0.0, 0.0, 0.0
+    gates.min_corruption_accuracy, gates.max_corruption_drop = 0.0, 1.0
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def warm_and_cold_runs(tmp_path_factory):
+    from pipelines.local import run_local
+
+    runs = {}
+    for name, warm in (("warm", True), ("cold", False)):
+        tmp_path = tmp_path_factory.mktemp(name)
+        runs[name] = run_local(_tiny_config(tmp_path), runs_dir=tmp_path / "runs", run_id=name, serve_after=False,
+                               quiet=True, warm_start=warm)
+    return runs
+
+
+@pytest.mark.slow
+def test_the_summary_says_how_much_of_the_run_was_spent_outside_the_steps(warm_and_cold_runs):
+    from pipelines.local import format_summary
+
+    for name, summary in warm_and_cold_runs.items():
+        assert summary["status"] == "succeeded", (name, summary.get("failed_step"), summary.get("blocked_by"))
+        block = summary["orchestration"]
+        steps = sum(info["seconds"] for info in summary["steps"].values())
+        assert block["steps_seconds"] == pytest.approx(steps, abs=0.02), name
+        assert block["seconds"] == pytest.approx(summary["seconds"] - steps, abs=0.06), name
+        assert block["share"] == pytest.approx(block["seconds"] / summary["seconds"], abs=0.002), name
+        assert 0 < block["seconds"] < summary["seconds"], name
+        assert f"Orchestration: {block['seconds']:.1f} s outside the steps ({block['share']:.0%} of the run" in \
+            format_summary(summary)
+        on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
+        assert on_disk["orchestration"] == block
+
+
+@pytest.mark.slow
+def test_a_warm_run_forks_every_task_and_a_cold_one_none(warm_and_cold_runs):
+    warm, cold = warm_and_cold_runs["warm"]["warm_start"], warm_and_cold_runs["cold"]["warm_start"]
+    assert warm["enabled"] is True and warm["killed"] == []
+    assert set(warm["tasks"]) == set(warm_and_cold_runs["warm"]["steps"]), "every step ran as a fork"
+    assert cold == {"enabled": False, "reason": "turned off"}
+    pipeline_log = (Path(warm_and_cold_runs["warm"]["run_dir"]) / "pipeline.log").read_text()
+    assert "[warm start]" not in pipeline_log, "no task fell back to a fresh Python"
+    assert "found in sys.modules after import of package" not in pipeline_log, "runpy's warning: -m of a preloaded module"
+
+
+@pytest.mark.slow
+def test_a_warm_run_writes_what_a_cold_run_writes(warm_and_cold_runs):
+    warm, cold = warm_and_cold_runs["warm"], warm_and_cold_runs["cold"]
+    for name in ("dataset", "encoder", "model"):
+        warm_files = {p.relative_to(warm["artifacts"][name]): p.read_bytes()
+                      for p in sorted(Path(warm["artifacts"][name]).rglob("*")) if p.suffix in (".npz", ".safetensors")}
+        cold_files = {p.relative_to(cold["artifacts"][name]): p.read_bytes()
+                      for p in sorted(Path(cold["artifacts"][name]).rglob("*")) if p.suffix in (".npz", ".safetensors")}
+        assert warm_files and warm_files == cold_files, name
+    assert warm["metrics"]["test_accuracy"] == cold["metrics"]["test_accuracy"]
+    assert {g: v["passed"] for g, v in warm["gates"].items()} == {g: v["passed"] for g, v in cold["gates"].items()}
+
+
+@pytest.mark.slow
+def test_a_warm_run_leaves_no_process_behind(warm_and_cold_runs):
+    run_dir = warm_and_cold_runs["warm"]["run_dir"]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            assert run_dir.encode() not in cmdline, cmdline
+    assert not list(Path(run_dir).glob("warm_start.json.*")), "the warm parents' partial statistics are merged"

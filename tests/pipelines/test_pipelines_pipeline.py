@@ -47,6 +47,20 @@ def test_run_succeeds_with_every_step(released_run):
         assert info["seconds"] > 0, step
     on_disk = json.loads((tmp_path / "runs" / "e2e" / "summary.json").read_text())
     assert on_disk["run_id"] == "e2e"
+    assert list(on_disk["steps"]) == ["ingest", "pretrain", "finetune", "evaluate", "privacy", "robustness",
+                                      "record", "deploy", "monitor"], "steps in pipeline order"
+
+
+def test_summary_types_mean_what_they_say(released_run):
+    """Booleans are booleans and counts integers in summary.json (KFP keeps every metric as a float)."""
+    summary, _ = released_run
+    assert summary["blocked_by"] == []
+    for name, gate in summary["gates"].items():
+        assert gate["passed"] is True and gate["passed_checks"] is True and gate["overridden"] is False, name
+        assert gate["blocked_by"] == [] and gate["reason"], name
+        assert type(gate["n_test"] if "n_test" in gate else gate["n_per_side"]) is int, name
+    assert type(summary["gates"]["privacy"]["n_leaks"]) is int and type(summary["gates"]["privacy"]["dp_trained"]) is bool
+    assert type(summary["metrics"]["test_accuracy"]) is float and type(summary["metrics"]["n_test"]) is int
 
 
 def test_accuracy_well_above_chance(released_run):
@@ -97,14 +111,23 @@ def test_the_ledger_holds_the_run_trained_gated_released_and_its_drift(released_
     assert summary["steps"]["record"]["status"] == "succeeded"
 
 
-def test_blocked_release_skips_deploy(tmp_path):
+def test_blocked_release_skips_deploy(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     cfg.pretrain.epochs = 1
     cfg.finetune.epochs = 2
     cfg.gates.min_test_accuracy = 0.9999  # unreachable on purpose
-    summary = run_local(cfg, runs_dir=tmp_path / "runs", run_id="blocked", serve_after=False, quiet=True)
-    assert summary["status"] == "blocked"
-    assert summary["gates"]["evaluation"]["passed"] is False
+    summary = run_local(cfg, runs_dir=tmp_path / "runs", run_id="blocked", serve_after=False)
+    assert summary["status"] == "blocked" and summary["blocked_by"][0] == "evaluation"  # robustness may block too
+    assert summary["blocked_by"] == [g for g, v in summary["gates"].items() if not v["passed"]]
+    evaluation = summary["gates"]["evaluation"]
+    assert evaluation["passed"] is False and evaluation["blocked_by"] == ["min_test_accuracy"]
+    assert "test accuracy" in evaluation["reason"] and "0.9999" in evaluation["reason"]
+    assert "finetune.epochs" in evaluation["remedy"]
+    console = capsys.readouterr().out
+    # the step's own line, as it ran, and the summary's: the number, its limit and what to try
+    assert f"evaluate BLOCKED: {evaluation['reason']} ({evaluation['remedy']})" in console
+    assert f"Gate evaluation  BLOCKED: {evaluation['reason']} ({evaluation['remedy']})" in console
+    assert "] 4/9 evaluate succeeded in " in console and "] 8/9 deploy" not in console
     assert summary["steps"]["deploy"]["status"] == "skipped"
     assert "evaluation" in summary["steps"]["deploy"]["reason"]
     assert summary["endpoint"] is None
