@@ -64,7 +64,6 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httptools
-import uvloop
 
 from components.core import names
 from serving.http_framing import (
@@ -101,9 +100,9 @@ SOURCE_VALUE = re.compile(r"[a-z0-9-]{1,32}")
 _NOT_RELAYED = frozenset({"content-length", "server", "date", "host", "authorization", "expect"})  # the proxy's own
 LINGER_S = 2.0  # after a closing answer, how long what the client still sends is read and dropped
 DEFAULT_MAX_CONNECTIONS = 512
-# uvloop (libuv) runs the proxy's event loop, the same asyncio code, for less CPU per request than the standard
-# loop; `python benchmarks/serving.py --proxy-loops` measures both side by side (docs/benchmarks.md, "Serving").
-run_event_loop = uvloop.run
+# What runs the event loop: the standard library's (uvloop gave no clear gain and failed a rollout test);
+# benchmarks/serving_bench/proxy.py swaps it to compare loops.
+run_event_loop = asyncio.run
 
 
 def is_form_content_type(content_type: str) -> bool:

@@ -27,7 +27,7 @@ ANSWER_BODY = (b'{"label":"8","class_index":8,"confidence":0.93,"probabilities":
                b'"top_k":[{"label":"8","class_index":8,"probability":0.93}],"model_version":"bench-1"}')
 ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: bench\r\nconnection: keep-alive\r\n"
           b"content-length: " + str(len(ANSWER_BODY)).encode() + b"\r\n\r\n" + ANSWER_BODY)
-LOOPS = ("asyncio", "uvloop")  # the standard library's event loop, and the one the proxy ships with
+LOOPS = ("asyncio", "uvloop")  # the standard library's event loop (the one the proxy ships with), and libuv's
 POD_KEY = "bench-pod-key"
 CLIENT_TOKEN = "bench-client-token-" + "x" * 24
 
@@ -60,8 +60,10 @@ def serve_proxy(port: int, upstream_port: int, home: str, loop: str) -> None:
 
     if loop not in LOOPS:
         raise SystemExit(f"unknown event loop {loop!r}: one of {', '.join(LOOPS)}")
-    if loop == "asyncio":
-        auth_proxy.run_event_loop = asyncio.run
+    if loop == "uvloop":
+        import uvloop
+
+        auth_proxy.run_event_loop = uvloop.run
     server = auth_proxy.AuthProxyServer(("127.0.0.1", port), auth_proxy.ProxyConfig(
         upstream=f"http://127.0.0.1:{upstream_port}", key_file=f"{home}/key_file.json", token_file=f"{home}/token"))
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))

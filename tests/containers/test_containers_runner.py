@@ -216,9 +216,14 @@ def test_a_missing_image_stops_the_run_before_anything_runs(tmp_path):
     engine()
     config = tmp_path / "missing.yaml"
     config.write_text("cluster:\n  image: kfp-mlops-test/not-built:0\n")
-    run = mlops("run", "--runner", "docker", "--config", str(config), "--runs-dir", str(tmp_path / "runs"),
-                "--run-id", "never", "--serving-home", str(tmp_path / "serving"))
-    assert run.returncode == 1
+    argv = ["run", "--runner", "docker", "--config", str(config), "--runs-dir", str(tmp_path / "runs"),
+            "--run-id", "never", "--serving-home", str(tmp_path / "serving")]
+    run = mlops(*argv)  # the preflight (mlops doctor) finds it first
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "image kfp-mlops-test/not-built:0 is not on the engine" in run.stderr and "make image" in run.stderr
+    assert not (tmp_path / "runs" / "never").exists()
+    run = mlops(*argv, "--skip-doctor")  # and without it, the runner itself, before anything runs
+    assert run.returncode == 1, run.stdout + run.stderr
     assert "kfp-mlops-test/not-built:0 is not on the Docker engine and a local run never pulls: build it with " \
            "'make image'" in run.stderr
     assert not (tmp_path / "runs" / "never").exists()
