@@ -10,10 +10,9 @@ import container_support
 import numpy as np
 import pytest
 import torch
+from runbrowser_support import make_run  # noqa: F401 - a fixture of the run browser's tests
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-
-from runbrowser_support import make_run  # noqa: F401 - a fixture of the run browser's tests
 
 from components.core.data import Splits, save_splits
 
@@ -90,6 +89,26 @@ def _run_cli(argv: list[str]) -> tuple[int, str, str]:
 def run_cli():
     """Run ``mlops`` in-process: ``code, out, err = run_cli(["monitor", "--json"])``."""
     return _run_cli
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` free loopback ports below Linux's ephemeral range (32768-60999), for a pipeline's serving ports:
+    minutes may pass before deploy binds them, and a port from that range may meanwhile be handed to any other
+    process's outgoing or port-0 socket."""
+    import random
+    import socket
+
+    ports = []
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def settings_of(**areas):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import browser_support
 import pytest
+from conftest import free_ports
 from selenium.webdriver.common.by import By
 
 from pipelines import config
@@ -32,16 +32,6 @@ BLOCKING_ACCURACY_FLOOR = 0.9999
 UI_URL = re.compile(r"Run browser at (http://127\.0\.0\.1:\d+/ui/index\.html)")
 # Docs screenshots: set to a folder (docs/img) to also write ui-<page>.png there.
 SCREENSHOTS_ENV = "KFP_MLOPS_SCREENSHOTS"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def tiny_config(serving_home: Path) -> config.Config:

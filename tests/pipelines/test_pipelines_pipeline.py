@@ -1,25 +1,15 @@
 """The whole pipeline through kfp.local on tiny settings: artifacts, metrics, served model, drift report."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 from pipelines import config
 from pipelines.local import run_local
 
 pytestmark = pytest.mark.slow
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def tiny_config(tmp_path) -> config.Config:

@@ -3,11 +3,10 @@ released, one failed at its first step. What the summaries, the ledger and the m
 show."""
 
 import json
-import random
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 from pipelines import config
 from pipelines.browser import catalog
@@ -15,22 +14,6 @@ from pipelines.browser.site import build_site
 from pipelines.local import run_local
 
 pytestmark = pytest.mark.slow
-
-
-def free_ports(n):
-    """Free ports below Linux's ephemeral range (32768-60999): minutes pass before deploy binds them, and a port from
-    that range may meanwhile be handed to any other process's outgoing or port-0 socket."""
-    ports = []
-    for port in random.Random().sample(range(20000, 32000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-        if len(ports) == n:
-            return ports
-    raise RuntimeError("no free port between 20000 and 32000")
 
 
 @pytest.fixture(scope="module")
