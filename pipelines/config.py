@@ -245,6 +245,7 @@ class MonitorConfig:
     replay_limit: int = knob(0, "Test images the pipeline replays to the endpoint before the drift report; 0 replays all.", ge=0)
     sample_epsilon: float = knob(0.02, "Large request-log windows are sampled so that each feature's distribution is within this sup-distance (DKW bound) of the whole window's; 0 reads every request.", ge=0.0, lt=1.0)
     sample_alpha: float = knob(0.01, "Probability that the sampling bound sample_epsilon is exceeded (0.02 and 0.01 mean 6,623 sampled requests).", gt=0.0, lt=1.0)
+    report: str = knob("always", "When to build Evidently's HTML report of a window, after the verdict: always, on_alert (drift or schema drift only) or never. The verdict, verdict.json and the metrics are the same either way.", choices=("always", "on_alert", "never"))
 
 
 @dataclass

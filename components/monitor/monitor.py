@@ -10,8 +10,9 @@ parts it calls:
 * ``traffic``: which logged requests count (model version, request source);
 * ``guards``: is the window fit for a test (``insufficient_data``, ``schema_drift``);
 * ``drift`` and ``stattests``: the three groups of checks (image features, predictions,
-  embedding) through Evidently, and the verdict (``verdict``);
-* ``report``: the HTML report, verdict.json and drift.prom.
+  embedding), the verdict (``verdict``), and Evidently's report of the same tests;
+* ``report``: verdict.json and drift.prom, written as soon as the verdict is known, then the
+  HTML report (Evidently's, as ``cfg.report`` asks: always, on alert only, or never).
 
 Without ``reference_model.csv`` the monitor checks the image features only and says so
 in the verdict (``checks``, ``model_reference``).
@@ -29,9 +30,9 @@ import pandas as pd
 
 from components.core.features import MODEL_REFERENCE_FILE
 from components.core.settings import Settings
-from components.monitor.drift import drift_report
+from components.monitor.drift import drift_verdict, evidently_disagreements, evidently_snapshot
 from components.monitor.guards import check_model_reference
-from components.monitor.report import write_outputs
+from components.monitor.report import wants_report, write_report, write_verdict
 from components.monitor.sampling import parse_utc, read_window, window_seed
 from components.monitor.traffic import EXCLUDED_SOURCES, traffic_filter
 
@@ -82,7 +83,8 @@ def monitor(reference_csv: str | Path, log_dir: str | Path, out_dir: str | Path,
     that makes that group drift), ``sample_epsilon`` and ``sample_alpha`` (windows larger than
     4 x ``dkw_sample_size(sample_epsilon, sample_alpha)`` requests are sampled; epsilon 0
     reads everything), with a seed from (model version, window): the same inputs give the
-    same files, byte for byte.
+    same files, byte for byte. ``cfg.report`` says when to build Evidently's HTML report of the
+    same tests (``always``, ``on_alert``, ``never``); the verdict does not depend on it.
 
     ``reference_csv`` is the image-feature reference (``reference.csv`` from ingest) and
     ``model_reference_csv`` the model's (``reference_model.csv``, prediction + embedding);
@@ -90,7 +92,7 @@ def monitor(reference_csv: str | Path, log_dir: str | Path, out_dir: str | Path,
     image features are checked, and the verdict says so. The deploy step's smoke-test
     requests are excluded by default (``exclude_sources``); ``source`` keeps only one source.
     ``log_file_max_age_s`` is the log writer's rotation age, so rotated files outside the
-    window are skipped. Writes ``drift_report.html``, ``verdict.json`` and ``drift.prom``
+    window are skipped. Writes ``verdict.json`` and ``drift.prom``, then ``drift_report.html``,
     into ``out_dir``; returns the verdict plus their paths.
     """
     if not location_exists(reference_csv):
@@ -107,8 +109,7 @@ def monitor(reference_csv: str | Path, log_dir: str | Path, out_dir: str | Path,
                          epsilon=cfg.sample_epsilon or None, alpha=cfg.sample_alpha, cache_dir=log_cache_dir,
                          max_file_age_s=log_file_max_age_s)
     t_read = time.perf_counter() - t0
-    verdict, snapshot = drift_report(reference, window.frame, drift_share=cfg.drift_share,
-                                     model_reference=model_reference)
+    verdict = drift_verdict(reference, window.frame, drift_share=cfg.drift_share, model_reference=model_reference)
     stats = window.stats()
     filtered_out = stats["rows_in_window"] - stats["rows_selected"]
     if verdict["status"] == "insufficient_data" and filtered_out:
@@ -125,8 +126,21 @@ def monitor(reference_csv: str | Path, log_dir: str | Path, out_dir: str | Path,
     verdict["reference_csv"] = str(reference_csv)
     verdict["model_reference"] = model_reference_info
 
-    paths = write_outputs(out_dir, verdict, snapshot, window_seed(version, lo, hi))
+    paths = write_verdict(out_dir, verdict)
+    t_check = time.perf_counter() - t0
+    snapshot, note = None, None
+    if verdict["status"] in ("ok", "drift"):
+        if wants_report(cfg.report, verdict):
+            snapshot = evidently_snapshot(reference, window.frame, verdict, model_reference)
+            differences = evidently_disagreements(verdict, snapshot)
+            if differences:
+                note = "Evidently's report below differs from the verdict: " + "; ".join(differences)
+                print(f"[monitor] WARNING {note}", flush=True)
+        else:
+            note = (f"Evidently's report was not built for this window (monitor.report = {cfg.report}); "
+                    "the verdict above is complete. Set monitor.report to 'always' to get it.")
+    paths["report_html"] = write_report(out_dir, verdict, snapshot, window_seed(version, lo, hi), note)
     print(f"[monitor] {verdict['status']}: {verdict['message']} ({verdict['current_rows']} of "
-          f"{stats['rows_selected']} requests checked, read in {t_read:.1f}s, "
+          f"{stats['rows_selected']} requests checked, read in {t_read:.1f}s, verdict in {t_check:.1f}s, "
           f"all in {time.perf_counter() - t0:.1f}s)", flush=True)
     return {**verdict, **{k: str(v) for k, v in paths.items()}}

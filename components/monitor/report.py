@@ -19,19 +19,34 @@ VERDICT_FILE = "verdict.json"
 METRICS_FILE = "drift.prom"  # Prometheus text format, for node-exporter's textfile collector
 
 
-def write_outputs(out_dir: str | Path, verdict: dict[str, Any], snapshot, seed: int) -> dict[str, Path]:
-    """Write the report page, verdict.json and drift.prom into ``out_dir``; return their paths.
+REPORT_MODES = ("always", "on_alert", "never")  # when the monitor builds Evidently's HTML report
 
-    ``snapshot`` is Evidently's (None when a guard stopped the run); ``seed`` fixes its element ids.
-    """
+
+def write_verdict(out_dir: str | Path, verdict: dict[str, Any]) -> dict[str, Path]:
+    """Write verdict.json and drift.prom into ``out_dir`` (what alerts and retraining read); return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"report_html": out / REPORT_FILE, "verdict_json": out / VERDICT_FILE, "metrics_prom": out / METRICS_FILE}
-    page = report_html(snapshot, verdict, seed) if snapshot is not None else verdict_html(verdict)
-    atomic_write_text(paths["report_html"], page)
+    paths = {"verdict_json": out / VERDICT_FILE, "metrics_prom": out / METRICS_FILE}
     atomic_write_json(paths["verdict_json"], verdict, default=str)
     atomic_write_text(paths["metrics_prom"], prometheus_metrics(verdict))
     return paths
+
+
+def wants_report(mode: str, verdict: dict[str, Any]) -> bool:
+    """Whether ``mode`` (one of REPORT_MODES) asks for Evidently's report of this verdict."""
+    if mode not in REPORT_MODES:
+        raise ValueError(f"unknown report mode {mode!r}; expected one of {REPORT_MODES}")
+    return mode == "always" or (mode == "on_alert" and bool(verdict.get("alert")))
+
+
+def write_report(out_dir: str | Path, verdict: dict[str, Any], snapshot, seed: int, note: str | None = None) -> Path:
+    """Write the report page: Evidently's report under the verdict, or the verdict alone (the guards stopped
+    the window, or no Evidently report was built). ``note`` is shown under the verdict (why no report, or
+    where Evidently's report differs from it); ``seed`` fixes Evidently's element ids."""
+    path = Path(out_dir) / REPORT_FILE
+    page = report_html(snapshot, verdict, seed, note) if snapshot is not None else verdict_html(verdict, note)
+    atomic_write_text(path, page)
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -96,17 +111,27 @@ def _summary_html(verdict: dict[str, Any]) -> str:
 """
 
 
-def report_html(snapshot, verdict: dict[str, Any], seed: int = 0) -> str:
-    """Evidently's report with stable element ids, the verdict summary on top."""
+def report_html(snapshot, verdict: dict[str, Any], seed: int = 0, note: str | None = None) -> str:
+    """Evidently's report with stable element ids, the verdict summary (and ``note``) on top."""
     page = stable_ids(snapshot.get_html_str(as_iframe=False), seed)
     at = page.find("<body>")
     summary = _summary_html(verdict)
+    if note:
+        summary += f'<p style="font-family:sans-serif;max-width:60em;margin:1em auto;color:#a00">{html.escape(note)}</p>'
+
     return page[:at + 6] + summary + page[at + 6:] if at >= 0 else summary + page
 
 
-def verdict_html(verdict: dict[str, Any]) -> str:
-    """A small stand-alone page for a window the guards stopped (no Evidently report exists)."""
+def verdict_html(verdict: dict[str, Any], note: str | None = None) -> str:
+    """A small stand-alone page: for a window the guards stopped (no test ran), or a tested window whose
+    Evidently report was not built (``note`` says why)."""
     esc = html.escape
+    if verdict["status"] in ("ok", "drift"):
+        return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Drift monitor: {esc(verdict['status'])}</title></head><body>
+{_summary_html(verdict)}<p style="font-family:sans-serif;max-width:60em;margin:1em auto">{esc(note or '')}</p>
+</body></html>
+"""
     rows = "".join(
         f"<tr><td>{esc(c)}</td><td>{s['reference']:.1%}</td><td>{s['current']:.1%}</td></tr>"
         for c, s in verdict.get("nan_share", {}).items()
