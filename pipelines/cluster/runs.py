@@ -157,9 +157,36 @@ def submit(cfg: Config, conn: Connection, *, experiment: str | None = None, pipe
         if result.state == "SUCCEEDED":
             finished = api_call(conn.describe(), "get run", client.get_run, run.run_id)
             result.exit_code, lines = release_outcome(finished)
+            if result.exit_code == BLOCKED_EXIT_CODE:
+                lines += blocked_gate_lines(cfg.serving, run.run_id)
             for line in lines:
                 out(line)
     return result
+
+
+def blocked_gate_lines(serving, kfp_run_id: str) -> list[str]:
+    """The gates that blocked a cluster run, with their failing numbers and what to try, from the run's ``gated``
+    record in the release ledger (the record step appends it before the gates' branch), when the ledger is
+    readable from here; otherwise one line saying what would make it so."""
+    from components.core.gates import console_line
+    from components.core.ledger import Ledger, LedgerError, location
+
+    try:
+        where = location(serving)
+    except LedgerError:
+        return ["  (set serving.ledger_uri or KFP_MLOPS_LEDGER to the cluster's release ledger to see here which "
+                "limits failed)"]
+    try:
+        ledger = Ledger(where)
+        trained = [r.id for r in ledger.find("trained") if r.data.get("kfp_run_id") == kfp_run_id]
+        gated = next((r for r in reversed(ledger.find("gated")) if set(r.parents) & set(trained)), None)
+    except Exception as exc:  # storage, credentials, a damaged record: the exit code stands, the detail is missing
+        return [f"  (the release ledger at {where} could not be read from here: {type(exc).__name__}: {exc})"]
+    if gated is None:
+        return [f"  (the release ledger at {where} has no gated record of run {kfp_run_id}: did its record step "
+                "run?)"]
+    return [f"  {console_line(name, gate)}" for name, gate in gated.data.get("gates", {}).items()
+            if not gate.get("passed")]
 
 
 def release_outcome(run) -> tuple[int, list[str]]:

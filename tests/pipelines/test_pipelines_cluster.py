@@ -121,8 +121,9 @@ def test_submit_wait_streams_states_and_exits_with_the_final_state(kfp_api, caps
     assert out.strip().endswith(f"(exit code {exit_code})")
 
 
-def test_submit_wait_exits_3_when_a_gate_kept_the_model_from_deploy(kfp_api, capsys):
+def test_submit_wait_exits_3_when_a_gate_kept_the_model_from_deploy(kfp_api, capsys, monkeypatch):
     """KFP reports SUCCEEDED when a gate's condition skipped deploy: that is a blocked release, not a release."""
+    monkeypatch.delenv("KFP_MLOPS_LEDGER", raising=False)
     kfp_api.run_states = ["RUNNING", "SUCCEEDED"]
     kfp_api.succeeded_tasks.update(robustness="SUCCEEDED", deploy="SKIPPED", monitor="SKIPPED")
     assert _cli(kfp_api, "submit", "--wait", "--poll-s", "0.01") == runs.BLOCKED_EXIT_CODE == 3
@@ -131,7 +132,46 @@ def test_submit_wait_exits_3_when_a_gate_kept_the_model_from_deploy(kfp_api, cap
     assert "evaluate SUCCEEDED, privacy SUCCEEDED, robustness SUCCEEDED" in out
     del kfp_api.succeeded_tasks["deploy"]  # a backend that leaves untaken branches out of the task list
     assert _cli(kfp_api, "submit", "--wait", "--poll-s", "0.01") == 3
-    assert "deploy did not run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "deploy did not run" in out
+    assert "set serving.ledger_uri or KFP_MLOPS_LEDGER to the cluster's release ledger" in out  # none set here
+
+
+def test_submit_wait_on_a_blocked_run_prints_the_failing_numbers_from_the_release_ledger(kfp_api, capsys, tmp_path,
+                                                                                          monkeypatch):
+    from components.core.ledger import Ledger
+    from components.record.record import gate_verdict
+
+    ledger = Ledger(tmp_path / "ledger")
+    monkeypatch.setenv("KFP_MLOPS_LEDGER", str(tmp_path / "ledger"))
+    real_wait = runs.wait_for_run
+
+    def record_step_runs_during_the_run(client, conn, run_id, **kwargs):
+        # What the run's record step appends (record_run): an unrelated run's records, then this run's.
+        for kfp_run_id, auc in (("another-run", 0.99), (run_id, 0.853)):
+            trained = ledger.append("trained", {"run_id": f"name-{kfp_run_id}", "kfp_run_id": kfp_run_id,
+                                                "model_version": kfp_run_id, "config": {}, "config_sha256": ""})
+            gates = {"evaluate": gate_verdict(True, {"reason": "accuracy 0.989 >= min 0.950"}),
+                     "privacy": gate_verdict(False, {"reason": f"membership-inference AUC {auc} > max 0.650",
+                                                     "remedy": "try finetune.dp_epsilon (DP-SGD)",
+                                                     "blocked_by_max_mia_auc": True, "mia_auc": auc}),
+                     "robustness": gate_verdict(True, {"reason": "all limits held"})}
+            ledger.append("gated", {"run_id": f"name-{kfp_run_id}", "model_version": kfp_run_id, "gates": gates,
+                                    "passed": False, "blocked_by": ["privacy"]}, parents=[trained])
+        return real_wait(client, conn, run_id, **kwargs)
+
+    monkeypatch.setattr(runs, "wait_for_run", record_step_runs_during_the_run)
+    kfp_api.run_states = ["RUNNING", "SUCCEEDED"]
+    kfp_api.succeeded_tasks.update(deploy="SKIPPED", monitor="SKIPPED")
+    assert _cli(kfp_api, "submit", "--wait", "--poll-s", "0.01") == 3
+    out = capsys.readouterr().out
+    blocked = [line.strip() for line in out.splitlines() if "BLOCKED" in line]
+    assert blocked == ["privacy BLOCKED: membership-inference AUC 0.853 > max 0.650 (try finetune.dp_epsilon (DP-SGD))"]
+    assert "evaluate" not in " ".join(blocked) and "0.99" not in out
+
+    monkeypatch.setenv("KFP_MLOPS_LEDGER", str(tmp_path / "elsewhere"))  # a ledger without this run
+    assert _cli(kfp_api, "submit", "--wait", "--poll-s", "0.01") == 3
+    assert "has no gated record of run" in capsys.readouterr().out
 
 
 def test_wait_gives_up_at_the_timeout_and_says_the_run_goes_on(kfp_api, capsys):
