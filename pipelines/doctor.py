@@ -86,20 +86,32 @@ def java_version(run: Callable[..., Any] = subprocess.run) -> Check:
 
 
 def serving_ports(cfg: Config, in_use: Callable[[str, int], bool] | None = None,
-                  ours: Callable[[], bool] | None = None) -> list[Check]:
-    """The local serving ports are free, or held by this serving home's own server (a run replaces it)."""
+                  ours: Callable[[], set[int] | None] | None = None,
+                  listeners: Callable[[int], set[int] | None] | None = None) -> list[Check]:
+    """The local serving ports are free, or held by this serving home's own server (a run replaces it).
+
+    ``ours`` gives that server's process ids (None: no server of ours runs; empty: it runs in containers,
+    whose processes this machine's process table does not name), ``listeners`` the ids of the processes
+    listening on a port (None: the system would not say). A busy port counts as ours only when one of our
+    processes is among its listeners, or, where either side cannot be named, when our server runs.
+    """
     from serving.processes import LOOPBACK, port_in_use
 
     s = cfg.serving
     in_use = in_use or port_in_use
-    ours = ours or (lambda: _our_server_runs(s.home))
+    ours = ours or (lambda: _our_server_pids(s.home))
+    listeners = listeners or _listening_pids
+    our_pids = None
     out = []
     for name, host, port in (("inference", s.host, s.inference_port), ("management", LOOPBACK, s.management_port),
                              ("metrics", LOOPBACK, s.metrics_port)):
         what = f"port {port} (serving.{name}_port) on {host}"
         if not in_use(host, port):
             out.append(Check(OK, f"{what} is free"))
-        elif ours():
+            continue
+        our_pids = ours() if our_pids is None else our_pids
+        holders = listeners(port) if our_pids else None
+        if our_pids is not None and (holders is None or not our_pids or holders & our_pids):
             out.append(Check(OK, f"{what} is held by the server of {s.home}, which a new release replaces"))
         else:
             flag = f"--serving-{name}-port"
@@ -108,13 +120,40 @@ def serving_ports(cfg: Config, in_use: Callable[[str, int], bool] | None = None,
     return out
 
 
-def _our_server_runs(home: str) -> bool:
+def _our_server_pids(home: str) -> set[int] | None:
+    """The process ids of the server serving from ``home`` and their children; None when none runs."""
+    import psutil
+
     from components.deploy.containers import served_from
 
     try:
-        return bool(served_from(Path(home).resolve()).status().get("running"))
+        status = served_from(Path(home).resolve()).status()
     except Exception:  # noqa: BLE001 - an unreadable state means no server of ours holds the port
-        return False
+        return None
+    if not status.get("running"):
+        return None
+    pids = set()
+    for pid in (status.get("pid"), status.get("proxy_pid")):
+        if not pid:
+            continue
+        try:
+            process = psutil.Process(int(pid))
+            pids |= {process.pid, *(child.pid for child in process.children(recursive=True))}
+        except psutil.Error:
+            continue
+    return pids
+
+
+def _listening_pids(port: int) -> set[int] | None:
+    """The ids of the processes listening on TCP ``port``; None when the system does not say."""
+    import psutil
+
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return None
+    found = {c.pid for c in connections if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+    return None if None in found else found
 
 
 def free_disk(paths: dict[str, str | Path], usage: Callable[[str], Any] = shutil.disk_usage) -> list[Check]:

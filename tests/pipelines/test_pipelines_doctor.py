@@ -2,6 +2,7 @@
 failed check stops ``mlops run`` before anything is written."""
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -66,12 +67,23 @@ def test_a_port_held_by_another_program_fails(taken_port, tmp_path):
     assert management.status == doctor.OK
 
 
-def test_a_port_held_by_our_own_server_is_fine():
+def test_a_port_held_by_our_own_server_is_fine_and_only_then(taken_port):
     cfg = config.defaults()
-    checks = doctor.serving_ports(cfg, in_use=lambda host, port: port == 8080, ours=lambda: True)
+    cfg.serving.inference_port = taken_port  # held by this test process
+    held = lambda host, port: port == taken_port  # noqa: E731
+    # Our server's processes hold it (the real listener lookup names this process).
+    checks = doctor.serving_ports(cfg, in_use=held, ours=lambda: {os.getpid()})
     assert [c.status for c in checks] == [doctor.OK] * 3 and "replaces" in checks[0].what
-    checks = doctor.serving_ports(cfg, in_use=lambda host, port: port == 8080, ours=lambda: False)
+    # Our server runs, but another program holds the port: not ours to replace.
+    checks = doctor.serving_ports(cfg, in_use=held, ours=lambda: {os.getpid() + 1_000_000})
     assert [c.status for c in checks] == [doctor.FAIL, doctor.OK, doctor.OK]
+    assert doctor._listening_pids(taken_port) == {os.getpid()}
+    # No server of ours.
+    checks = doctor.serving_ports(cfg, in_use=held, ours=lambda: None)
+    assert [c.status for c in checks] == [doctor.FAIL, doctor.OK, doctor.OK]
+    # Ours runs in containers (no process ids here), or the system will not name listeners: its running decides.
+    assert doctor.serving_ports(cfg, in_use=held, ours=lambda: set())[0].status == doctor.OK
+    assert doctor.serving_ports(cfg, in_use=held, ours=lambda: {1}, listeners=lambda port: None)[0].status == doctor.OK
 
 
 @pytest.mark.parametrize("free, status", [(100 << 20, doctor.FAIL), (3 << 30, doctor.WARN), (50 << 30, doctor.OK)])
