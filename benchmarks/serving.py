@@ -16,7 +16,10 @@ What runs, all on loopback, all stopped at the end (also on Ctrl-C or errors):
    public port with the client token ("ours-proxied"); a second TorchServe with
    the request log OFF, to show what logging costs; a third with TorchServe's own
    defaults (no batching, its log4j2 configuration, the JVM's defaults), to show what
-   the tuning buys.
+   the tuning buys. "Directly" is the route a client of the proxy gets: at concurrency 1
+   (nothing else in flight) the model's unbatched twin (``serving/unbatched_route.py``),
+   at higher concurrencies the batched model; "ours-batched" is the batched model
+   alone at the lower concurrencies, to show what the twin saves a lone request.
 3. The peer: the same model and the same handler code behind FastAPI/uvicorn
    (``serving_bench/servers.py``: token check, raw body, ``handler.handle``), the
    server most teams write instead, with the request log on too.
@@ -80,7 +83,7 @@ from serving_bench.servers import VARIANT_KEYS, serve_peer, start_servers, stop_
 from serving_bench.tail import attribute_tail, machine_noise  # noqa: E402
 
 # The servers measured at the concurrencies below the top one, once each, in this order.
-LOWER_CONCURRENCY_ORDER = ("ours", "ours-batch1", "ours-proxied", "peer")
+LOWER_CONCURRENCY_ORDER = ("ours", "ours-batched", "ours-proxied", "peer")
 # --quick: the settings of a short iteration run (concurrency 1 and 32, two rounds, no side measurements).
 QUICK = {"duration": 3.0, "warmup": 1.0, "rounds": 2, "jit_warmup": 5.0, "noise_probe": 1.0, "concurrency": [1, 32],
          "skip": ["nolog", "defaults", "inprocess", "attribution"]}
@@ -117,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of the idle-machine noise probe before each round (default 2)")
     parser.add_argument("--load-gen", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["peer", "nolog", "defaults", "proxied", "batch1", "inprocess", "attribution"],
+                        choices=["peer", "nolog", "defaults", "proxied", "batched", "inprocess", "attribution"],
                         help="leave parts out (for quick tuning runs)")
     parser.add_argument("--quick", action="store_true",
                         help="a short run for iterating: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()
@@ -161,7 +164,8 @@ def measure_rounds(args: argparse.Namespace, variants: dict[str, Any], targets: 
 
     def run(name: str, c: int) -> None:
         t = targets[name]
-        row = measure(t["label"], t["url"], t["pid"], body_file, t["token"], c, args.duration, args.warmup, tool,
+        url = t.get("url_alone") if c == 1 and t.get("url_alone") else t["url"]  # the route the proxy would take
+        row = measure(t["label"], url, t["pid"], body_file, t["token"], c, args.duration, args.warmup, tool,
                       t.get("proxy_pid"))
         runs.setdefault((name, c), []).append(row)
         print(table([row]).splitlines()[-1], flush=True)
@@ -175,7 +179,7 @@ def measure_rounds(args: argparse.Namespace, variants: dict[str, Any], targets: 
     for c in sorted(args.concurrency):
         if c != top:
             for name in LOWER_CONCURRENCY_ORDER:
-                if name in targets:
+                if name in targets and (name != "ours-batched" or c == 1):  # above 1, "ours" is the batched model
                     run(name, c)
     # The top concurrency in rounds, the servers interleaved: load from elsewhere on the machine
     # then hits every server alike, and the median of the rounds is reported.

@@ -201,6 +201,7 @@ class ServingConfig:
     workers: int = knob(1, "TorchServe workers for the model (Python processes).", ge=1)
     batch_size: int = knob(32, "Dynamic batching: most requests TorchServe hands a worker at once.", ge=1)
     max_batch_delay_ms: int = knob(1, "Dynamic batching: milliseconds TorchServe waits to fill a batch (a lone request waits this long); at least 1.", ge=1)
+    unbatched_route: bool = knob(True, "Local server: also serve the model with batches of one, which the auth proxy uses for a request that finds no other in flight, so a lone request does not wait max_batch_delay_ms (one more worker process).", local_only=True)
     request_log_dir: str = knob("", "Where the local server logs every request for monitoring: a directory or an s3:// prefix; empty = <home>/requests. On Kubernetes: KFP_MLOPS_REQUEST_LOG_DIR in the kfp-mlops-storage ConfigMap.", local_only=True)
     request_log_max_mb: float = knob(16.0, "Start a new request-log file when the current one reaches this many MiB.", gt=0.0, local_only=True)
     request_log_max_age_s: float = knob(300.0, "Start a new request-log file when the current one is this many seconds old (uploaded then, for s3://).", gt=0.0, local_only=True)

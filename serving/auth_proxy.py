@@ -31,6 +31,9 @@ lets in could call the model. So each serving pod runs this proxy next to TorchS
 * With ``--rollout-file``, a challenger (another auth proxy, in front of another model) gets a share of the
   predictions, answering them (canary) or as mirrored copies (shadow), and ``GET /rollout`` answers the
   evidence to a source token (``serving/rollout_router.py``).
+* With ``--unbatched-model MODEL=TWIN``, a prediction that finds no request in flight goes to the same model
+  registered with batches of one, so it does not wait for a batch (``serving/unbatched_route.py``); clients
+  cannot name the twin (404).
 * ``GET /healthz`` answers without a token and says nothing about the model: it is for
   the kubelet's probes of this container (TorchServe has its own readiness probe).
 * Requests are parsed by llhttp with checks of the proxy's own on top
@@ -60,7 +63,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httptools
@@ -80,6 +83,7 @@ from serving.http_framing import (
 )
 from serving.proxy_files import MIN_TOKEN_CHARS, ClientTokens, PodKey  # noqa: F401 - MIN_TOKEN_CHARS: re-exported
 from serving.rollout_router import ROLLOUT_PATH, RolloutRouter, json_response
+from serving.unbatched_route import PredictionRoutes, parse_route
 
 # (method, path pattern) pairs that reach TorchServe; everything else is refused here.
 ROUTES = (
@@ -124,6 +128,7 @@ class ProxyConfig:
     source_token_file: str | None = None  # tokens that may also set X-Request-Source
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # client connections at once; more get a 503
     rollout_file: str | None = None  # names a challenger (serving/rollout_router.py); None: never one
+    unbatched_models: dict[str, str] = field(default_factory=dict)  # model -> its batch-1 twin (unbatched_route.py)
 
 
 class _Clock:
@@ -187,6 +192,7 @@ class AuthProxyServer:
         self.pod_key = PodKey(config.key_file)
         self.rollout = None if config.rollout_file is None else RolloutRouter(config.rollout_file,
                                                                              config.upstream_timeout_s)
+        self.routes = PredictionRoutes(config.unbatched_models)
         self.max_connections = _connections_within_open_files(config.max_connections)
         self.socket = socket.create_server(listen, backlog=128, reuse_port=False)
         self.server_port = self.socket.getsockname()[1]
@@ -378,7 +384,8 @@ class AuthProxyServer:
         may_tag = self._authenticate(request, close=length > 0)
         if request.path == ROLLOUT_PATH:
             return self._rollout_evidence(request, may_tag)
-        if not any(request.method == method and pattern.fullmatch(request.path) for method, pattern in ROUTES):
+        if (not any(request.method == method and pattern.fullmatch(request.path) for method, pattern in ROUTES)
+                or self.routes.is_internal(request.path)):
             raise _Reply(404, f"{request.method} {request.path[:200]} is not served here: only GET /ping, "
                               "POST /predictions/<model> and POST /explanations/<model>", close=length > 0)
         if length > config.max_request_bytes:
@@ -462,14 +469,16 @@ class AuthProxyServer:
 
     async def _forward(self, request: Request, fields: list[tuple[str, str]], body: bytes, key: str,
                        clock: _Clock) -> Response:
-        upstream, timeout_s = clock.upstream, self.config.upstream_timeout_s
+        upstream, timeout_s, routes = clock.upstream, self.config.upstream_timeout_s, self.routes
+        target = routes.target(request.method, request.path, request.target)
 
-        def encoded(pod_key: str) -> bytes:
-            return encode_request(request.method, request.target, upstream.host_field,
+        def encoded(pod_key: str, target: str = target) -> bytes:
+            return encode_request(request.method, target, upstream.host_field,
                                   [*fields, ("Authorization", f"Bearer {pod_key}")], body)
 
         clock.waiting("upstream")
         started = time.perf_counter()
+        routes.in_flight += 1
         try:
             answer = await upstream.exchange(encoded(key), timeout_s)
             if answer.status in (400, 401, 403) and b"Token Auth" in answer.body:
@@ -477,12 +486,18 @@ class AuthProxyServer:
                 # readiness probe renewed it since it was read. Re-read the key file and try once more.
                 fresh = self.pod_key.get(force=True)
                 if fresh is not None and fresh != key:
+                    key = fresh
                     answer = await upstream.exchange(encoded(fresh), timeout_s)
+            if answer.status in (404, 503) and target != request.target:
+                # The twin is not registered or has no worker now (TorchServe restarts a dead one): the batched
+                # model answers instead; the request reached no handler, so it is logged once.
+                answer = await upstream.exchange(encoded(key, request.target), timeout_s)
         except (OSError, httptools.HttpParserError, httptools.HttpParserUpgrade) as err:
             upstream.close()
             raise _Reply(502, f"TorchServe did not answer on loopback ({type(err).__name__}: {err}); "
                               "the pod is restarting it or it is overloaded") from None
         finally:
+            routes.in_flight -= 1
             clock.waiting("busy")
         answer.upstream_ms = (time.perf_counter() - started) * 1000
         return answer
@@ -528,15 +543,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a JSON file naming a challenger for shadow or canary traffic, re-read when it changes "
                              "(absent or {} = none; serving/rollout_router.py); GET /rollout then answers the "
                              "evidence, for a source token")
+    parser.add_argument("--unbatched-model", action="append", default=[], metavar="MODEL=TWIN",
+                        help="a prediction for MODEL that finds no request in flight goes to TWIN, the same model "
+                             "registered with batches of one (serving/unbatched_route.py); repeatable")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        unbatched = dict(parse_route(text) for text in args.unbatched_model)
+    except ValueError as err:
+        parser.error(str(err))
     config = ProxyConfig(upstream=args.upstream, key_file=args.key_file, token_file=args.token_file,
                          max_request_bytes=args.max_request_bytes, upstream_timeout_s=args.upstream_timeout_s,
                          idle_timeout_s=args.idle_timeout_s, source_token_file=args.source_token_file,
-                         max_connections=args.max_connections, rollout_file=args.rollout_file)
+                         max_connections=args.max_connections, rollout_file=args.rollout_file,
+                         unbatched_models=unbatched)
     try:
         server = AuthProxyServer(args.listen, config)
     except (ValueError, OSError) as err:

@@ -53,6 +53,7 @@ from serving.torchserve_config import (
     DEFAULT_VMARGS,
     render_config,
 )
+from serving.unbatched_route import UNBATCHED_SUFFIX, unbatched_name, write_unbatched_archive
 
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")  # TorchServe's own logs, trimmed (see the file)
 KEY_FILE = "key_file.json"  # TorchServe writes it into its working directory
@@ -274,6 +275,7 @@ class LocalTorchServe:
         vmargs: str = DEFAULT_VMARGS,
         model_dir: str | Path | None = None,
         dataset_dir: str | Path | None = None,
+        unbatched_route: bool = True,
     ) -> dict[str, Any]:
         """Start TorchServe with one model behind the auth proxy; wait until all its workers are ready.
 
@@ -289,6 +291,7 @@ class LocalTorchServe:
         ``log_config``: TorchServe's log4j2 configuration (None: TorchServe's built-in one, which logs
         every request several times at DEBUG; for comparisons only). ``model_dir`` and
         ``dataset_dir`` (the served model's artifact and its dataset) only go into the record.
+        ``unbatched_route``: also register the model with batches of one, for the proxy's lone requests.
         """
         self._stop_leftovers()
         mar_path = Path(mar_path).resolve()
@@ -307,9 +310,11 @@ class LocalTorchServe:
             dict(token_expiration_min=token_expiration_min, netty_threads=netty_threads,
                  netty_client_threads=netty_client_threads, job_queue_size=job_queue_size, vmargs=vmargs),
             request_log_max_bytes, request_log_max_age_s, max_request_size, log_config,
-            {"model_version": model_version, "model_dir": model_dir, "dataset_dir": dataset_dir})
+            {"model_version": model_version, "model_dir": model_dir, "dataset_dir": dataset_dir,
+             "unbatched": unbatched_route})
         try:
-            record["proxy_pid"] = self._launch_proxy(env, host, inference_port, torchserve_port, max_request_size)
+            record["proxy_pid"] = self._launch_proxy(env, host, inference_port, torchserve_port, max_request_size,
+                                                     record["unbatched_model"])
             atomic_write_json(self.state_file, record)
             self._wait_ready(record, workers, timeout_s)
         except BaseException:
@@ -343,8 +348,13 @@ class LocalTorchServe:
         stored_mar = self.model_store / f"{model_name}.mar"
         if stored_mar != mar_path:
             shutil.copy2(mar_path, stored_mar)
+        models = {model_name: stored_mar}
+        if about.get("unbatched"):  # the same model, batches of one: see serving/unbatched_route.py
+            twin = unbatched_name(model_name)
+            models[twin] = write_unbatched_archive(stored_mar, self.model_store / f"{twin}.mar")
+        load_models = ",".join(f"{name}={mar.name}" for name, mar in models.items())
         self.config_file.write_text(render_config(
-            self.model_store, f"{model_name}={stored_mar.name}", LOOPBACK, torchserve_port, ports["management"],
+            self.model_store, load_models, LOOPBACK, torchserve_port, ports["management"],
             ports["metrics"], ports["gRPC inference"], ports["gRPC management"], workers,
             tuning["token_expiration_min"], max_request_size=max_request_size + TORCHSERVE_REQUEST_HEADROOM,
             startup_timeout_s=max(1, int(timeout_s)), netty_threads=tuning["netty_threads"],
@@ -378,6 +388,7 @@ class LocalTorchServe:
             "max_request_bytes": int(max_request_size),
             "request_log_dir": log_dir,
             "model_name": model_name,
+            "unbatched_model": next(iter(models.keys() - {model_name}), None),
             "model_version": about["model_version"],
             "model_dir": str(Path(model_dir).resolve()) if model_dir else None,
             "dataset_dir": str(Path(dataset_dir).resolve()) if dataset_dir else None,
@@ -424,7 +435,8 @@ class LocalTorchServe:
                             vmargs=DEFAULT_VMARGS),
             request_log_max_bytes, request_log_max_age_s, state.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
             LOG_CONFIG, {"model_version": model_version, "model_dir": model_dir, "dataset_dir": dataset_dir,
-                         "endpoint": state["endpoint"], "proxy_pid": state["proxy_pid"]})
+                         "endpoint": state["endpoint"], "proxy_pid": state["proxy_pid"],
+                         "unbatched": bool(state.get("unbatched_model"))})
         self._wait_ready(record, workers, timeout_s)  # raises with the logs; stop() then cleans up
         print(f"[serve] TorchServe is up again (pid {record['pid']}) with model version {model_version}", flush=True)
         return record
@@ -491,12 +503,14 @@ class LocalTorchServe:
         return pid
 
     def _launch_proxy(self, env: dict[str, str], host: str, port: int, torchserve_port: int,
-                      max_request_size: int) -> int:
+                      max_request_size: int, unbatched_model: str | None) -> int:
         """Start the auth proxy in front of TorchServe's loopback inference port; its pid."""
         cmd = [sys.executable, "-m", PROXY_MODULE, "--listen", f"{host}:{port}",
                "--upstream", f"http://{LOOPBACK}:{torchserve_port}", "--key-file", str(self.key_file),
                "--token-file", str(self.token_file), "--source-token-file", str(self.source_token_file),
                "--max-request-bytes", str(int(max_request_size)), "--rollout-file", str(self.rollout_file)]
+        if unbatched_model:
+            cmd += ["--unbatched-model", f"{unbatched_model.removesuffix(UNBATCHED_SUFFIX)}={unbatched_model}"]
         with open(self.logs / PROXY_LOG, "ab") as out:
             process = subprocess.Popen(cmd, cwd=self.home, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=subprocess.STDOUT, start_new_session=True)
@@ -504,8 +518,10 @@ class LocalTorchServe:
         return process.pid
 
     def _wait_ready(self, record: dict[str, Any], workers: int, timeout_s: float) -> None:
-        """Poll until all workers of the model are READY and the endpoint is healthy (or fail with the log tails)."""
-        url = f"{record['management_endpoint']}/models/{record['model_name']}"
+        """Poll until all workers of the model (and of its unbatched twin) are READY and the endpoint is healthy (or
+        fail with the log tails)."""
+        twin = record.get("unbatched_model")
+        models = {record["model_name"]: workers, **({twin: 1} if twin else {})}
         out_log, proxy_log = Path(record["log"]), Path(record["proxy_log"])
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"
@@ -518,15 +534,18 @@ class LocalTorchServe:
             if self.key_file.is_file():
                 try:
                     token = json.loads(self.key_file.read_text())["management"]["key"]
-                    response = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5)
-                    if response.status_code == 200:
-                        ready = [w for w in response.json()[0].get("workers", []) if w.get("status") == "READY"]
-                        health = self.health(record) if len(ready) >= workers else {"healthy": False}
-                        if health["healthy"]:
-                            return
-                        last = health.get("problem") or f"{len(ready)}/{workers} workers ready"
-                    else:
-                        last = f"HTTP {response.status_code}: {response.text[:200]}"
+                    waiting = []
+                    for model, wanted in models.items():
+                        response = requests.get(f"{record['management_endpoint']}/models/{model}", timeout=5,
+                                                headers={"Authorization": f"Bearer {token}"})
+                        described = response.json()[0] if response.status_code == 200 else {}
+                        ready = [w for w in described.get("workers", []) if w.get("status") == "READY"]
+                        if len(ready) < wanted:
+                            waiting.append(f"{model}: {len(ready)}/{wanted} workers ready (HTTP {response.status_code})")
+                    health = {"healthy": False} if waiting else self.health(record)
+                    if health["healthy"]:
+                        return
+                    last = "; ".join(waiting) or health.get("problem") or "not healthy yet"
                 except (requests.RequestException, ValueError, KeyError, IndexError) as err:
                     last = str(err)
             time.sleep(0.5)

@@ -223,20 +223,13 @@ def torchserve_setups(work: Path, settings: dict[str, Any], variants: dict[str, 
     setups = [TorchServeSetup("ours", mar, work / "requests", label, dict(shipped))]
     if "nolog" not in skip:
         setups.append(TorchServeSetup("ours-nolog", mar, None, label + ", request log off", dict(shipped)))
-    if "batch1" not in skip:
-        # The same server without batching, measured at the lower concurrencies only: TorchServe waits up to
-        # maxBatchDelay for a second request even when none is queued, so this shows what gathering costs a
-        # lone request (the concurrency-1 latency) against what the rest of the path costs.
-        b1 = build("export-batch1", settings["workers"], 1, settings["max_batch_delay_ms"])
-        setups.append(TorchServeSetup("ours-batch1", b1, work / "requests-batch1",
-                                      f"torchserve {settings['workers']}w b1 (no gathering)", dict(shipped)))
     if "defaults" not in skip:
         # TorchServe as it comes (the same hardening and handler): no batching, its own log4j2
         # configuration, Netty threads, job queue and JVM options at their defaults, request log on.
         plain = build("export-defaults", 1, 1, 100)
         setups.append(TorchServeSetup("defaults", plain, work / "requests-defaults", "torchserve, TorchServe's defaults",
                                       {"netty_threads": settings["netty_threads"], "log_config": None,
-                                       "job_queue_size": 100, "vmargs": ""}))
+                                       "job_queue_size": 100, "vmargs": "", "unbatched_route": False}))
     for vname, changed_settings in variants.items():
         vmar = build(f"export-{vname}", changed_settings["workers"], changed_settings["batch_size"],
                      changed_settings["max_batch_delay_ms"])
@@ -249,7 +242,9 @@ def torchserve_setups(work: Path, settings: dict[str, Any], variants: dict[str, 
 
 def start_torchserve(setup: TorchServeSetup, home: Path, workers: int, servers: list) -> dict[str, Any]:
     """Start one setup (added to ``servers`` first: stopped by the caller also when the start fails); return its
-    target, measured directly: TorchServe's own loopback port, with its inference key."""
+    target, measured directly: TorchServe's own loopback port, with its inference key. A client there takes the
+    proxy's route: at concurrency 1 (nothing else in flight) the unbatched twin's URL (``url_alone``), else the
+    batched model's (``url``)."""
     from serving.client import read_token
     from serving.processes import free_port
     from serving.server import LocalTorchServe
@@ -265,7 +260,9 @@ def start_torchserve(setup: TorchServeSetup, home: Path, workers: int, servers: 
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
+    twin = record.get("unbatched_model")
     target = {"url": record["torchserve_endpoint"], "pid": record["pid"], "metrics": record["metrics_endpoint"],
+              "url_alone": record["torchserve_endpoint"].rsplit("/", 1)[0] + f"/{twin}" if twin else None,
               "record": record, "token": read_token(record["key_file"], "inference"), "label": setup.label,
               "access_log": server.logs / "access_log.log"}
     return target
@@ -284,6 +281,12 @@ def start_servers(work: Path, settings: dict[str, Any], variants: dict[str, dict
 
     targets = {setup.name: start_torchserve(setup, work / f"home-{setup.name}", settings["workers"], servers)
                for setup in torchserve_setups(work, settings, variants, skip)}
+    if "batched" not in skip and targets["ours"]["url_alone"]:
+        # The batched model alone, without the twin, at the lower concurrencies only: TorchServe waits up to
+        # maxBatchDelay for a second request even when none is queued, so this shows what the twin saves a lone
+        # request (the concurrency-1 latency) against what the rest of the path costs.
+        targets["ours-batched"] = {**targets["ours"], "url_alone": None,
+                                   "label": targets["ours"]["label"] + ", batched model only"}
     if "proxied" not in skip:
         # What clients call: the public endpoint, the auth proxy that LocalTorchServe (and each
         # serving pod on Kubernetes) runs in front of TorchServe. Same TorchServe as "ours".

@@ -27,13 +27,15 @@ from components.deploy.containers import served_from
 
 def server_settings(serving, home: Path) -> dict[str, Any]:
     """``LocalTorchServe.start``'s settings from the serving settings: where it listens, how long it may take
-    to start, and where (``request_log_dir`` "" = ``home/requests``) and how its request log rotates."""
+    to start, where (``request_log_dir`` "" = ``home/requests``) and how its request log rotates, and whether
+    lone requests get the unbatched twin (serving/unbatched_route.py)."""
     return {
         "host": serving.host, "inference_port": serving.inference_port, "management_port": serving.management_port,
         "metrics_port": serving.metrics_port, "workers": serving.workers, "timeout_s": serving.startup_timeout_s,
         "request_log_dir": serving.request_log_dir or home / "requests",
         "request_log_max_bytes": int(serving.request_log_max_mb * 2**20),
         "request_log_max_age_s": serving.request_log_max_age_s,
+        "unbatched_route": serving.unbatched_route,
     }
 
 

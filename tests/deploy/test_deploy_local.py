@@ -124,7 +124,8 @@ def test_deploy_component_serves_then_a_failed_redeploy_stops_everything(tmp_pat
 
 
 def test_deploy_component_passes_the_request_log_settings_to_the_local_server(tmp_path, untrained_model, monkeypatch):
-    """serving.request_log_dir / _max_mb / _max_age_s reach the local server the deploy step starts."""
+    """serving.request_log_dir / _max_mb / _max_age_s and unbatched_route reach the local server the deploy step
+    starts."""
     seen: list[dict] = []
 
     class Started(Exception):
@@ -145,7 +146,8 @@ def test_deploy_component_passes_the_request_log_settings_to_the_local_server(tm
                        metrics=Metrics(name="m", uri=str(tmp_path / "out" / "m")))
     with pytest.raises(Started):
         deploy_component(**common, **out(), cfg=settings_of(serving=ServingConfig(
-            **serving, request_log_dir="s3://bucket/request-logs", request_log_max_mb=2.5, request_log_max_age_s=60.0)))
+            **serving, request_log_dir="s3://bucket/request-logs", request_log_max_mb=2.5, request_log_max_age_s=60.0,
+            unbatched_route=False)))
     with pytest.raises(Started):
         deploy_component(**common, **out(), cfg=settings_of(serving=ServingConfig(**serving)))
     changed, default = seen
@@ -154,6 +156,7 @@ def test_deploy_component_passes_the_request_log_settings_to_the_local_server(tm
     assert default["request_log_dir"] == (tmp_path / "serving").resolve() / "requests", "empty = <serving_home>/requests"
     assert default["request_log_max_bytes"] == int(ServingConfig().request_log_max_mb * 2**20)
     assert default["request_log_max_age_s"] == ServingConfig().request_log_max_age_s
+    assert changed["unbatched_route"] is False and default["unbatched_route"] is True
 
 
 def test_deploy_local_packs_the_given_batching_into_the_archive(untrained_model, tmp_path, monkeypatch):

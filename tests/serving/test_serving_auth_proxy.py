@@ -36,6 +36,7 @@ class FakeTorchServe(ThreadingHTTPServer):
 
     def __init__(self, key_file: Path):
         self.key_file, self.seen, self.status, self.delay_s = key_file, [], 200, 0.0
+        self.status_by_path: dict[str, int] = {}  # answers other than ``status`` for some paths
         super().__init__(("127.0.0.1", 0), _UpstreamHandler)
 
 
@@ -56,7 +57,8 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             status, payload = 400, {"code": 400, "type": "InvalidKeyException",
                                     "message": "Token Authorization failed. Token either incorrect, expired, or not provided correctly"}
         else:
-            status, payload = self.server.status, {"path": self.path, "bytes": len(body), "label": "7"}
+            status = self.server.status_by_path.get(self.path, self.server.status)
+            payload = {"path": self.path, "bytes": len(body), "label": "7"}
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
