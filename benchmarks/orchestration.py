@@ -1,20 +1,22 @@
 """Orchestration benchmark: how much of a local run (``mlops run``, subprocess runner) is spent outside its steps,
-with kfp.local's plain subprocesses (every task a fresh Python: the baseline) and with the warm start
-(``pipelines.warm_start``: every task a fork of a pre-imported parent).
+with kfp.local's plain subprocesses (every task a fresh Python, ``--no-warm-start``: the baseline) and with the warm
+start (``pipelines.warm_start``: every task a fork of a pre-imported parent, started first thing).
 
     python benchmarks/orchestration.py                              # the default config, 3 rounds of each
     python benchmarks/orchestration.py --config examples/quick.yaml --rounds 3
 
-Each round runs the baseline, then the warm start, each as a fresh process (``run_local``, ``--no-serve-after``
-on free ports, a serving home of its own), on the same config. From each run's ``summary.json``: the run's
-seconds, the steps' own seconds, the orchestration seconds and share (``orchestration``), and per step the
-seconds outside the step (``overhead_seconds``). Prints a table, then one JSON line.
+Each round runs the baseline, then the warm start, each as its own ``mlops run`` command (``--no-serve-after``, free
+ports, a serving home of its own), on the same config. From each run's ``summary.json``: the run's seconds (from the
+command's process start), the steps' own seconds, the orchestration seconds and share (``orchestration``), the
+seconds before the first task, and per step the seconds outside the step (``overhead_seconds``); and the command's
+wall time (it adds stopping the server, ``--no-serve-after``). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,33 +32,19 @@ from serving.processes import free_ports  # noqa: E402
 MODES = {"baseline": False, "warm start": True}
 
 
-def one_run(spec: dict) -> None:
-    """In a fresh process: one run of the pipeline as ``spec`` says (the benchmark's child)."""
-    import dataclasses
-    import os
-
-    from pipelines.config import load
-    from pipelines.local import run_local
-
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    cfg = load(spec["config"])
-    inference, management, metrics = spec["ports"]
-    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(
-        cfg.serving, home=spec["home"], inference_port=inference, management_port=management, metrics_port=metrics))
-    run_local(cfg, runs_dir=spec["runs_dir"], run_id=spec["run_id"], serve_after=False, quiet=True,
-              warm_start=spec["warm_start"])
-
-
 def run_once(mode: str, config: str | None, work: Path, index: int) -> dict:
     run_id = f"{'warm' if MODES[mode] else 'baseline'}-{index}"
-    spec = {"config": config, "ports": free_ports(3, set()), "home": str(work / f"serving-{run_id}"),
-            "runs_dir": str(work / "runs"), "run_id": run_id, "warm_start": MODES[mode]}
+    inference, management, metrics = free_ports(3, set())
+    argv = [sys.executable, "-m", "pipelines.cli", "run", "--run-id", run_id, "--runs-dir", str(work / "runs"),
+            "--no-serve-after", "--serving-home", str(work / f"serving-{run_id}"),
+            "--serving-inference-port", str(inference), "--serving-management-port", str(management),
+            "--serving-metrics-port", str(metrics), *(["--config", config] if config else []),
+            *([] if MODES[mode] else ["--no-warm-start"])]
     started = time.monotonic()
-    done = subprocess.run([sys.executable, __file__, "--_one", json.dumps(spec)], cwd=ROOT, capture_output=True,
-                          text=True)
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DO_NOT_TRACK": "1"})
     wall = time.monotonic() - started
     summary_file = work / "runs" / run_id / "summary.json"
-    if done.returncode != 0 or not summary_file.is_file():
+    if not summary_file.is_file():
         raise SystemExit(f"the {mode} run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     summary = json.loads(summary_file.read_text())
     if summary["status"] != "succeeded":
@@ -73,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="the run config (default: the built-in defaults, as make run)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each, interleaved (default 3)")
-    parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._one:
-        one_run(json.loads(args._one))
-        return 0
 
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="kfp-mlops-orchestration-bench-") as tmp:
@@ -90,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{o['steps_seconds']:6.1f} s, outside {o['seconds']:5.1f} s ({o['share']:.1%})", flush=True)
 
     print(f"\n{'':22s} {'baseline (min med max)':>24s} {'warm start (min med max)':>26s}")
-    rows = [("run s", lambda s: s["seconds"]), ("steps s", lambda s: s["orchestration"]["steps_seconds"]),
+    rows = [("command wall s", lambda s: s["wall_seconds"]), ("run s", lambda s: s["seconds"]),
+            ("steps s", lambda s: s["orchestration"]["steps_seconds"]),
             ("outside the steps s", lambda s: s["orchestration"]["seconds"]),
-            ("share outside", lambda s: 100 * s["orchestration"]["share"])]
+            ("share outside", lambda s: 100 * s["orchestration"]["share"]),
+            ("  before 1st task s", lambda s: s["orchestration"].get("before_first_task", 0.0))]
     for step in results["baseline"][0]["steps"]:
         rows.append((f"  {step} overhead s", lambda s, step=step: s["steps"][step].get("overhead_seconds") or 0.0))
     for name, get in rows:

@@ -33,7 +33,7 @@ from components.core.cost import typed_metrics
 from components.core.localfiles import atomic_write_json
 from pipelines.config import LOCAL, Config, to_dict
 from pipelines.docker_steps import DockerSteps
-from pipelines.warm_start import warm_started
+from pipelines.warm_parents import WarmParents, warm_started
 
 SUMMARY_FILE = "summary.json"
 SUBPROCESS, DOCKER = "subprocess", "docker"
@@ -73,6 +73,8 @@ class ConsoleFilter(io.TextIOBase):
         self.buffer_, self.skipping = "", False
         self.task_seconds: dict[str, float] = {}
         self._task_started: dict[str, float] = {}
+        self.first_task_started: float | None = None  # time.time() of kfp.local's first task start, last task end
+        self.last_task_ended: float | None = None
         self._lock = threading.Lock()  # the serving broker prints from its own thread
 
     def writable(self) -> bool:
@@ -99,8 +101,10 @@ class ConsoleFilter(io.TextIOBase):
         started, ended = self._TASK_START.search(message), self._TASK_END.search(message)
         if started:
             self._task_started[started.group(1)] = time.monotonic()
+            self.first_task_started = self.first_task_started or time.time()
         elif ended and ended.group(1) in self._task_started:
             self.task_seconds[ended.group(1)] = time.monotonic() - self._task_started.pop(ended.group(1))
+            self.last_task_ended = time.time()
 
     def filter(self, line: str) -> str | None:
         match = self._KFP_LINE.match(line)
@@ -155,9 +159,29 @@ def new_run_id() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def run_environment(run_id: str) -> dict[str, str]:
+    """What a run sets in its environment for its steps (and its warm parents, which must match them)."""
+    from components.core.ledger import RUN_ID_ENV
+
+    return {"DO_NOT_TRACK": os.environ.get("DO_NOT_TRACK", "1"),  # Evidently telemetry off in every step
+            RUN_ID_ENV: run_id}  # the record step names the run in the ledger by it
+
+
+def process_started() -> float:
+    """When this process started (``time.time()``), where a person's wait for ``mlops run`` starts; now if unknown.
+    Read from /proc: psutil's ``create_time`` adds the boot time in whole seconds, up to 1 s off."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+    return time.time() - age if 0 <= age < 3600 else time.time()
+
+
 def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = None, serve_after: bool = True,
               quiet: bool = False, verbose: bool = False, runner: str = SUBPROCESS,
-              manifests: str | Path = SERVING_MANIFESTS, warm_start: bool = True) -> dict[str, Any]:
+              manifests: str | Path = SERVING_MANIFESTS, warm_start: bool = True,
+              warm_parents: WarmParents | None = None, started: float | None = None) -> dict[str, Any]:
     """Run every step through kfp.local; return (and write) the run summary.
 
     The full kfp.local log goes to ``runs/<run-id>/pipeline.log``; the console shows the
@@ -165,8 +189,11 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
     (steps are subprocesses of this Python) or ``docker`` (steps are containers of
     ``cfg.cluster.image``; deploy serves from the serving Deployment of ``manifests``, a
     kustomize directory, as containers of ``cfg.cluster.serving_image``). ``warm_start``: the subprocess
-    runner's tasks start as forks of a pre-imported parent (``pipelines.warm_start``), not as fresh Pythons.
+    runner's tasks start as forks of a pre-imported parent (``pipelines.warm_start``), not as fresh Pythons;
+    ``warm_parents``: those parents, started already (with ``run_environment(run_id)``). ``started``: when the wait
+    for this run began (``time.time()``; default: now), where the summary's ``seconds`` start.
     """
+    started = time.time() if started is None else started
     from kfp import local
 
     from pipelines.pipeline import build_pipeline, run_parameters
@@ -189,11 +216,9 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
     params = run_parameters(cfg, LOCAL)
 
     print(f"kfp-mlops run {run_id} ({runner} runner): artifacts under {run_dir}", flush=True)
-    from components.core.ledger import RUN_ID_ENV
-
-    env_before = {name: os.environ.get(name) for name in ("DO_NOT_TRACK", RUN_ID_ENV)}
-    os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently telemetry off in every step
-    os.environ[RUN_ID_ENV] = run_id  # the record step names the run in the ledger by it
+    run_env = run_environment(run_id)
+    env_before = {name: os.environ.get(name) for name in run_env}
+    os.environ.update(run_env)
     log_path = run_dir / "pipeline.log"
     stdout = sys.stdout
     with open(log_path, "w") as log_file, warnings.catch_warnings():
@@ -206,13 +231,11 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
             if docker is not None:
                 with docker.started(pipeline_root) as (kfp_runner, image):
                     local.init(runner=kfp_runner, pipeline_root=str(pipeline_root), raise_on_error=False)
-                    started = time.time()
                     build_pipeline(dataclasses.replace(cfg.cluster, image=image), target=LOCAL)(**params)
             else:
                 local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                            raise_on_error=False)
-                started = time.time()  # the warm parent's start and stop count as orchestration
-                with warm_started(run_dir, enabled=warm_start) as warm:
+                with warm_started(run_dir, enabled=warm_start, parents=warm_parents) as warm:
                     build_pipeline(cfg.cluster, target=LOCAL)(**params)
         finally:
             sys.stdout = stdout
@@ -221,8 +244,14 @@ def run_local(cfg: Config, runs_dir: str | Path = "runs", run_id: str | None = N
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
-    summary = collect_summary(run_id, run_dir, pipeline_root, time.time() - started, runner=runner,
+    ended = time.time()  # the warm parents' stop counts as orchestration
+    summary = collect_summary(run_id, run_dir, pipeline_root, ended - started, runner=runner,
                               image=docker.image if docker else None, task_seconds=console.task_seconds)
+    if console.first_task_started and console.last_task_ended:
+        summary["orchestration"].update(
+            before_first_task=round(console.first_task_started - started, 2),
+            after_last_task=round(ended - console.last_task_ended, 2),
+            around_steps=round(sum(console.task_seconds.values()) - summary["orchestration"]["steps_seconds"], 2))
     if warm is not None:
         summary["warm_start"] = warm.as_summary()
     summary["log"] = str(log_path)
@@ -354,8 +383,11 @@ def collect_summary(run_id: str, run_dir: Path, pipeline_root: Path, seconds: fl
 
 
 def orchestration_block(seconds: float, steps: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """How much of the run's ``seconds`` was spent outside the steps' own ``seconds`` (starting tasks, imports
-    before a step's first measured line, kfp.local's work between tasks), and its share of the run."""
+    """How much of the run's ``seconds`` was spent outside the steps' own ``seconds`` (the command's own start, the
+    preflight checks and compile, starting tasks, imports before a step's first measured line, what a step does
+    after its clock stops, kfp.local's work between tasks), and its share of the run. ``run_local`` adds where:
+    ``before_first_task``, ``around_steps`` (inside the tasks, outside the steps' clocks) and ``after_last_task``;
+    the rest is kfp.local's between tasks."""
     inside = sum(info["seconds"] for info in steps.values() if info.get("seconds") is not None)
     outside = seconds - inside
     return {"steps_seconds": round(inside, 2), "seconds": round(outside, 2),

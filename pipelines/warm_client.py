@@ -41,6 +41,7 @@ def cold(python: str, argv: list[str], why: str | None) -> int:
     """Run the task in a fresh Python after all: this process becomes it."""
     if why:
         print(f"[warm start] {why}: this task starts a fresh Python", file=sys.stderr, flush=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # a fresh Python starts with none blocked
     os.execv(python, [python, *argv])
     return 1  # not reached
 
@@ -49,6 +50,9 @@ def relay(socket_path: str, python: str, argv: list[str]) -> int:
     """Have the warm parent run ``python ARGV`` as a fork of itself; return (or die by) the child's status."""
     if len(argv) < 2 or argv[0] != "-m":
         return cold(python, argv, None)  # only ``python -m MODULE`` is relayed; anything else was never warm
+    # Held until the task's pid is known, then forwarded to it: a signal that came sooner would end this launcher
+    # and leave its task to be killed, not signalled.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(socket_path)
@@ -73,6 +77,7 @@ def relay(socket_path: str, python: str, argv: list[str]) -> int:
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     line = replies.readline()
     if not line:
         print(f"[warm start] the warm parent went away while task process {pid} ran", file=sys.stderr, flush=True)

@@ -2,8 +2,9 @@
 
 kfp.local's ``SubprocessRunner`` starts every task as ``sh -c '... python -m kfp.dsl.executor_main ...'``:
 a fresh Python that imports kfp, numpy, torch, pandas, scikit-learn and Evidently before the step starts
-its clock, seconds per task. For the duration of a run, ``warm_started`` starts warm parents
-(``python -m pipelines.warm_start``) that import those once (in stages: ``STAGES``), and points kfp.local's
+its clock, seconds per task. For the duration of a run, ``pipelines.warm_parents`` starts warm parents
+(``python -m pipelines.warm_start``; ``mlops run`` first thing, so that their imports overlap its preflight checks
+and the pipeline's compile) that import those once (in stages: ``STAGES``), and points kfp.local's
 interpreter (``sys.executable``, which kfp.local writes into that command) at a launcher of
 ``pipelines.warm_client``. kfp.local runs its task command unchanged, the launcher where ``python`` stood:
 the launcher hands argv, environment, working directory and the standard streams themselves to a warm
@@ -14,7 +15,9 @@ and ends as the child did.
 
 What a fork cannot give a task, it does not get: a task whose environment differs from the parent's
 (other than the shell's own variables) runs in a fresh Python, and so does anything but ``python -m``.
-The parents run no step code and no torch operation: they only import. They serve one run and stop with
+The parents run no step code and no torch operation: they only import (and have plotly validate the reports'
+template, which a fresh Python does at its first figure, importing some 500 modules: ``AFTER_IMPORT``). They serve
+one run and stop with
 it, killing any task still running; a task whose launcher dies is killed, and so is every task when its
 parent dies. A cluster sees none of this: the compiled pipeline is the same. Written here, not taken from a
 library: the prefork servers (gunicorn, Instagram's uWSGI with ``gc.freeze``) fork for requests, not for
@@ -33,28 +36,45 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipelines import warm_client
 
 # What the warm parents import, in stages, in the order the steps first need them: modules whose import starts
 # no Python thread and runs no computation (and not the module a task runs with -m: what kfp.dsl.executor_main
-# imports, not itself, which runpy would warn about). The first parent imports what the first step needs (the first task
-# waits for that, as it would have imported it itself) and takes tasks; meanwhile a fork of it imports the next
-# stage and, when done, takes the tasks that come after, and so on, so that no later task waits for an import.
-# A module missing here is imported by the task that needs it, as before: each task's entry in the run's
-# warm_start.json lists what it imported itself.
+# imports, not itself, which runpy would warn about). Stage 0 imports what the first step needs and takes tasks
+# until the next stage is ready and it has started one. Stage 1 is forked at once and imports what the second step
+# needs beside it, so that on two cores neither of the first two steps waits for the other's imports (ingest needs
+# no torch, pretrain no scikit-learn); each later stage is forked by the one before once that is ready, imports its
+# modules and those of the stages before it (the ones it lacks), and takes the tasks that come after, so that no
+# later task waits for an import. A module missing here is imported by the task that needs it, as before: each task's
+# entry in the run's warm_start.json lists what it imported itself.
 STAGES = (
-    ("kfp.dsl.executor", "kfp.dsl.kfp_config", "kfp.dsl.utils", "components.core.settings", "numpy", "pandas", "torch",
+    ("kfp.dsl.executor", "kfp.dsl.kfp_config", "kfp.dsl.utils", "components.core.settings", "numpy", "pandas",
      "sklearn.datasets", "PIL.Image", "components.core.cost", "components.core.data", "components.core.features",
-     "components.core.models", "components.ingest.ingest"),
-    ("torch._dynamo", "safetensors.torch", "components.train.loops", "components.pretrain.pretrain",
-     "components.finetune.finetune", "scipy.stats"),
-    ("components.evaluate.gate", "components.evaluate.report", "components.privacy.privacy",
+     "components.ingest.ingest"),
+    ("kfp.dsl.executor", "kfp.dsl.kfp_config", "kfp.dsl.utils", "components.core.settings", "numpy", "torch",
+     "safetensors.torch", "components.core.cost", "components.core.models"),
+    ("torch._dynamo", "components.train.loops", "components.pretrain.pretrain", "components.finetune.finetune",
+     "scipy.stats", "components.evaluate.gate", "components.evaluate.report", "components.privacy.privacy",
      "components.robustness.robustness", "components.record.record", "requests", "components.deploy.component",
      "components.deploy.local", "serving.server", "components.monitor.monitor", "components.monitor.drift",
-     "evidently.presets", "markdown_it"),
+     "evidently.presets", "markdown_it", "components.core.plots"),
 )
+
+
+def _reports_plotly_template() -> None:
+    import plotly.graph_objects as go
+
+    from components.core.plots import TEMPLATE
+
+    go.Layout(template=TEMPLATE)
+
+
+# Libraries that defer imports past their own import, to their first use, and what a parent does once it imported them
+# to have those imports done too: plotly validates a figure's template at its first use, some 500 modules and 0.5 s
+# in each step that writes a report, after its clock stopped.
+AFTER_IMPORT = {"components.core.plots": _reports_plotly_template}
 SHELL_VARIABLES = frozenset({"PWD", "OLDPWD", "SHLVL", "_"})  # what ``sh`` adds to a task's environment
 RUNTIME_ENV = {"_KFP_RUNTIME": "true"}  # kfp's runtime import path, as the task command sets it
 READY_TIMEOUT_S = 60.0
@@ -75,6 +95,7 @@ class TaskToRun:
 
     def __init__(self, request: dict[str, Any], log_fd: int, preloaded: frozenset[str]):
         self.request, self.log_fd, self.preloaded = request, log_fd, preloaded
+        self.preloaded_packages = frozenset(name.partition(".")[0] for name in preloaded)
 
     def run(self) -> None:
         """Run ``python -m MODULE ARGS`` here, as a fresh Python in the launcher's place would, and end this
@@ -99,9 +120,11 @@ class TaskToRun:
         _finish(code, interrupted)
 
     def report_imports(self) -> None:
-        """One line in the parent's log: the top-level packages this task imported itself (missing from STAGES)."""
-        imported = sorted({name.partition(".")[0] for name in sys.modules} - self.preloaded)
-        line = json.dumps({"pid": os.getpid(), "imported": imported}) + "\n"
+        """One line in the parent's log: the top-level packages this task imported itself (missing from STAGES), and
+        how many modules in all (submodules of preloaded packages too: a library's imports deferred to first use)."""
+        imported = sorted({name.partition(".")[0] for name in sys.modules} - self.preloaded_packages)
+        count = len(set(sys.modules) - self.preloaded)
+        line = json.dumps({"pid": os.getpid(), "imported": imported, "modules": count}) + "\n"
         with contextlib.suppress(OSError):
             os.write(self.log_fd, line.encode())
 
@@ -109,11 +132,12 @@ class TaskToRun:
 class WarmParent:
     """A warm parent: imports its stage, then forks one child per request on its socket until its stdin closes.
 
-    Stage 0 is the process the run started; each stage forks the next (``successor``), which imports its
-    modules while this one serves, then tells it so and takes the listening socket over. A stage that has
-    handed over keeps its running tasks until they end. Stopping runs down the chain: each stage kills its
-    running tasks, writes its part of the statistics, stops its successor and waits for it; the first stage
-    then merges the parts."""
+    Stage 0 is the process the run started; each stage forks the next (``successor``; stage 0 before its own
+    imports), which imports its modules while this one imports or serves, then says it is ready; this one hands
+    the listening socket over to it once ready and (stage 0) once it started the first task (``_hand_over``). A
+    stage that has handed over keeps its running tasks until they end. Stopping runs down the chain: each stage
+    kills its running tasks, writes its part of the statistics, stops its successor and waits for it; the first
+    stage then merges the parts."""
 
     def __init__(self, socket_path: str, stats_path: str, stages: tuple[tuple[str, ...], ...] = STAGES):
         self.socket_path, self.stats_path, self.stages = socket_path, stats_path, stages
@@ -125,6 +149,9 @@ class WarmParent:
         self.import_seconds = 0.0
         self.successor: tuple[int, int] | None = None  # (pid, read end of its "ready" pipe)
         self.accepting = True
+        self.successor_ready = False
+        self.let_go: int | None = None  # the pipe that lets the successor take tasks (_hand_over)
+        self.held_back: int | None = None  # in a successor: the other end, read before it accepts a connection
         self.stopping = False
 
     # -- a warm parent -----------------------------------------------------------------------------------
@@ -139,6 +166,10 @@ class WarmParent:
         self.listener.setblocking(False)  # two stages may both see a connection; one accepts it
         os.rename(self.socket_path + ".new", self.socket_path)  # appears only once it accepts connections
         self._open_loop()
+        if len(self.stages) > 1:  # the first successor imports beside this stage, not after it (see STAGES)
+            successor = self._fork_successor()
+            if successor is not None:
+                return successor._loop()
         self._import(self.stages[0])
         return self._loop()
 
@@ -152,8 +183,12 @@ class WarmParent:
         self.selector.register(self.wakeup[0], selectors.EVENT_READ, "wakeup")
 
     def _loop(self) -> TaskToRun | None:
-        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
-        if self.stage + 1 < len(self.stages):
+        if self.held_back is None:
+            self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        else:  # a successor takes tasks only once the stage before hands them over, in order
+            self.accepting = False
+            self.selector.register(self.held_back, selectors.EVENT_READ, "go")
+        if 0 < self.stage < len(self.stages) - 1:
             successor = self._fork_successor()
             if successor is not None:  # this process is the successor, its stage imported
                 return successor._loop()
@@ -167,21 +202,27 @@ class WarmParent:
 
     def _fork_successor(self) -> WarmParent | None:
         ready_read, ready_write = os.pipe()
+        go_read, go_write = os.pipe()
         forker = os.getpid()
         pid = os.fork()
         if pid:
             os.close(ready_write)
+            os.close(go_read)
+            self.let_go = go_write
             self.successor = (pid, ready_read)
             self.selector.register(ready_read, selectors.EVENT_READ, "successor")
             return None
         # The successor: none of this stage's tasks, its own loop; it imports, then says so.
         _die_with(forker)
         os.close(ready_read)
+        os.close(go_write)
         self._close_loop()
+        self.held_back = go_read
         self.stage += 1
-        self.tasks, self.running, self.successor = {}, {}, None
+        self.tasks, self.running, self.successor, self.successor_ready, self.accepting = {}, {}, None, False, True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while importing: nothing to clean up yet
-        self._import(self.stages[self.stage])
+        earlier = () if self.stage == 1 else tuple(name for stage in self.stages[:self.stage] for name in stage)
+        self._import(self.stages[self.stage] + earlier)  # stage 1 has nothing of stage 0's: it forked before
         self._open_loop()
         os.write(ready_write, b"ready")
         os.close(ready_write)
@@ -196,6 +237,10 @@ class WarmParent:
             conn.close()
         if self.successor:
             os.close(self.successor[1])
+        for fd in (self.let_go, self.held_back):
+            if fd is not None:
+                os.close(fd)
+        self.let_go = self.held_back = None
         self.selector.close()
 
     def _stop_on_signal(self, _signum, _frame) -> None:
@@ -207,7 +252,11 @@ class WarmParent:
         started = time.perf_counter()
         for name in names:
             try:
+                if name in self.preloaded:
+                    continue
                 importlib.import_module(name)
+                if name in AFTER_IMPORT:
+                    AFTER_IMPORT[name]()
                 self.preloaded.append(name)
             except Exception as exc:  # noqa: BLE001 - a task that needs it will import it and say what is wrong
                 print(f"warm start: stage {self.stage} did not import {name}: {exc!r}", flush=True)
@@ -232,10 +281,17 @@ class WarmParent:
         if what == "wakeup":
             os.read(self.wakeup[0], 512)
             return None
+        if what == "go":  # the stage before hands its tasks over, or is gone
+            self.selector.unregister(self.held_back)
+            os.close(self.held_back)
+            self.held_back, self.accepting = None, True
+            self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+            self._hand_over()  # to its own successor, when that is ready already
+            return None
         if what == "successor":  # ready (it takes the next tasks), or gone (this stage keeps serving)
-            if os.read(self.successor[1], 16) and self.accepting:
-                self.selector.unregister(self.listener)
-                self.accepting = False
+            if os.read(self.successor[1], 16):
+                self.successor_ready = True
+                self._hand_over()
             else:
                 self.selector.unregister(self.successor[1])
             return None
@@ -250,6 +306,16 @@ class WarmParent:
             self.tasks[pid]["killed"] = "its launcher went away"
             self.selector.unregister(self.running[pid][0])
         return None
+
+    def _hand_over(self) -> None:
+        """Leave the next tasks to a ready successor; stage 0 first starts one (it imported for the first step)."""
+        if self.successor_ready and self.accepting and (self.stage or self.tasks):
+            self.selector.unregister(self.listener)
+            self.accepting = False
+            if self.let_go is not None:
+                os.write(self.let_go, b"go")
+                os.close(self.let_go)
+                self.let_go = None
 
     def _read_request(self, conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
         conn.settimeout(REQUEST_TIMEOUT_S)
@@ -302,10 +368,14 @@ class WarmParent:
             print(f"warm start: declined {' '.join(request['argv'][:2])}: {why}", flush=True)
             return None
         forker = os.getpid()
+        # Blocked across the fork: a signal the launcher forwards at once waits until the child has a fresh Python's
+        # handlers (this process's would swallow it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, warm_client.FORWARDED_SIGNALS)
         pid = os.fork()
         if pid == 0:
             _die_with(forker)
             return self._become_task(request, fds, conn)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, warm_client.FORWARDED_SIGNALS)
         for fd in fds:
             os.close(fd)  # the child has them; holding them here would keep kfp.local's pipe open
         pidfd = os.pidfd_open(pid)
@@ -317,6 +387,7 @@ class WarmParent:
         conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
         self.selector.register(pidfd, selectors.EVENT_READ, ("exited", pid))
         self.selector.register(conn, selectors.EVENT_READ, ("launcher", pid))
+        self._hand_over()
         return None
 
     def _reap(self, pid: int) -> None:
@@ -358,7 +429,7 @@ class WarmParent:
         with contextlib.suppress(OSError), open(self.stats_path + ".tasks") as lines:
             for line in lines:
                 entry = json.loads(line)
-                imports[entry["pid"]] = entry["imported"]
+                imports[entry["pid"]] = entry
         stages, tasks = [], []
         for index in range(len(self.stages)):
             path = Path(f"{self.stats_path}.stage{index}")
@@ -366,7 +437,8 @@ class WarmParent:
                 part = json.loads(path.read_text())
                 path.unlink()
                 stages.append({k: part[k] for k in ("stage", "preloaded", "import_seconds")})
-                tasks += [{**t, "imported_itself": imports.get(t["pid"])} for t in part["tasks"]]
+                tasks += [{**t, "imported_itself": imports.get(t["pid"], {}).get("imported"),
+                           "modules_imported": imports.get(t["pid"], {}).get("modules")} for t in part["tasks"]]
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.stats_path + ".tasks")
         Path(self.stats_path).write_text(json.dumps({"stages": stages, "tasks": tasks}, indent=1) + "\n")
@@ -394,7 +466,9 @@ class WarmParent:
         _fresh_streams()
         if "numpy" in sys.modules:  # a fresh Python seeds numpy's global generator from the OS, not the parent's
             sys.modules["numpy"].random.seed()
-        return TaskToRun(request, log_fd, frozenset(n.partition(".")[0] for n in sys.modules))
+        task = TaskToRun(request, log_fd, frozenset(sys.modules))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, warm_client.FORWARDED_SIGNALS)  # what came meanwhile: delivered now
+        return task
 
 
 def _die_with(parent: int) -> None:
@@ -471,91 +545,6 @@ def _fresh_streams() -> None:
                                   write_through=bool(getattr(old, "write_through", False)))
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
-
-
-# -- the run's side ----------------------------------------------------------------------------------------
-class WarmStart:
-    """What a run's warm start did (``as_summary`` goes into summary.json)."""
-
-    def __init__(self, reason_off: str | None = None):
-        self.reason_off = reason_off
-        self.stats: dict[str, Any] = {}
-        self.ready_seconds: float | None = None
-
-    def as_summary(self) -> dict[str, Any]:
-        if self.reason_off:
-            return {"enabled": False, "reason": self.reason_off}
-        tasks = self.stats.get("tasks", [])
-        return {"enabled": True, "ready_seconds": self.ready_seconds,
-                "tasks": {t["task"]: {"stage": t["stage"], "imported_itself": t.get("imported_itself")} for t in tasks},
-                "stage_import_seconds": [s["import_seconds"] for s in self.stats.get("stages", [])],
-                "killed": [t["task"] for t in tasks if t.get("killed")]}
-
-
-def launcher_source(socket_path: str, python: str) -> str:
-    """An executable Python file: ``pipelines.warm_client`` plus one call of its ``relay``."""
-    source = Path(warm_client.__file__).read_text()
-    return (f"#!{python} -IS\n{source}\n\nsys.exit(relay({socket_path!r}, {python!r}, sys.argv[1:]))\n")
-
-
-@contextlib.contextmanager
-def warm_started(stats_dir: Path, enabled: bool = True,
-                 stages: tuple[tuple[str, ...], ...] = STAGES) -> Iterator[WarmStart]:
-    """While the block runs, kfp.local's tasks start as forks of a warm parent (see the module doc).
-
-    ``stats_dir`` gets the parent's log (``warm_start.log``) and, once stopped, ``warm_start.json``. When warm
-    start is off or cannot start, the block runs with kfp.local's plain subprocesses and the result says why.
-    ``stages``: what the warm parents import (``STAGES``)."""
-    import subprocess
-    import tempfile
-
-    reason = None if enabled else "turned off"
-    reason = reason or supported()
-    if reason:
-        yield WarmStart(reason)
-        return
-    python = sys.executable
-    work = Path(tempfile.mkdtemp(prefix="kfp-mlops-warm-"))  # a short path: Unix socket paths are limited
-    socket_path, launcher = work / "parent.sock", work / "python"
-    stats_path = Path(stats_dir) / STATS_FILE
-    launcher.write_text(launcher_source(str(socket_path), python))
-    launcher.chmod(0o700)
-    result = WarmStart()
-    started = time.perf_counter()
-    with open(Path(stats_dir) / "warm_start.log", "ab") as log:
-        # Its own session: Ctrl-C reaches each task once, through its launcher, as it reaches a fresh Python.
-        parent = subprocess.Popen([python, "-m", "pipelines.warm_start", str(socket_path), str(stats_path),
-                                   json.dumps(stages)],
-                                  stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # this process's environment, as the tasks get it
-    try:
-        while not socket_path.exists() and parent.poll() is None and time.perf_counter() - started < READY_TIMEOUT_S:
-            time.sleep(0.01)
-        if not socket_path.exists():  # the run goes on as before, and says why
-            result.reason_off = f"the warm parent did not start (exit status {parent.poll()}; see {log.name})"
-            print(f"[warm start] off: {result.reason_off}", flush=True)
-            yield result
-            return
-        result.ready_seconds = round(time.perf_counter() - started, 3)
-        sys.executable = str(launcher)  # kfp.local writes sys.executable into each task's command
-        try:
-            yield result
-        finally:
-            sys.executable = python
-    finally:
-        parent.stdin.close()  # the parent stops: it kills what still runs, then writes its stats
-        try:
-            parent.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            parent.kill()
-            parent.wait()
-        with contextlib.suppress(OSError, ValueError):
-            result.stats = json.loads(stats_path.read_text())
-        for path in (launcher, socket_path, *stats_path.parent.glob(stats_path.name + ".*")):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        with contextlib.suppress(OSError):
-            work.rmdir()
 
 
 def main(argv: list[str]) -> None:

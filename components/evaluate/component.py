@@ -45,8 +45,9 @@ def evaluate_component(
     from components.evaluate.gate import evaluate_and_gate, evaluate_metrics
     from components.evaluate.report import render_report_html
 
-    with measure() as cost:
+    with measure() as cost:  # the report is part of the step's work
         result = evaluate_and_gate(dataset.path, model.path, cfg)
+        page = render_report_html(result)
     gate, check = result["gate"], result["gate"]["champion"]
     if check.get("champion_model_version"):
         metrics.metadata["champion_model_version"] = str(check["champion_model_version"])  # a hash: text, not a number
@@ -55,5 +56,4 @@ def evaluate_component(
     also = "" if check["reason"] in gate["reason"] else f"; champion check: {check['reason']}"
     print(f"evaluate: macro F1 {result['macro_f1']:.4f}, ECE {result['calibration']['ece']:.4f}, "
           f"{result['n_test']} test images{also}", flush=True)
-    return publish_verdict("evaluate", gate, evaluate_metrics(result), cost.as_metrics(), metrics, report.path,
-                           render_report_html(result))
+    return publish_verdict("evaluate", gate, evaluate_metrics(result), cost.as_metrics(), metrics, report.path, page)

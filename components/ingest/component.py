@@ -30,7 +30,7 @@ def ingest_component(
     from components.core.data import data_card_markdown
     from components.ingest.ingest import ingest
 
-    with measure() as cost:
+    with measure(gpu=False) as cost:
         card = ingest(cfg.data.source, dataset.path, cfg)
     os.makedirs(os.path.dirname(data_card.path) or ".", exist_ok=True)
     with open(data_card.path, "w") as f:

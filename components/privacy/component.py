@@ -38,7 +38,7 @@ def privacy_component(
     from components.privacy.report import render_privacy_html
 
     print(f"privacy: membership-inference audit, leakage and DP check of {model.path}", flush=True)
-    with measure() as cost:
+    with measure() as cost:  # the report is part of the step's work
         result = privacy_check(dataset.path, model.path, cfg)
-    return publish_verdict("privacy", result, privacy_metrics(result), cost.as_metrics(), metrics, report.path,
-                           render_privacy_html(result))
+        page = render_privacy_html(result)
+    return publish_verdict("privacy", result, privacy_metrics(result), cost.as_metrics(), metrics, report.path, page)

@@ -40,7 +40,8 @@ def robustness_component(
     g = cfg.gates
     print(f"robustness: noise sigma {g.noise_sigma}, FGSM epsilon {g.fgsm_epsilon}, PGD epsilon {g.pgd_epsilon} "
           f"x {g.pgd_steps} steps, corruptions 1-{g.corruption_severities} on {model.path}", flush=True)
-    with measure() as cost:
+    with measure() as cost:  # the report is part of the step's work
         result = robustness_check(dataset.path, model.path, cfg)
+        page = render_robustness_html(result)
     return publish_verdict("robustness", result, robustness_metrics(result), cost.as_metrics(), metrics, report.path,
-                           render_robustness_html(result))
+                           page)

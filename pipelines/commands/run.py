@@ -23,27 +23,33 @@ CONNECTION_SETTINGS = frozenset({"cluster_kfp_host", "cluster_namespace", "clust
 def cmd_run(args: argparse.Namespace) -> int:
     from components.deploy.pods import PodError
     from pipelines import doctor
-    from pipelines.local import run_local
+    from pipelines.local import SUBPROCESS, new_run_id, process_started, run_environment, run_local
+    from pipelines.warm_parents import WarmParents
 
+    started = process_started()  # the run's seconds count from where the person's wait began
     cfg = load_config(args)
     out = human(args)
-    if not args.skip_doctor:
-        checks = doctor.preflight(cfg, args.runs_dir, args.runner)
-        failed = [c for c in checks if c.status == doctor.FAIL]
-        for check in checks:
-            if check.status != doctor.OK:
-                print(check.line(), file=sys.stderr)
-        if failed:
-            print(f"mlops run: {len(failed)} preflight check(s) failed; nothing ran. Fix them (mlops doctor checks "
-                  "again) or pass --skip-doctor.", file=sys.stderr)
-            return 2
-    try:
-        with contextlib.redirect_stdout(out):  # with --json, the run's progress goes to stderr
-            summary = run_local(cfg, runs_dir=args.runs_dir, run_id=args.run_id, serve_after=args.serve_after,
-                                verbose=args.verbose, runner=args.runner)
-    except PodError as exc:  # --runner docker without an engine, images or manifests: nothing ran
-        print(f"mlops run: {exc}", file=sys.stderr)
-        return 1
+    run_id = args.run_id or new_run_id()
+    # The warm parents start first: their imports overlap the preflight checks and the pipeline's compile.
+    with WarmParents(enabled=args.warm_start and args.runner == SUBPROCESS, env=run_environment(run_id)) as parents:
+        if not args.skip_doctor:
+            checks = doctor.preflight(cfg, args.runs_dir, args.runner)
+            failed = [c for c in checks if c.status == doctor.FAIL]
+            for check in checks:
+                if check.status != doctor.OK:
+                    print(check.line(), file=sys.stderr)
+            if failed:
+                print(f"mlops run: {len(failed)} preflight check(s) failed; nothing ran. Fix them (mlops doctor "
+                      "checks again) or pass --skip-doctor.", file=sys.stderr)
+                return 2
+        try:
+            with contextlib.redirect_stdout(out):  # with --json, the run's progress goes to stderr
+                summary = run_local(cfg, runs_dir=args.runs_dir, run_id=run_id, serve_after=args.serve_after,
+                                    verbose=args.verbose, runner=args.runner, warm_start=args.warm_start,
+                                    warm_parents=parents, started=started)
+        except PodError as exc:  # --runner docker without an engine, images or manifests: nothing ran
+            print(f"mlops run: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         emit_json(args, summary)
     return 0 if summary["status"] == "succeeded" else (3 if summary["status"] == "blocked" else 1)
@@ -80,6 +86,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--serve-after", default=True, action=argparse.BooleanOptionalAction,
                    help="keep TorchServe running after the run (default); --no-serve-after stops it")
     p.add_argument("--skip-doctor", action="store_true", help="skip the preflight checks (mlops doctor)")
+    p.add_argument("--warm-start", default=True, action=argparse.BooleanOptionalAction,
+                   help="start each step of the subprocess runner as a fork of a pre-imported Python (default); "
+                        "--no-warm-start: a fresh Python per step, as kfp.local does")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print kfp.local's full output (always written to runs/<run-id>/pipeline.log)")
     add_json(p, "the run summary (summary.json)")

@@ -111,13 +111,19 @@ def _tiny_config(tmp_path):
 
 @pytest.fixture(scope="module")
 def warm_and_cold_runs(tmp_path_factory):
-    from pipelines.local import run_local
+    import time
+
+    from pipelines.local import run_environment, run_local
+    from pipelines.warm_parents import WarmParents
 
     runs = {}
     for name, warm in (("warm", True), ("cold", False)):
         tmp_path = tmp_path_factory.mktemp(name)
-        runs[name] = run_local(_tiny_config(tmp_path), runs_dir=tmp_path / "runs", run_id=name, serve_after=False,
-                               quiet=True, warm_start=warm)
+        started = time.time() - 3.0  # as if the command had started 3 s before
+        with WarmParents(enabled=warm, env=run_environment(name)) as parents:  # started ahead, as mlops run does
+            runs[name] = run_local(_tiny_config(tmp_path), runs_dir=tmp_path / "runs", run_id=name,
+                                   serve_after=False, quiet=True, warm_start=warm, warm_parents=parents,
+                                   started=started)
     return runs
 
 
@@ -132,7 +138,9 @@ def test_the_summary_says_how_much_of_the_run_was_spent_outside_the_steps(warm_a
         assert block["steps_seconds"] == pytest.approx(steps, abs=0.02), name
         assert block["seconds"] == pytest.approx(summary["seconds"] - steps, abs=0.06), name
         assert block["share"] == pytest.approx(block["seconds"] / summary["seconds"], abs=0.002), name
-        assert 0 < block["seconds"] < summary["seconds"], name
+        assert 3.0 < block["seconds"] < summary["seconds"], "the run's seconds count from when its wait started"
+        assert block["before_first_task"] > 3.0 and block["after_last_task"] >= 0 and block["around_steps"] > 0, name
+        assert block["before_first_task"] + block["around_steps"] + block["after_last_task"] <= block["seconds"] + 0.05
         assert f"Orchestration: {block['seconds']:.1f} s outside the steps ({block['share']:.0%} of the run" in \
             format_summary(summary)
         on_disk = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.warm_start import STATS_FILE, supported, warm_started
+from pipelines.warm_parents import WarmParents, warm_started
+from pipelines.warm_start import STATS_FILE, supported
 
 pytestmark = pytest.mark.skipif(supported() is not None, reason=f"warm start {supported()}")
 
@@ -46,6 +47,11 @@ if mode == "stdin":
     print("read", sys.stdin.read().strip())
 if mode == "modules":
     print("csv preloaded", "csv" in sys.modules)
+if mode == "plotly":
+    import plotly.graph_objects as go
+    from components.core.plots import TEMPLATE
+    go.Figure(go.Heatmap(z=[[1, 2], [3, 4]])).update_layout(template=TEMPLATE, title="t").to_json()
+    print("figure made")
 if mode == "sleep":
     with open(sys.argv[2], "w") as out:
         out.write(str(os.getpid()))
@@ -124,16 +130,17 @@ def test_a_forked_task_ends_as_python_ends_flushing_files_joining_threads_runnin
 def test_the_next_stage_takes_over_with_its_modules_imported(probe_dir, monkeypatch):
     (probe_dir / "slow_stage.py").write_text("import time\ntime.sleep(1.5)\nimport csv\n")
     monkeypatch.chdir(probe_dir)  # the warm parents start here, and import slow_stage from here
-    with warm_started(probe_dir, stages=(("json",), ("slow_stage",))):
+    with warm_started(probe_dir, stages=(("json",), ("slow_stage",))) as warm:
         first = task(sys.executable, probe_dir, "modules")
-        assert wait_for(lambda: "stage 1 imported" in (probe_dir / "warm_start.log").read_text())
+        assert wait_for(lambda: "stage 1 imported" in warm.log_path.read_text())
         time.sleep(0.2)  # the first stage reads "ready" and stops accepting
         later = task(sys.executable, probe_dir, "modules")
     assert "csv preloaded False" in first.stdout and "csv preloaded True" in later.stdout
     stats = json.loads((probe_dir / STATS_FILE).read_text())
     assert [t["stage"] for t in stats["tasks"]] == [0, 1]
-    assert [s["preloaded"] for s in stats["stages"]] == [["json"], ["json", "slow_stage"]]
+    assert [s["preloaded"] for s in stats["stages"]] == [["json"], ["slow_stage"]], "stage 1 imports beside stage 0"
     assert "threading" in stats["tasks"][0]["imported_itself"], "each task lists what it imported itself"
+    assert "stage 1 imported" in (probe_dir / "warm_start.log").read_text(), "the log ends in the run's directory"
 
 
 def test_a_task_whose_environment_differs_runs_in_a_fresh_python_and_says_why(probe_dir):
@@ -173,11 +180,11 @@ def test_nothing_outlives_the_run_not_even_a_running_task(probe_dir, monkeypatch
         launcher = subprocess.Popen([sys.executable, "-m", "warm_probe", "sleep", str(pid_file)], cwd=probe_dir,
                                     stdout=subprocess.DEVNULL)
         assert wait_for(lambda: pid_file.is_file() and pid_file.read_text())
-        assert processes_mentioning(str(probe_dir / STATS_FILE)), "the warm parents run during the block"
         launcher_dir = Path(sys.executable).parent
+        assert processes_mentioning(str(launcher_dir)), "the warm parents run during the block"
     assert not launcher_dir.exists(), "the launcher and the socket are removed"
     assert launcher.wait(30) == -signal.SIGKILL, "its task was killed when the run ended, and it ends the same way"
-    assert processes_mentioning(str(probe_dir / STATS_FILE)) == []
+    assert processes_mentioning(str(launcher_dir)) == []
     assert not Path(f"/proc/{pid_file.read_text()}").exists()
     assert warm.as_summary()["killed"] == ["warm_probe"]
     assert [p.name for p in probe_dir.iterdir() if p.name.startswith(STATS_FILE + ".")] == []
@@ -188,3 +195,130 @@ def test_off_or_unsupported_leaves_kfp_local_as_it_is(tmp_path):
     with warm_started(tmp_path, enabled=False) as warm:
         assert sys.executable == python
     assert warm.as_summary() == {"enabled": False, "reason": "turned off"}
+
+
+def test_parents_started_ahead_serve_the_run_when_it_sets_the_environment_they_were_started_with(probe_dir,
+                                                                                                  monkeypatch):
+    parents = WarmParents(stages=STAGES, env={"PROBE_RUN": "r1"}).start()
+    assert "PROBE_RUN" not in os.environ, "starting them leaves this process's environment as it was"
+    monkeypatch.setenv("PROBE_RUN", "r1")  # what the run sets, later
+    with parents, warm_started(probe_dir, parents=parents) as warm:
+        done = task(sys.executable, probe_dir, "ok")
+        monkeypatch.setenv("PROBE_RUN", "r2")
+        other = task(sys.executable, probe_dir, "ok")
+    assert done.returncode == 0 and "[warm start]" not in done.stderr, done.stderr
+    assert other.returncode == 0 and "differs from the warm parent's in PROBE_RUN" in other.stderr
+    assert list(warm.as_summary()["tasks"]) == ["warm_probe"] and warm.ready_seconds is not None
+    assert not parents.work.exists() and (probe_dir / "warm_start.log").is_file()
+
+
+def test_parents_left_before_a_run_used_them_die_at_once_mid_import(probe_dir, monkeypatch):
+    (probe_dir / "slow_stage.py").write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.chdir(probe_dir)
+    with WarmParents(stages=(("slow_stage",),)) as parents:  # a failed preflight check: the run never starts
+        assert wait_for(lambda: processes_mentioning(str(parents.work)))
+        started = time.monotonic()
+    assert time.monotonic() - started < 5, "not waiting for their imports"
+    assert processes_mentioning(str(parents.work)) == [] and not parents.work.exists()
+
+
+def test_a_parent_has_plotly_validate_the_reports_template_so_a_report_task_does_not(probe_dir):
+    with warm_started(probe_dir, stages=(("components.core.plots",),)) as warm:
+        done = task(sys.executable, probe_dir, "plotly")
+    assert done.returncode == 0 and "figure made" in done.stdout, done.stderr
+    imported = warm.as_summary()["tasks"]["warm_probe"]["modules_imported"]
+    assert 0 < imported < 100, f"the task imported {imported} modules itself; a fresh figure imports about 500 more"
+
+
+def test_mlops_run_starts_the_parents_before_its_checks_and_counts_from_the_process_start(tmp_path, monkeypatch,
+                                                                                          run_cli):
+    import pipelines.doctor
+    import pipelines.local
+
+    seen = {}
+
+    def preflight(*_args):
+        process = seen["parents"].process
+        seen["parents at the preflight"] = process.poll() if process else "not started"
+        return []
+
+    def run_local(cfg, **kwargs):
+        seen.update(kwargs)
+        return {"status": "succeeded"}
+
+    original = WarmParents.start
+
+    def start(self):
+        seen["parents"] = self
+        return original(self)
+
+    monkeypatch.setattr(WarmParents, "start", start)
+    monkeypatch.setattr(pipelines.doctor, "preflight", preflight)
+    monkeypatch.setattr(pipelines.local, "run_local", run_local)
+    called = time.time()
+    code, _, err = run_cli(["run", "--runs-dir", str(tmp_path / "runs"), "--run-id", "r1"])
+    assert code == 0, err
+    parents = seen["parents"]
+    assert seen["parents at the preflight"] is None, "the parents were running when the preflight checks began"
+    assert seen["warm_parents"] is parents and seen["run_id"] == "r1" and seen["warm_start"] is True
+    assert parents.env == pipelines.local.run_environment("r1"), "started with the run's environment"
+    assert seen["started"] == pytest.approx(pipelines.local.process_started(), abs=0.05) and seen["started"] < called
+    assert parents.process.poll() is not None and not parents.work.exists(), "stopped when the command ends"
+    code, _, err = run_cli(["run", "--runs-dir", str(tmp_path / "runs"), "--no-warm-start"])
+    assert code == 0 and seen["warm_start"] is False and seen["warm_parents"].reason_off == "turned off", err
+    assert seen["parents at the preflight"] == "not started"
+
+
+def test_process_started_is_when_this_process_began():
+    code = ("import time; time.sleep(1.0); from pipelines.local import process_started; "
+            "print(time.time() - process_started())")
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               cwd=Path(__file__).resolve().parents[2]).stdout)
+    assert 1.0 <= age < 10.0, age
+
+
+def test_stage_0_keeps_the_first_task_and_later_stages_import_what_the_ones_before_imported(probe_dir):
+    with warm_started(probe_dir, stages=(("json",), ("csv",), ("wave",))) as warm:
+        assert wait_for(lambda: "stage 2 imported" in warm.log_path.read_text()), "stage 1 ready before any task"
+        time.sleep(0.2)  # stage 1 reads "ready" from stage 2
+        runs = [task(sys.executable, probe_dir, "modules") for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    stats = json.loads((probe_dir / STATS_FILE).read_text())
+    assert [t["stage"] for t in stats["tasks"]] == [0, 2], "stage 0 imported for the first task; then the newest"
+    assert [set(s["preloaded"]) for s in stats["stages"]] == [{"json"}, {"csv"}, {"json", "csv", "wave"}]
+
+
+def test_ingest_imports_no_torch_so_stage_0_need_not(tmp_path):
+    from pipelines.warm_start import STAGES as RUN_STAGES
+
+    code = f"""
+import dataclasses, sys
+from kfp.dsl import Dataset, Markdown, Metrics
+from components.core.settings import Settings
+from components.ingest.component import ingest_component
+from pipelines.config import DataConfig
+out = {str(tmp_path)!r}
+cfg = Settings(data=Settings(**dataclasses.asdict(DataConfig(source="digits"))))
+ingest_component(cfg=cfg, dataset=Dataset(uri=out + "/d"), data_card=Markdown(uri=out + "/c"),
+                 metrics=Metrics(uri=out + "/m"))
+print("torch imported:", "torch" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2], env={**os.environ, "_KFP_RUNTIME": "true"})
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout
+    assert "torch" not in RUN_STAGES[0] and "torch" in RUN_STAGES[1]
+
+
+def test_a_signal_that_comes_before_the_task_started_reaches_the_task(probe_dir, monkeypatch):
+    (probe_dir / "slow_stage.py").write_text("import time\ntime.sleep(3)\n")
+    monkeypatch.chdir(probe_dir)  # the warm parent imports slow_stage from here
+    monkeypatch.setenv("_KFP_RUNTIME", "true")  # as the task command sets it
+    with warm_started(probe_dir, stages=(("slow_stage",),)):
+        launcher = subprocess.Popen([sys.executable, "-m", "warm_probe", "sleep", str(probe_dir / "task.pid")],
+                                    cwd=probe_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)  # its request sent; the parent is still importing, so no task runs yet
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(30) == -signal.SIGTERM
+    tasks = json.loads((probe_dir / STATS_FILE).read_text())["tasks"]
+    assert [(t["exit_code"], t.get("killed")) for t in tasks] == [(-signal.SIGTERM, None)], "forwarded, not killed"
