@@ -160,10 +160,12 @@ def _judge_window(args: argparse.Namespace) -> tuple[int, dict]:
         blobs.put_dir(out_dir, target)
         verdict.update({k: f"{target}/{Path(verdict[k]).name}" for k in VERDICT_FILES})
         staging.cleanup()
-    print(f"{verdict['status']}: {verdict.get('message', '')}")
-    print(f"Report: {verdict.get('report_html', target)}")
-    if verdict.get("retrain"):
-        print(f"Retraining: {verdict['retrain'].get('target')} run {verdict['retrain'].get('run_id')}")
+    if not args.json:  # with --json the verdict says all this, and is the log's last line (stderr written just
+        # before it could reach a merged log after it: the runtime reads the two pipes apart)
+        print(f"{verdict['status']}: {verdict.get('message', '')}")
+        print(f"Report: {verdict.get('report_html', target)}")
+        if verdict.get("retrain"):
+            print(f"Retraining: {verdict['retrain'].get('target')} run {verdict['retrain'].get('run_id')}")
     return exit_code, verdict
 
 

@@ -379,12 +379,13 @@ def test_the_monitor_cronjob_judges_the_pods_request_log(serving_pod, objects, e
     try:
         codes = job.wait_completed(timeout_s=600)
         output = job.logs("monitor")
+        job_stdout = job.logs("monitor", stderr=False)
         attrs = job.inspect("monitor")
     finally:
         job.stop()
     assert codes["monitor"] in (0, 2), output  # 2: the hour drifted (a failed Job by design); 1 would be an error
     assert attrs["Config"]["User"] == "10001:10001" and attrs["HostConfig"]["ReadonlyRootfs"] is True
-    printed = json.loads(output.strip().splitlines()[-1])
+    printed = json.loads(job_stdout.strip().splitlines()[-1])  # the verdict, on stdout
     # No --out in the args: the results go next to the reference, under verdicts/<model version>/<window>/.
     target = result_dir(storage[names.REFERENCE_ENV].rsplit("/", 1)[0] + "/verdicts", None, since, until)
     stored = json.loads(blobs.read_bytes(f"{target}/verdict.json"))

@@ -162,8 +162,10 @@ class Pod:
                          "init": name in self.init_containers}
         return out
 
-    def logs(self, container: str, tail: int | None = None) -> str:
-        return self.container(container).logs(tail=tail if tail is not None else "all").decode(errors="replace")
+    def logs(self, container: str, tail: int | None = None, stderr: bool = True) -> str:
+        """The container's output: stdout and stderr merged as the runtime read them, or stdout alone."""
+        return self.container(container).logs(tail=tail if tail is not None else "all", stdout=True,
+                                              stderr=stderr).decode(errors="replace")
 
     def exec(self, container: str, command: list[str], timeout_s: float | None = None, user: str = "") -> ExecResult:
         """Run ``command`` in a running container (its env, user and namespaces), as ``kubectl exec`` does."""
