@@ -271,7 +271,20 @@ class ImageClassifierHandler(BaseHandler):
         self._targets: dict[int, Any] = {}
         self._valid: list[int] = []
         self._images = np.zeros((0, self.channels, self.image_size, self.image_size), np.float32)
+        self._warm_up()
         self.initialized = True
+
+    def _warm_up(self) -> None:
+        """The model and the request log's row computation once on a blank image, answered to no one and logged
+        nowhere, before the worker reports ready: otherwise a fresh worker's first requests pay the lazy set-up of
+        the first calls (tens of ms), which a rollout's latency evidence counts against a just-started challenger."""
+        blank = torch.zeros((1, self.channels, self.image_size, self.image_size), device=self.device)
+        _, embeddings = self.inference(blank)
+        if self.request_log is not None:
+            from components.core.features import embedding_projection, image_features
+
+            image_features(blank.cpu().numpy())
+            embedding_projection(embeddings.numpy())
 
     @staticmethod
     def _quiet_per_request_log_lines() -> None:
