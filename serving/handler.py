@@ -279,12 +279,14 @@ class ImageClassifierHandler(BaseHandler):
         nowhere, before the worker reports ready: otherwise a fresh worker's first requests pay the lazy set-up of
         the first calls (tens of ms), which a rollout's latency evidence counts against a just-started challenger."""
         blank = torch.zeros((1, self.channels, self.image_size, self.image_size), device=self.device)
-        _, embeddings = self.inference(blank)
+        with torch.inference_mode():  # the model itself: a subclass's inference may need state set after this
+            embeddings = self.model.embed(blank)
+            self.model.head(embeddings)
         if self.request_log is not None:
             from components.core.features import embedding_projection, image_features
 
             image_features(blank.cpu().numpy())
-            embedding_projection(embeddings.numpy())
+            embedding_projection(embeddings.cpu().numpy())
 
     @staticmethod
     def _quiet_per_request_log_lines() -> None:

@@ -64,7 +64,10 @@ def test_columnar_copies_read_exactly_like_their_lines(logs, version, epsilon):
     fast, slow = read_window(both, **kwargs), read_window(lines, **kwargs)
     assert fast.stats() == slow.stats() and fast.sampling() == slow.sampling()
     if version != "v9":
-        assert fast.rows_in_window > fast.rows_selected > 0
+        # Sampled, rows_selected is estimated from the draws (10 here), which may all be of kept sources.
+        assert fast.rows_in_window >= fast.rows_selected > 0
+        if epsilon is None:
+            assert fast.rows_in_window > fast.rows_selected  # the smoke-test requests are left out
     pd.testing.assert_frame_equal(fast.frame, slow.frame)
     if epsilon is not None and version != "v9":
         assert fast.sampled  # the same rows drawn from either copy
