@@ -101,7 +101,8 @@ def serving_ports(cfg: Config, in_use: Callable[[str, int], bool] | None = None,
     in_use = in_use or port_in_use
     ours = ours or (lambda: _our_server_pids(s.home))
     listeners = listeners or _listening_pids
-    our_pids = None
+    unknown = object()
+    our_pids: Any = unknown  # looked up once, at the first busy port
     out = []
     for name, host, port in (("inference", s.host, s.inference_port), ("management", LOOPBACK, s.management_port),
                              ("metrics", LOOPBACK, s.metrics_port)):
@@ -109,7 +110,8 @@ def serving_ports(cfg: Config, in_use: Callable[[str, int], bool] | None = None,
         if not in_use(host, port):
             out.append(Check(OK, f"{what} is free"))
             continue
-        our_pids = ours() if our_pids is None else our_pids
+        if our_pids is unknown:
+            our_pids = ours()
         holders = listeners(port) if our_pids else None
         if our_pids is not None and (holders is None or not our_pids or holders & our_pids):
             out.append(Check(OK, f"{what} is held by the server of {s.home}, which a new release replaces"))
